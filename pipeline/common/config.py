@@ -1,0 +1,217 @@
+"""The one experiment config: loaded from YAML, checked once, then passed to every stage.
+
+Sections are frozen dataclasses validated by pydantic in strict mode, so unknown keys, wrong
+types and missing local files fail at load with the file and the dotted key in the message.
+Ray and MLflow get the config as a plain dict through `to_dict` at their boundary only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    ConfigDict,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
+from pydantic.dataclasses import dataclass
+
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message has one line per problem."""
+
+
+def _is_remote(uri: str) -> bool:
+    return "://" in uri
+
+
+@dataclass(frozen=True, config=_STRICT)
+class DataConfig:
+    """Zarr stores written by `pipeline.ingest`, one per task (local paths or s3:// URIs)."""
+
+    stores: tuple[str, ...] = ()
+
+    @field_validator("stores")
+    @classmethod
+    def _local_stores_exist(cls, stores: tuple[str, ...]) -> tuple[str, ...]:
+        missing = [s for s in stores if not _is_remote(s) and not Path(s).exists()]
+        if missing:
+            raise ValueError(f"store not found: {', '.join(missing)}")
+        return stores
+
+
+@dataclass(frozen=True, config=_STRICT)
+class IngestConfig:
+    """How `pipeline.ingest` turns raw datasets into Zarr stores (CLI flags fill it)."""
+
+    target_spacing: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None = None
+    ct_normalization: Literal["nnunet", "uniseg-window"] = "nnunet"
+    image_order: Literal[1, 3] = 3
+    label_resampling: Literal["nearest", "per-class-linear"] = "nearest"
+    validation_fraction: NonNegativeFloat = 0.2
+    split_seed: int = 0
+    overwrite: bool = False
+    scheduler: str | None = None
+    on_ray: bool = False
+    num_workers: PositiveInt | None = None
+
+
+@dataclass(frozen=True, config=_STRICT)
+class ModelConfig:
+    """Network preset plus the overrides a search or an experiment may change."""
+
+    preset: Literal["tiny", "uniseg-paper"] = "tiny"
+    architecture: Literal["uniseg", "multihead", "dodnet"] = "uniseg"
+    patch_size: tuple[PositiveInt, PositiveInt, PositiveInt] | None = None
+    features: tuple[PositiveInt, ...] | None = None
+    prompt_channels: PositiveInt = 1
+    prompt_size: tuple[PositiveInt, PositiveInt, PositiveInt] | None = None
+    fuse_channels: PositiveInt = 82
+    deep_supervision: bool = True
+
+
+@dataclass(frozen=True, config=_STRICT)
+class TrainConfig:
+    """Schedule and recipe; defaults are UniSeg's (SGD Nesterov, poly lr, Dice+CE)."""
+
+    epochs: PositiveInt = 1000
+    iterations_per_epoch: PositiveInt = 550
+    batch_size: PositiveInt = 2
+    learning_rate: PositiveFloat = 1e-2
+    momentum: NonNegativeFloat = 0.99
+    weight_decay: NonNegativeFloat = 3e-5
+    poly_exponent: NonNegativeFloat = 0.9
+    grad_clip: PositiveFloat = 12.0
+    loss: Literal["dice_ce"] = "dice_ce"
+    sampling: Literal["balanced", "proportional", "temperature"] = "balanced"
+    sampling_temperature: PositiveFloat = 1.0
+    mixed_task_batches: bool = False
+    foreground_fraction: NonNegativeFloat = 0.33
+    augmentation: Literal["nnunet", "none"] = "nnunet"
+    validate_every: PositiveInt = 50
+    checkpoint_every: PositiveInt = 50
+    loader_workers: NonNegativeInt = 2
+    amp: bool = True
+    seed: int = 0
+
+
+@dataclass(frozen=True, config=_STRICT)
+class RayConfig:
+    """Where and how wide training runs; `address=None` starts or joins a local Ray."""
+
+    address: str | None = None
+    num_workers: PositiveInt = 1
+    use_gpu: bool = False
+    cpus_per_worker: PositiveFloat = 1.0
+    storage_path: str = "outputs/ray"
+    max_failures: NonNegativeInt = 2
+
+
+@dataclass(frozen=True, config=_STRICT)
+class MLflowConfig:
+    """Tracking; `tracking_uri=None` uses MLFLOW_TRACKING_URI or a SQLite file here."""
+
+    tracking_uri: str | None = None
+    experiment: str = "uniseg"
+    registered_model: str | None = "uniseg"
+
+
+@dataclass(frozen=True, config=_STRICT)
+class ExperimentConfig:
+    name: str = "uniseg"
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    ingest: IngestConfig = dataclasses.field(default_factory=IngestConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    ray: RayConfig = dataclasses.field(default_factory=RayConfig)
+    mlflow: MLflowConfig = dataclasses.field(default_factory=MLflowConfig)
+
+
+_ADAPTER = TypeAdapter(ExperimentConfig)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read a YAML config, apply `key.sub=value` overrides, and validate it.
+
+    Raises ConfigError naming the file and each bad key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    for override in overrides:
+        _apply_override(raw, override, path)
+    return config_from_dict(raw, source=str(path))
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
+    """Validate a plain dict (e.g. a Ray Tune trial config) into an ExperimentConfig."""
+    try:
+        # JSON mode keeps strict type checks but accepts YAML lists for tuple fields.
+        return _ADAPTER.validate_json(json.dumps(raw), strict=True)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The config as plain Python types (for Ray, MLflow params and YAML)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def flatten(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Dotted keys to scalar values, as logged to MLflow params."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, sub in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, sub)
+        else:
+            flat[prefix] = value
+
+    walk("", to_dict(cfg))
+    return flat
+
+
+def _apply_override(raw: dict[str, Any], override: str, path: Path) -> None:
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"{path}: override {override!r} must look like section.key=value")
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{path}: override {override!r}: {part} is not a section")
+    node[leaf] = yaml.safe_load(value)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for problem in err.errors():
+        key = ".".join(str(p) for p in problem["loc"]) or "<root>"
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+            message = "unknown key"
+        lines.append(f"{source}: {key}: {message}")
+    return "\n".join(lines)

@@ -1,0 +1,75 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.common.config import ConfigError, config_from_dict, flatten, load_config, save_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_shipped_configs_load(name: str) -> None:
+    cfg = load_config(CONFIGS / name, overrides=["data.stores=[]"])
+    assert cfg.train.epochs > 0
+
+
+def test_defaults_are_the_uniseg_recipe() -> None:
+    cfg = config_from_dict({})
+    assert (cfg.train.learning_rate, cfg.train.momentum, cfg.train.weight_decay) == (1e-2, 0.99, 3e-5)
+    assert (cfg.train.poly_exponent, cfg.train.grad_clip, cfg.train.sampling) == (0.9, 12.0, "balanced")
+
+
+def test_unknown_key_is_named(tmp_path: Path) -> None:
+    path = _write(tmp_path, "train:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"exp.yaml: train.lr: unknown key"):
+        load_config(path)
+
+
+def test_unknown_section_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"trainer: unknown key"):
+        load_config(_write(tmp_path, "trainer: {}\n"))
+
+
+def test_wrong_type_is_named(tmp_path: Path) -> None:
+    path = _write(tmp_path, "train:\n  epochs: '10'\n  batch_size: 0\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    lines = str(err.value).splitlines()
+    assert any("train.epochs: Input should be a valid integer" in line for line in lines)
+    assert any("train.batch_size: Input should be greater than 0" in line for line in lines)
+
+
+def test_missing_store_is_named(tmp_path: Path) -> None:
+    path = _write(tmp_path, f"data:\n  stores: ['{tmp_path / 'absent.zarr'}']\n")
+    with pytest.raises(ConfigError, match="data.stores: store not found: .*absent.zarr"):
+        load_config(path)
+
+
+def test_remote_store_is_not_checked_locally(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, "data:\n  stores: ['s3://bucket/task.zarr']\n"))
+    assert cfg.data.stores == ("s3://bucket/task.zarr",)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="absent.yaml: config file not found"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_overrides_and_round_trip(tmp_path: Path) -> None:
+    path = _write(tmp_path, "model:\n  preset: tiny\n")
+    cfg = load_config(path, overrides=["train.learning_rate=0.001", "model.patch_size=[16,32,32]"])
+    assert cfg.train.learning_rate == 0.001 and cfg.model.patch_size == (16, 32, 32)
+    save_config(cfg, tmp_path / "again.yaml")
+    assert load_config(tmp_path / "again.yaml") == cfg
+    assert flatten(cfg)["model.patch_size"] == [16, 32, 32]
+
+
+def test_bad_override_syntax(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        load_config(_write(tmp_path, "{}\n"), overrides=["train.epochs"])
