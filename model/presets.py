@@ -1,0 +1,91 @@
+"""Named network presets and the one function that builds a network from a spec and tasks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from model.spec import NetworkSpec
+from model.tasks import TaskSpec
+from model.topology import plan_topology
+from model.unet import PlainUNet
+from model.universal import DoDNet, MultiHeadUNet, UniSeg
+
+PRESETS: dict[str, NetworkSpec] = {
+    # The reference UniSeg: nnU-Net 3d_fullres topology for a 64x192x192 patch.
+    "uniseg-paper": NetworkSpec(
+        architecture="uniseg",
+        patch_size=(64, 192, 192),
+        features=(32, 64, 128, 256, 320, 320),
+        strides=((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2)),
+        kernels=((1, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3)),
+    ),
+    # Small enough to train on two CPU cores in minutes (tests and `make demo`).
+    "tiny": NetworkSpec(
+        architecture="uniseg",
+        patch_size=(32, 64, 64),
+        features=(8, 16, 32, 64, 64),
+        strides=((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2)),
+        kernels=((1, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3)),
+        fuse_channels=16,
+    ),
+}
+
+# The 11 upstream tasks of the paper (UNISEG.md): channels and classes, for summaries and
+# benchmarks only. Training reads its task table from the Zarr stores.
+REFERENCE_TASKS: tuple[TaskSpec, ...] = (
+    TaskSpec("liver", 3, 1),
+    TaskSpec("kidney", 3, 1),
+    TaskSpec("hepatic_vessel", 3, 1),
+    TaskSpec("pancreas", 3, 1),
+    TaskSpec("colon", 2, 1),
+    TaskSpec("lung", 2, 1),
+    TaskSpec("spleen", 2, 1),
+    TaskSpec("vertebrae", 2, 1),
+    TaskSpec("prostate", 2, 1),
+    TaskSpec("brats", 4, 4),
+    TaskSpec("autopet", 2, 2),
+)
+
+
+def preset_spec(
+    name: str,
+    *,
+    patch_size: Sequence[int] | None = None,
+    spacing: Sequence[float] | None = None,
+    **overrides: Any,
+) -> NetworkSpec:
+    """A preset with overrides (architecture, features, prompt_channels, ...).
+
+    Giving `patch_size` or `spacing` re-plans strides and kernels with nnU-Net's rule for as
+    many stages as the preset (or the `features` override) has.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    spec = PRESETS[name].replace(**{k: v for k, v in overrides.items() if v is not None})
+    if patch_size is None and spacing is None:
+        return spec
+    strides, kernels, patch = plan_topology(
+        patch_size or spec.patch_size, spacing or (1.0, 1.0, 1.0), max_stages=len(spec.features)
+    )
+    return spec.replace(
+        patch_size=patch,
+        features=spec.features[: len(strides)],
+        strides=tuple(strides),
+        kernels=tuple(kernels),
+    )
+
+
+def build_network(spec: NetworkSpec, tasks: Sequence[TaskSpec]) -> nn.Module:
+    """Build the network `spec.architecture` names for a task table.
+
+    `plain` builds a single-task U-Net and needs exactly one task.
+    """
+    if spec.architecture == "plain":
+        if len(tasks) != 1:
+            raise ValueError(f"a plain U-Net is single-task, got {len(tasks)} tasks")
+        return PlainUNet(spec, tasks[0].in_channels, tasks[0].num_classes)
+    networks = {"uniseg": UniSeg, "multihead": MultiHeadUNet, "dodnet": DoDNet}
+    return networks[spec.architecture](spec, tasks)
