@@ -1,0 +1,210 @@
+"""Per-case spatial preprocessing (reorient, crop, resample) and its inverse.
+
+Axis conventions, in one place:
+- NIfTI voxel arrays are indexed (x, y, z) in the file's own orientation; multi-channel data
+  enters here channels first as (C, x, y, z).
+- After `to_canonical` arrays are (C, z, y, x) / (z, y, x): first reoriented to RAS+ voxel
+  order (nibabel's closest canonical: x grows towards Right, y Anterior, z Superior), then
+  the spatial axes reversed so that index [z, y, x] reads slices first.
+  Spacings and shapes after that point are (z, y, x) too.
+
+`preprocess_case` / `preprocess_image` are the exact steps ingest applies; `restore_array` /
+`restore_label` undo them (resample back, pad the crop box, undo the reorientation) so a
+prediction lands on the original file's voxel grid with its affine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations
+from scipy import ndimage
+
+from pipeline.common.intensity import ChannelNormalization, normalize
+
+Vec3 = tuple[float, float, float]
+Shape3 = tuple[int, int, int]
+LabelResampling = Literal["nearest", "per-class-linear"]
+CANONICAL = orientations.axcodes2ornt(("R", "A", "S"))
+
+
+@dataclass(frozen=True)
+class CaseMeta:
+    """Everything needed to map a stored (z, y, x) volume back to its source NIfTI grid."""
+
+    original_affine: tuple[tuple[float, float, float, float], ...]
+    original_shape: Shape3  # (x, y, z) as in the file
+    original_axcodes: tuple[str, str, str]  # e.g. ("L", "P", "S")
+    original_spacing: Vec3  # (z, y, x) in canonical order
+    canonical_shape: Shape3  # (z, y, x) after reorientation, before cropping
+    crop_box: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # (start, stop) per z, y, x
+    spacing: Vec3  # (z, y, x) of the stored volume
+    shape: Shape3  # (z, y, x) of the stored volume
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> CaseMeta:
+        return cls(**{f.name: _as_tuple(raw[f.name]) for f in dataclasses.fields(cls)})
+
+    @property
+    def affine(self) -> np.ndarray:
+        return np.array(self.original_affine, dtype=np.float64)
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def channels_first(data: np.ndarray) -> np.ndarray:
+    """A NIfTI data array (x, y, z) or (x, y, z, C) as (C, x, y, z)."""
+    if data.ndim == 3:
+        return data[np.newaxis]
+    if data.ndim == 4:
+        return np.moveaxis(data, -1, 0)
+    raise ValueError(f"expected a 3D or 4D image, got shape {data.shape}")
+
+
+def spacing_zyx(affine: np.ndarray) -> Vec3:
+    """Voxel sizes of the canonical (z, y, x) grid for a file with this affine."""
+    to_ras = orientations.ornt_transform(orientations.io_orientation(affine), CANONICAL)
+    sizes = nib.affines.voxel_sizes(affine)
+    ras_sizes = [sizes[int(axis)] for axis in np.argsort(to_ras[:, 0])]
+    return tuple(float(s) for s in reversed(ras_sizes))
+
+
+def to_canonical(image_cxyz: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """(C, x, y, z) in the file's orientation -> (C, z, y, x) in RAS+ voxel order."""
+    to_ras = orientations.ornt_transform(orientations.io_orientation(affine), CANONICAL)
+    return np.stack([orientations.apply_orientation(c, to_ras).transpose(2, 1, 0) for c in image_cxyz])
+
+
+def from_canonical(volume_zyx: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Inverse of `to_canonical` for one (z, y, x) volume: back to the file's (x, y, z)."""
+    from_ras = orientations.ornt_transform(CANONICAL, orientations.io_orientation(affine))
+    return orientations.apply_orientation(volume_zyx.transpose(2, 1, 0), from_ras)
+
+
+def nonzero_mask(image_czyx: np.ndarray) -> np.ndarray:
+    """Voxels where any channel is nonzero, holes filled (nnU-Net's crop mask)."""
+    return ndimage.binary_fill_holes(np.any(image_czyx != 0, axis=0))
+
+
+def bounding_box(mask: np.ndarray) -> tuple[tuple[int, int], ...]:
+    """(start, stop) per axis of the True voxels; the whole array when there are none."""
+    if not mask.any():
+        return tuple((0, n) for n in mask.shape)
+    box = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=other))
+        box.append((int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
+
+
+def crop(volume: np.ndarray, box: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """Crop the last len(box) axes of `volume` to `box`."""
+    spatial = tuple(slice(start, stop) for start, stop in box)
+    return volume[(Ellipsis, *spatial)]
+
+
+def resampled_shape(shape: Shape3, spacing: Vec3, target_spacing: Vec3) -> Shape3:
+    """Shape covering the same extent at `target_spacing` (at least one voxel per axis)."""
+    return tuple(max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target_spacing))
+
+
+def resize(volume: np.ndarray, shape: Shape3, order: int) -> np.ndarray:
+    """Spline-resample one (z, y, x) volume to `shape`; voxel boxes align at the volume edges."""
+    if tuple(volume.shape) == tuple(shape):
+        return volume.copy()
+    factors = np.array(shape) / np.array(volume.shape)
+    out = ndimage.zoom(volume, factors, order=order, mode="nearest", grid_mode=True)
+    if out.shape != tuple(shape):
+        raise RuntimeError(f"resampling gave shape {out.shape}, expected {tuple(shape)}")
+    return out
+
+
+def resample_image(image_czyx: np.ndarray, shape: Shape3, order: int) -> np.ndarray:
+    return np.stack([resize(channel, shape, order).astype(np.float32) for channel in image_czyx])
+
+
+def resample_label(label_zyx: np.ndarray, shape: Shape3, mode: LabelResampling = "nearest") -> np.ndarray:
+    """Nearest neighbour, or nnU-Net's per-class linear (each class mask resampled linearly, argmax)."""
+    if mode == "nearest" or tuple(label_zyx.shape) == tuple(shape):
+        return resize(label_zyx, shape, order=0)
+    classes = np.unique(label_zyx)
+    scores = np.stack([resize((label_zyx == c).astype(np.float32), shape, order=1) for c in classes])
+    return classes[np.argmax(scores, axis=0)].astype(label_zyx.dtype)
+
+
+def preprocess_case(
+    image_cxyz: np.ndarray,
+    affine: np.ndarray,
+    label_xyz: np.ndarray | None,
+    target_spacing: Vec3,
+    normalization: tuple[ChannelNormalization, ...],
+    image_order: int = 3,
+    label_resampling: LabelResampling = "nearest",
+) -> tuple[np.ndarray, np.ndarray | None, CaseMeta]:
+    """Reorient, crop to the nonzero box, normalise, resample; returns image (C,z,y,x) float32,
+    label (z,y,x) uint8 or None, and the metadata to undo it."""
+    canonical = to_canonical(image_cxyz, affine)
+    mask = nonzero_mask(canonical)
+    box = bounding_box(mask)
+    image = normalize(crop(canonical, box), normalization, crop(mask, box))
+    spacing = spacing_zyx(affine)
+    shape = resampled_shape(image.shape[1:], spacing, target_spacing)
+    meta = CaseMeta(
+        original_affine=tuple(tuple(float(v) for v in row) for row in affine),
+        original_shape=tuple(int(n) for n in image_cxyz.shape[1:]),
+        original_axcodes=tuple(orientations.aff2axcodes(affine)),
+        original_spacing=spacing,
+        canonical_shape=tuple(int(n) for n in canonical.shape[1:]),
+        crop_box=box,
+        spacing=tuple(float(t) for t in target_spacing),
+        shape=shape,
+    )
+    image = resample_image(image, shape, image_order)
+    if label_xyz is None:
+        return image, None, meta
+    label = crop(to_canonical(label_xyz[np.newaxis], affine)[0], box).astype(np.uint8)
+    return image, resample_label(label, shape, label_resampling), meta
+
+
+def preprocess_image(
+    image_cxyz: np.ndarray,
+    affine: np.ndarray,
+    target_spacing: Vec3,
+    normalization: tuple[ChannelNormalization, ...],
+    image_order: int = 3,
+) -> tuple[np.ndarray, CaseMeta]:
+    """The ingest steps for an image without a label (prediction on a raw file)."""
+    image, _, meta = preprocess_case(image_cxyz, affine, None, target_spacing, normalization, image_order)
+    return image, meta
+
+
+def restore_array(volume_zyx: np.ndarray, meta: CaseMeta, order: int = 0, fill: float = 0) -> np.ndarray:
+    """A stored-grid (z, y, x) volume on the original file's (x, y, z) grid.
+
+    Resamples back to the crop box (spline `order`: 0 for labels, 1 for probabilities), pads
+    the box with `fill`, and undoes the reorientation.
+    """
+    if tuple(volume_zyx.shape) != tuple(meta.shape):
+        raise ValueError(f"volume shape {volume_zyx.shape} != stored case shape {meta.shape}")
+    box_shape = tuple(stop - start for start, stop in meta.crop_box)
+    full = np.full(meta.canonical_shape, fill, dtype=volume_zyx.dtype)
+    full[tuple(slice(start, stop) for start, stop in meta.crop_box)] = resize(volume_zyx, box_shape, order)
+    return from_canonical(full, meta.affine)
+
+
+def restore_label(label_zyx: np.ndarray, meta: CaseMeta) -> nib.Nifti1Image:
+    """A stored-grid label map as a NIfTI on the original file's grid and affine."""
+    data = restore_array(label_zyx.astype(np.uint8), meta, order=0, fill=0)
+    image = nib.Nifti1Image(np.ascontiguousarray(data), meta.affine)
+    image.set_data_dtype(np.uint8)
+    return image
