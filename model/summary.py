@@ -48,7 +48,7 @@ def summarize(spec: NetworkSpec, tasks: Sequence[TaskSpec], batch_size: int = 1)
         lambda _m, _i, out: bottleneck.append(tuple(out.shape[1:]))
     )
     with FlopCounterMode(display=False) as counter:
-        outputs = network(x) if spec.architecture == "plain" else network(x, 0)
+        outputs = network(x, 0)
     hook.remove()
     return ArchitectureSummary(
         architecture=spec.architecture,

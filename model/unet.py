@@ -107,9 +107,14 @@ class PlainUNet(nn.Module):
         self.decoder = Decoder(spec.features, spec.strides, spec.kernels)
         self.heads = SegmentationHeads(spec.features, num_classes, spec.deep_supervision)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Logits per deep-supervision level, highest resolution first."""
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | Sequence[int] | int | None = None) -> list[torch.Tensor]:
+        """Logits per deep-supervision level, highest resolution first.
+
+        `task_ids` exists so every network shares one call signature; the only task is 0.
+        """
         if x.ndim != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected input (B, {self.in_channels}, Z, Y, X), got {tuple(x.shape)}")
+        if task_ids is not None and any(torch.as_tensor(task_ids).reshape(-1).tolist()):
+            raise ValueError("a single-task network only knows task id 0")
         features = self.encoder(x)
         return self.heads(self.decoder(features[:-1], features[-1]))
