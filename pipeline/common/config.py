@@ -55,7 +55,7 @@ class DataConfig:
 class IngestConfig:
     """How `pipeline.ingest` turns raw datasets into Zarr stores (CLI flags fill it)."""
 
-    target_spacing: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None = None
+    target_spacing: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None = None  # (z, y, x) mm; None: planned
     ct_normalization: Literal["nnunet", "uniseg-window"] = "nnunet"
     image_order: Literal[1, 3] = 3
     label_resampling: Literal["nearest", "per-class-linear"] = "nearest"
@@ -65,6 +65,15 @@ class IngestConfig:
     scheduler: str | None = None
     on_ray: bool = False
     num_workers: PositiveInt | None = None
+    chunk_size: tuple[PositiveInt, PositiveInt, PositiveInt] = (64, 64, 64)  # (z, y, x) voxels per Zarr chunk
+    max_class_locations: PositiveInt = 10_000  # stored voxel samples per class (foreground oversampling)
+
+    @field_validator("validation_fraction")
+    @classmethod
+    def _fraction_below_one(cls, fraction: float) -> float:
+        if fraction >= 1:
+            raise ValueError(f"must be < 1, got {fraction}")
+        return fraction
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -1,0 +1,78 @@
+"""`python -m pipeline.ingest --source DIR [--source DIR ...] --out ROOT [options]`.
+
+Flags override the `ingest` section of `--config` (defaults otherwise). Storage options for an
+s3:// ROOT come from the usual AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) or
+`--storage-options '{"endpoint_url": "http://127.0.0.1:9000"}'`. Exit status 1 if any case or
+dataset failed, 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+from pipeline.common.config import ConfigError, IngestConfig, config_from_dict
+from pipeline.common.logs import setup_logging
+from pipeline.ingest.run import run
+
+log = logging.getLogger("pipeline.ingest")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline.ingest", description=__doc__.split("\n")[0])
+    p.add_argument("--source", action="append", required=True, metavar="DIR",
+                   help="raw dataset folder with dataset.json (MSD or nnU-Net v2); repeatable")
+    p.add_argument("--out", required=True, metavar="ROOT", help="local folder or s3://bucket/prefix")
+    p.add_argument("--config", metavar="YAML", help="experiment config whose `ingest` section is the base")
+    p.add_argument("--target-spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), help="mm; default: planned")
+    p.add_argument("--ct-normalization", choices=["nnunet", "uniseg-window"])
+    p.add_argument("--image-order", type=int, choices=[1, 3])
+    p.add_argument("--label-resampling", choices=["nearest", "per-class-linear"])
+    p.add_argument("--validation-fraction", type=float)
+    p.add_argument("--split-seed", type=int)
+    p.add_argument("--chunk-size", type=int, nargs=3, metavar=("Z", "Y", "X"))
+    p.add_argument("--max-class-locations", type=int)
+    p.add_argument("--overwrite", action="store_true", default=None, help="delete existing stores first")
+    p.add_argument("--scheduler", metavar="ADDR", help="address of an existing Dask scheduler, or synchronous|threads (in-process)")
+    p.add_argument("--on-ray", action="store_true", default=None, help="run the tasks on Ray (Dask on Ray)")
+    p.add_argument("--num-workers", type=int, help="local Dask cluster size (default: CPU count)")
+    p.add_argument("--storage-options", type=json.loads, metavar="JSON", help="fsspec options for ROOT")
+    return p
+
+
+_NOT_INGEST = {"source", "out", "config", "storage_options"}
+
+
+def _ingest_config(args: argparse.Namespace) -> IngestConfig:
+    """The config file's `ingest` section (only that one: its stores may not exist yet), then flags."""
+    section: dict = {}
+    if args.config:
+        raw = yaml.safe_load(Path(args.config).read_text()) if Path(args.config).is_file() else None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{args.config}: not a YAML config file")
+        section = raw.get("ingest") or {}
+    flags = {k: v for k, v in vars(args).items() if k not in _NOT_INGEST and v is not None}
+    return config_from_dict({"ingest": {**section, **flags}}, args.config or "<command line>").ingest
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    setup_logging()
+    try:
+        cfg = _ingest_config(args)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    log.info("ingest options: %s", dataclasses.asdict(cfg))
+    report = run(args.source, args.out, cfg, args.storage_options)
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

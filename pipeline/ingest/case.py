@@ -1,0 +1,95 @@
+"""The per-case tasks (one Dask or Ray task each) and their outcome, which never raises.
+
+`plan_step` checks and summarises a training case for the plan; `ingest_step` checks,
+preprocesses (pipeline.common.geometry) and writes one case. `guarded` turns any failure into
+an outcome holding one "<file>: <problem>" line per problem, so the other cases go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.common import geometry
+from pipeline.ingest import writer
+from pipeline.ingest.checks import CaseError, load_case
+from pipeline.ingest.dataset import CaseSource, DatasetSpec, case_rng
+from pipeline.ingest.plan import CaseSummary, Plan, summarize_case
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CaseOutcome:
+    case_id: str
+    problems: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    summary: CaseSummary | None = None  # plan pass only
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass(frozen=True)
+class WriteTarget:
+    """Where and how a case is written (plain values: travels to Dask and Ray workers)."""
+
+    uri: str
+    storage_options: dict[str, Any] | None
+    chunk_size: tuple[int, int, int]
+    max_class_locations: int
+    recipe: str  # id of everything that shapes the stored arrays (plan + write options)
+
+
+def guarded(step: Callable[..., CaseOutcome], case: CaseSource, *args: Any) -> CaseOutcome:
+    """Run a per-case step; failures become the outcome's problems instead of exceptions."""
+    try:
+        return step(case, *args)
+    except CaseError as err:
+        return CaseOutcome(case.case_id, problems=err.problems)
+    except Exception as err:  # a task must report, not kill the run: any failure is this case's
+        log.exception("case %s failed", case.case_id)
+        return CaseOutcome(case.case_id, problems=(f"{case.images[0]}: {type(err).__name__}: {err}",))
+
+
+def plan_step(case: CaseSource, spec: DatasetSpec, statistics: tuple[bool, ...], seed: int) -> CaseOutcome:
+    return CaseOutcome(case.case_id, summary=summarize_case(case, spec, statistics, seed))
+
+
+def ingest_step(case: CaseSource, spec: DatasetSpec, plan: Plan, target: WriteTarget, fingerprint: str) -> CaseOutcome:
+    loaded = load_case(case, len(spec.modalities), set(spec.labels))
+    image, label, meta = geometry.preprocess_case(
+        loaded.image, loaded.affine, loaded.label, plan.target_spacing, plan.normalization,
+        plan.image_order, plan.label_resampling,
+    )
+    locations = {} if label is None else class_locations(
+        label, len(spec.labels), target.max_class_locations, case_rng(case.case_id, 0)
+    )
+    attrs = {
+        "meta": meta.to_dict(),
+        "spacing": list(meta.spacing),
+        "class_locations": locations,
+        "source": [os.path.relpath(p, spec.root) for p in case.files],
+        "source_fingerprint": fingerprint,
+        "recipe": target.recipe,
+        "warnings": list(loaded.warnings),
+    }
+    writer.write_case(target.uri, target.storage_options, case.case_id, (image, label), attrs, target.chunk_size)
+    return CaseOutcome(case.case_id, warnings=loaded.warnings)
+
+
+def class_locations(label: np.ndarray, num_classes: int, cap: int, rng: np.random.Generator) -> dict[str, list]:
+    """Per foreground class, up to `cap` random (z, y, x) voxel indices, as JSON-ready lists."""
+    locations = {}
+    for c in range(1, num_classes):
+        voxels = np.argwhere(label == c)
+        if len(voxels) > cap:
+            voxels = voxels[np.sort(rng.choice(len(voxels), size=cap, replace=False))]
+        locations[str(c)] = voxels.tolist()
+    return locations

@@ -1,0 +1,71 @@
+"""Where the ingest task graphs run: a local Dask cluster (default), an existing Dask scheduler
+(`--scheduler ADDR`), Dask's in-process schedulers (`--scheduler synchronous|threads`, for
+debugging and tests) or the Ray cluster through Dask on Ray (`--on-ray`, ray.util.dask).
+
+`executor(cfg)` yields one function, `compute(tasks) -> results`, that runs a list of Dask
+delayed objects (sharing their common inputs) and returns their values in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import dask
+from dask.delayed import Delayed
+from distributed import Client, LocalCluster, progress
+
+from pipeline.common.config import IngestConfig
+
+log = logging.getLogger(__name__)
+Compute = Callable[[list[Delayed]], list[Any]]
+LOCAL_SCHEDULERS = ("synchronous", "threads")
+
+
+@contextmanager
+def executor(cfg: IngestConfig) -> Iterator[Compute]:
+    if cfg.on_ray:
+        with _ray() as compute:
+            yield compute
+    elif cfg.scheduler in LOCAL_SCHEDULERS:
+        yield lambda tasks: list(dask.compute(*tasks, scheduler=cfg.scheduler))
+    elif cfg.scheduler:
+        log.info("using the Dask scheduler at %s", cfg.scheduler)
+        with Client(cfg.scheduler) as client:
+            yield lambda tasks: _compute_distributed(client, tasks)
+    else:
+        workers = cfg.num_workers or os.cpu_count() or 1
+        log.info("starting a local Dask cluster with %d workers", workers)
+        with (
+            LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+            Client(cluster) as client,
+        ):
+            yield lambda tasks: _compute_distributed(client, tasks)
+
+
+def _compute_distributed(client: Client, tasks: list[Delayed]) -> list[Any]:
+    futures = client.compute(tasks)
+    if sys.stdout.isatty():
+        progress(futures)
+    return client.gather(futures)
+
+
+@contextmanager
+def _ray() -> Iterator[Compute]:
+    """Dask on Ray: the same graph, each task a Ray task (joins RAY_ADDRESS / `ray job submit`)."""
+    import ray
+    from ray.util.dask import ray_dask_get
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init()
+    log.info("running ingest tasks on Ray (%s CPUs)", ray.cluster_resources().get("CPU"))
+    try:
+        yield lambda tasks: list(dask.compute(*tasks, scheduler=ray_dask_get))
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,105 @@
+"""Write a task store (layout: pipeline.common.store): root, cases with a commit marker, manifest.
+
+A case group is created with `complete: false`, its arrays are written, and only then its
+attrs are replaced in one write that sets `complete: true`; the manifest is written after all
+cases. Zarr writes each zarr.json in one piece (atomic rename locally, one PUT on S3), so a
+killed run leaves at worst an incomplete case, never one that looks complete.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import fsspec
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from pipeline.common import store
+from pipeline.common.store import CASES, COMPLETE, FORMAT_VERSION, IMAGE, LABEL, MANIFEST, StoreError, StoreManifest
+
+log = logging.getLogger(__name__)
+PLAN = "plan"
+_IMAGE_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+_LABEL_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+
+
+def open_store(uri: str, storage_options: dict[str, Any] | None, overwrite: bool) -> zarr.Group:
+    """Create or reopen the store for writing; `overwrite` deletes it first."""
+    if overwrite:
+        remove_store(uri, storage_options)
+    root = store.open_group(uri, storage_options, mode="a")
+    version = root.attrs.get("format_version")
+    if version is None:
+        root.attrs["format_version"] = FORMAT_VERSION
+    elif version != FORMAT_VERSION:
+        raise StoreError(f"{uri}: written with store format version {version}; re-run with --overwrite")
+    root.require_group(CASES)
+    return root
+
+
+def remove_store(uri: str, storage_options: dict[str, Any] | None) -> None:
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    if fs.exists(path):
+        log.info("removing %s (--overwrite)", uri)
+        fs.rm(path, recursive=True)
+
+
+def completed_case_attrs(root: zarr.Group, case_id: str) -> dict[str, Any] | None:
+    """The attrs of a finished case, or None when it is absent or was never completed."""
+    try:
+        group = root[f"{CASES}/{case_id}"]
+    except KeyError:
+        return None
+    attrs = dict(group.attrs)
+    return attrs if attrs.get(COMPLETE) is True else None
+
+
+def write_case(
+    uri: str,
+    storage_options: dict[str, Any] | None,
+    case_id: str,
+    arrays: tuple[np.ndarray, np.ndarray | None],
+    attrs: dict[str, Any],
+    chunk_size: tuple[int, int, int],
+) -> None:
+    """Replace case `case_id` by image (C,z,y,x), label (z,y,x) or None, and attrs; commit last."""
+    image, label = arrays
+    cases = store.open_group(uri, storage_options, mode="a")[CASES]
+    group = cases.create_group(case_id, overwrite=True, attributes={COMPLETE: False})
+    spatial_chunks = tuple(min(c, n) for c, n in zip(chunk_size, image.shape[1:]))
+    group.create_array(IMAGE, data=image, chunks=(1, *spatial_chunks), compressors=_IMAGE_CODEC)
+    if label is not None:
+        group.create_array(LABEL, data=label, chunks=spatial_chunks, compressors=_LABEL_CODEC)
+    group.attrs.put({**attrs, COMPLETE: True})
+
+
+def prune_cases(root: zarr.Group, keep: set[str]) -> list[str]:
+    """Delete case groups not in `keep` (failed, removed from the source); returns their ids."""
+    stale = sorted(set(root[CASES].group_keys()) - keep)
+    for case_id in stale:
+        del root[CASES][case_id]
+    return stale
+
+
+def read_manifest(root: zarr.Group) -> dict[str, Any] | None:
+    return root.attrs.get(MANIFEST)
+
+
+def clear_manifest(root: zarr.Group) -> None:
+    """Mark the store unfinished before changing any case (readers refuse it meanwhile)."""
+    if MANIFEST in root.attrs:
+        del root.attrs[MANIFEST]
+
+
+def write_manifest(root: zarr.Group, manifest: StoreManifest) -> None:
+    root.attrs[MANIFEST] = manifest.to_dict()
+
+
+def read_plan(root: zarr.Group) -> dict[str, Any] | None:
+    return root.attrs.get(PLAN)
+
+
+def write_plan(root: zarr.Group, plan: dict[str, Any]) -> None:
+    root.attrs[PLAN] = plan

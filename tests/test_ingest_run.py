@@ -1,0 +1,149 @@
+"""End-to-end ingest (in-process Dask scheduler) on tiny synthetic datasets, and the CLI."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import zarr
+
+from pipeline.common import geometry
+from pipeline.common.config import IngestConfig
+from pipeline.common.store import StoreError, TaskStore
+from pipeline.ingest import writer
+from pipeline.ingest.run import run
+
+SYNC = IngestConfig(scheduler="synchronous")
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
+
+
+def _original_label(raw: Path, case_id: str) -> np.ndarray:
+    return np.asarray(nib.load(raw / "labelsTr" / f"{case_id}.nii.gz").dataobj)
+
+
+def _zarr_json_mtimes(store: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in store.rglob("zarr.json")}
+
+
+def test_msd_round_trip_is_exact_without_resampling(raw_msd: Path, tmp_path: Path) -> None:
+    report = run([raw_msd], str(tmp_path), SYNC)
+    assert report.ok and len(report.datasets[0].ingested) == 5
+    store = TaskStore.open(str(tmp_path / f"{raw_msd.name}.zarr"))
+    m = store.manifest
+    assert (m.task_name, m.modalities, m.num_classes, m.num_channels) == (raw_msd.name, ("CT",), 3, 1)
+    assert m.target_spacing == (4.0, 1.5, 1.5)  # (z, y, x): the synthetic spacing, no resampling
+    assert m.normalization[0].scheme == "ct-clip-zscore"
+    assert sorted(store.case_ids("train") + store.case_ids("validation")) == [f"tinyliver_00{i}" for i in range(4)]
+    assert len(m.split["validation"]) == 1 and store.case_ids("test") == ["tinyliver_004"]
+    for case_id in store.case_ids("train") + store.case_ids("validation"):  # RAS, LPS and ASL files
+        image, label = store.read_case(case_id)
+        assert image.dtype == np.float32 and image.shape[1:] == label.shape and label.dtype == np.uint8
+        restored = geometry.restore_label(label, store.case_meta(case_id))
+        np.testing.assert_array_equal(np.asarray(restored.dataobj), _original_label(raw_msd, case_id))
+        np.testing.assert_allclose(restored.affine, nib.load(raw_msd / "labelsTr" / f"{case_id}.nii.gz").affine)
+    image, label = store.read_case("tinyliver_004")
+    assert label is None and image.shape[0] == 1
+
+
+def test_nnunet_layout_round_trip_with_resampling(raw_nnunet: Path, tmp_path: Path) -> None:
+    cfg = IngestConfig(scheduler="synchronous", target_spacing=(2.0, 0.8, 0.8), image_order=1)
+    assert run([raw_nnunet], str(tmp_path), cfg).ok
+    store = TaskStore.open(str(tmp_path / f"{raw_nnunet.name}.zarr"))
+    assert store.manifest.modalities == ("T2", "ADC")
+    assert [n.scheme for n in store.manifest.normalization] == ["zscore", "zscore"]
+    for case_id in store.case_ids("all"):
+        meta = store.case_meta(case_id)
+        assert meta.spacing == (2.0, 0.8, 0.8) and meta.shape != meta.canonical_shape
+        image, label = store.read_case(case_id)
+        assert image.shape == (2, *meta.shape)
+        if label is None:
+            continue
+        restored = np.asarray(geometry.restore_label(label, meta).dataobj)
+        original = _original_label(raw_nnunet, case_id)
+        for c in (1, 2):
+            assert _dice(restored == c, original == c) >= 0.99, (case_id, c)
+
+
+def test_rerun_is_a_noop_and_overwrite_rewrites(raw_msd: Path, tmp_path: Path) -> None:
+    assert run([raw_msd], str(tmp_path), SYNC).ok
+    store = tmp_path / f"{raw_msd.name}.zarr"
+    before = _zarr_json_mtimes(store)
+    again = run([raw_msd], str(tmp_path), SYNC).datasets[0]
+    assert (again.ingested, len(again.skipped)) == ([], 5)
+    assert _zarr_json_mtimes(store) == before
+    forced = run([raw_msd], str(tmp_path), IngestConfig(scheduler="synchronous", overwrite=True)).datasets[0]
+    assert len(forced.ingested) == 5 and not forced.skipped
+
+
+def test_changed_source_case_and_split_options(raw_msd: Path, tmp_path: Path) -> None:
+    raw = shutil.copytree(raw_msd, tmp_path / raw_msd.name)
+    assert run([raw], str(tmp_path / "out"), SYNC).ok
+    # A changed test case is redone alone: test cases do not enter the plan.
+    shutil.copy(raw / "imagesTs" / "tinyliver_004.nii.gz", tmp_path / "copy.nii.gz")
+    shutil.move(tmp_path / "copy.nii.gz", raw / "imagesTs" / "tinyliver_004.nii.gz")
+    report = run([raw], str(tmp_path / "out"), SYNC).datasets[0]
+    assert report.ingested == ["tinyliver_004"] and len(report.skipped) == 4
+    # A new split only rewrites the manifest.
+    report = run([raw], str(tmp_path / "out"), IngestConfig(scheduler="synchronous", validation_fraction=0.5)).datasets[0]
+    assert report.ingested == []
+    assert len(TaskStore.open(str(tmp_path / "out" / f"{raw.name}.zarr")).manifest.split["validation"]) == 2
+
+
+def test_resume_after_a_run_killed_mid_case(raw_msd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_write = writer.write_case
+    calls = []
+
+    def dies_on_third_case(uri, storage_options, case_id, arrays, attrs, chunk_size):  # noqa: ANN001
+        calls.append(case_id)
+        if len(calls) == 3:  # the image lands, then the process "dies" before the commit marker
+            group = zarr.open_group(uri, mode="a")["cases"].create_group(case_id, overwrite=True)
+            group.create_array("image", data=arrays[0])
+            raise KeyboardInterrupt
+        real_write(uri, storage_options, case_id, arrays, attrs, chunk_size)
+
+    monkeypatch.setattr(writer, "write_case", dies_on_third_case)
+    with pytest.raises(KeyboardInterrupt):
+        run([raw_msd], str(tmp_path), SYNC)
+    uri = str(tmp_path / f"{raw_msd.name}.zarr")
+    with pytest.raises(StoreError, match="no manifest"):
+        TaskStore.open(uri)
+    root = zarr.open_group(uri, mode="r")
+    assert writer.completed_case_attrs(root, calls[2]) is None
+    assert all(writer.completed_case_attrs(root, c) is not None for c in calls[:2])
+    monkeypatch.setattr(writer, "write_case", real_write)
+    report = run([raw_msd], str(tmp_path), SYNC).datasets[0]
+    assert sorted(report.skipped) == sorted(calls[:2]) and len(report.ingested) == 3
+    store = TaskStore.open(uri)
+    assert store.read_case(calls[2])[1] is not None
+
+
+def test_cli_local_cluster_and_exit_status(raw_msd: Path, tmp_path: Path) -> None:
+    bad = shutil.copytree(raw_msd, tmp_path / "Task09_Bad")
+    (bad / "labelsTr" / "tinyliver_001.nii.gz").unlink()
+    cmd = [sys.executable, "-m", "pipeline.ingest", "--source", str(raw_msd), "--source", str(bad),
+           "--out", str(tmp_path / "out"), "--num-workers", "2", "--ct-normalization", "uniseg-window"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert "tinyliver_001.nii.gz: missing label for case tinyliver_001" in result.stderr
+    assert "4 ingested, 0 unchanged, 1 failed" in result.stderr
+    good = TaskStore.open(str(tmp_path / "out" / f"{raw_msd.name}.zarr"))
+    assert good.manifest.normalization[0].scheme == "ct-window"
+    assert "tinyliver_001" not in TaskStore.open(str(tmp_path / "out" / "Task09_Bad.zarr")).manifest.cases
+    rerun = subprocess.run(cmd[:-4] + ["--scheduler", "synchronous", "--ct-normalization", "uniseg-window"],
+                           capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 1 and "0 ingested, 4 unchanged, 1 failed" in rerun.stderr
+
+
+def test_cli_rejects_bad_options(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "pipeline.ingest", "--source", "x", "--out", str(tmp_path),
+           "--validation-fraction", "1.5"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "ingest.validation_fraction: must be < 1" in result.stderr
