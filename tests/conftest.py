@@ -16,6 +16,11 @@ TINY_MR = SyntheticTask("Task02_TinyProstate", ("T2", "ADC"), ("background", "pe
 
 
 @pytest.fixture(scope="session")
+def tiny_mr_task() -> SyntheticTask:
+    return TINY_MR
+
+
+@pytest.fixture(scope="session")
 def raw_msd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny CT task in the original MSD layout (3D files, `training` list in dataset.json)."""
     return write_task(tmp_path_factory.mktemp("msd"), TINY_CT, layout="msd")

@@ -15,6 +15,7 @@ import zarr
 from pipeline.common import geometry
 from pipeline.common.config import IngestConfig
 from pipeline.common.store import StoreError, TaskStore
+from pipeline.datasets.synthetic import SyntheticTask, write_task
 from pipeline.ingest import writer
 from pipeline.ingest.run import run
 
@@ -70,6 +71,22 @@ def test_nnunet_layout_round_trip_with_resampling(raw_nnunet: Path, tmp_path: Pa
         original = _original_label(raw_nnunet, case_id)
         for c in (1, 2):
             assert _dice(restored == c, original == c) >= 0.99, (case_id, c)
+
+
+def test_msd_4d_images_equal_nnunet_channel_files(raw_nnunet: Path, tiny_mr_task: SyntheticTask,
+                                                  tmp_path: Path) -> None:
+    """The same synthetic cases as one 4D NIfTI per case (original MSD) give the same store."""
+    raw_4d = write_task(tmp_path / "msd", tiny_mr_task, layout="msd")
+    assert nib.load(raw_4d / "imagesTr" / "tinyprostate_000.nii.gz").ndim == 4
+    assert run([raw_4d], str(tmp_path / "a"), SYNC).ok and run([raw_nnunet], str(tmp_path / "b"), SYNC).ok
+    a = TaskStore.open(str(tmp_path / "a" / f"{raw_4d.name}.zarr"))
+    b = TaskStore.open(str(tmp_path / "b" / f"{raw_nnunet.name}.zarr"))
+    assert a.case_ids() == b.case_ids()
+    for case_id in a.case_ids():
+        image_a, label_a = a.read_case(case_id)
+        image_b, label_b = b.read_case(case_id)
+        np.testing.assert_array_equal(image_a, image_b)
+        np.testing.assert_array_equal(label_a, label_b)
 
 
 def test_rerun_is_a_noop_and_overwrite_rewrites(raw_msd: Path, tmp_path: Path) -> None:

@@ -116,6 +116,7 @@ class TaskStore:
         self.storage_options = storage_options
         self._root: zarr.Group | None = None
         self._cases: dict[str, zarr.Group] = {}
+        self._array_cache: dict[str, tuple[zarr.Array, zarr.Array | None]] = {}
         self._locations: dict[str, dict[int, np.ndarray]] = {}
 
     @classmethod
@@ -164,26 +165,24 @@ class TaskStore:
 
     def read_case(self, case_id: str) -> tuple[np.ndarray, np.ndarray | None]:
         """The whole image (C, z, y, x) and label (z, y, x), or None for a test case."""
-        group = self._case(case_id)
-        label = group[LABEL][...] if LABEL in group else None
-        return group[IMAGE][...], label
+        image, label = self._arrays(case_id)
+        return image[...], None if label is None else label[...]
 
     def read_patch(
         self, case_id: str, start: tuple[int, int, int], size: tuple[int, int, int]
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Image (C, *size) and label (*size) of the window at `start` (z, y, x), which may leave
         the volume: outside voxels are 0 in the image and background in the label."""
-        group = self._case(case_id)
-        image_array = group[IMAGE]
+        image_array, label_array = self._arrays(case_id)
         shape = image_array.shape[1:]
         source = tuple(slice(max(s, 0), min(s + n, dim)) for s, n, dim in zip(start, size, shape))
         target = tuple(slice(src.start - s, src.stop - s) for src, s in zip(source, start))
         image = np.zeros((image_array.shape[0], *size), dtype=np.float32)
-        label = np.zeros(size, dtype=np.uint8) if LABEL in group else None
+        label = None if label_array is None else np.zeros(size, dtype=np.uint8)
         if all(src.stop > src.start for src in source):
             image[(slice(None), *target)] = image_array[(slice(None), *source)]
             if label is not None:
-                label[target] = group[LABEL][source]
+                label[target] = label_array[source]
         return image, label
 
     def sample_patch(
@@ -203,7 +202,7 @@ class TaskStore:
         """
         if case_id is None:
             case_id = str(rng.choice(self.case_ids("train")))
-        shape = tuple(self._case(case_id)[IMAGE].shape[1:])
+        shape = self._arrays(case_id)[0].shape[1:]
         low = [min(0, d - s) for d, s in zip(shape, size)]
         high = [max(0, d - s) for d, s in zip(shape, size)]
         voxel = self._foreground_voxel(rng, case_id) if force_foreground else None
@@ -221,6 +220,13 @@ class TaskStore:
             return None
         locations = present[int(rng.integers(len(present)))]
         return locations[int(rng.integers(len(locations)))]
+
+    def _arrays(self, case_id: str) -> tuple[zarr.Array, zarr.Array | None]:
+        if case_id not in self._array_cache:
+            group = self._case(case_id)
+            arrays = dict(group.arrays())
+            self._array_cache[case_id] = (arrays[IMAGE], arrays.get(LABEL))
+        return self._array_cache[case_id]
 
     def _case(self, case_id: str) -> zarr.Group:
         if case_id not in self._cases:

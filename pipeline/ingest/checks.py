@@ -57,7 +57,7 @@ def _read(path: Path) -> tuple[np.ndarray | None, np.ndarray | None, list[str]]:
             return None, None, [f"{path}: not a NIfTI file ({type(nifti).__name__})"]
         return np.asanyarray(nifti.dataobj), nifti.affine, []
     except Exception as err:  # nibabel raises many types for corrupt files (ImageFileError, EOFError, zlib...)
-        return None, None, [f"{path}: cannot read NIfTI: {type(err).__name__}: {err}"]
+        return None, None, [f"{path}: cannot read NIfTI: {type(err).__name__}: {' '.join(str(err).split())}"]
 
 
 def _spatial_problems(path: Path, shape: tuple[int, ...]) -> list[str]:

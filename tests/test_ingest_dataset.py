@@ -1,0 +1,114 @@
+"""dataset.json in MSD and nnU-Net v2 form, case listing, and the plan's pure parts."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.common.config import IngestConfig
+from pipeline.ingest.dataset import DatasetError, read_dataset, source_fingerprint
+from pipeline.ingest.manifest import split_cases
+from pipeline.ingest.plan import CaseSummary, make_plan, target_spacing
+
+
+def test_msd_layout(raw_msd: Path) -> None:
+    spec = read_dataset(raw_msd)
+    assert (spec.layout, spec.name, spec.modalities, spec.file_ending) == ("msd", raw_msd.name, ("CT",), ".nii.gz")
+    assert spec.labels == {0: "background", 1: "liver", 2: "tumour"}
+    assert [c.case_id for c in spec.train_cases] == [f"tinyliver_00{i}" for i in range(4)]
+    test = [c for c in spec.cases if c.is_test]
+    assert [(c.case_id, c.label) for c in test] == [("tinyliver_004", None)]
+    assert all(len(c.images) == 1 and not c.problems for c in spec.cases)
+
+
+def test_nnunet_v2_layout(raw_nnunet: Path) -> None:
+    spec = read_dataset(raw_nnunet)
+    assert (spec.layout, spec.modalities) == ("nnunetv2", ("T2", "ADC"))
+    assert spec.labels == {0: "background", 1: "peripheral zone", 2: "transition zone"}
+    first = spec.cases[0]
+    assert [p.name for p in first.images] == ["tinyprostate_000_0000.nii.gz", "tinyprostate_000_0001.nii.gz"]
+    assert first.label.name == "tinyprostate_000.nii.gz"
+    assert [c.is_test for c in spec.cases] == [False] * 3 + [True]
+
+
+def test_msd_entries_with_per_channel_files(raw_msd: Path, tmp_path: Path) -> None:
+    """nnU-Net-converted MSD: dataset.json names `case.nii.gz`, the folder holds `case_0000.nii.gz`."""
+    root = shutil.copytree(raw_msd, tmp_path / raw_msd.name)
+    for path in (root / "imagesTr").glob("*.nii.gz"):
+        path.rename(path.with_name(path.name.replace(".nii.gz", "_0000.nii.gz")))
+    (root / "labelsTr" / "tinyliver_002.nii.gz").unlink()
+    spec = read_dataset(root)
+    assert spec.cases[0].images == (root / "imagesTr" / "tinyliver_000_0000.nii.gz",)
+    assert spec.cases[2].problems == (f"{root}/labelsTr/tinyliver_002.nii.gz: missing label for case tinyliver_002",)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (None, "dataset.json not found"),
+        ("[1, 2]", "must hold an object"),
+        ('{"modality": {"0": "CT"}, "labels": {"0": "bg", "1": "a"}, "training": {}}', "'training' must be a list"),
+        ('{"modality": {"1": "CT"}, "labels": {"0": "bg", "1": "a"}}', "indices must be 0..0"),
+        ('{"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": [1, 2]}}', "region-based"),
+        ('{"modality": {"0": "CT"}, "labels": {"0": "bg"}}', "2 <= N <= 256"),
+        ('{"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1}}', "no training cases found"),
+    ],
+)
+def test_bad_dataset_json(tmp_path: Path, text: str | None, message: str) -> None:
+    if text is not None:
+        (tmp_path / "dataset.json").write_text(text)
+    with pytest.raises(DatasetError, match=message):
+        read_dataset(tmp_path)
+
+
+def test_source_fingerprint_follows_files(raw_msd: Path, tmp_path: Path) -> None:
+    root = shutil.copytree(raw_msd, tmp_path / raw_msd.name)
+    before = [source_fingerprint(c) for c in read_dataset(root).cases]
+    assert len(set(before)) == len(before)
+    (root / "labelsTr" / "tinyliver_001.nii.gz").write_bytes(b"changed")
+    after = [source_fingerprint(c) for c in read_dataset(root).cases]
+    assert [a != b for a, b in zip(before, after)] == [False, True, False, False, False]
+
+
+def test_target_spacing_is_the_median() -> None:
+    assert target_spacing([(1.0, 1.0, 1.0), (2.0, 0.8, 0.8), (3.0, 0.9, 0.7)], [(100, 100, 100)] * 3) == (2.0, 0.9, 0.8)
+
+
+def test_target_spacing_anisotropic_rule() -> None:
+    # Coarse z (median 5 mm > 3 x 0.8) and few slices (median 20 * 3 < 256): z takes its 10th percentile.
+    spacings = [(5.0, 0.8, 0.8)] * 8 + [(1.5, 0.8, 0.8), (1.0, 0.8, 0.8)]
+    expected = float(np.percentile([s[0] for s in spacings], 10))
+    assert target_spacing(spacings, [(20, 256, 256)] * 10) == (expected, 0.8, 0.8)
+    # ... but never finer than the in-plane spacing.
+    fine = [(5.0, 0.8, 0.8)] * 8 + [(0.5, 0.8, 0.8)] * 2
+    assert target_spacing(fine, [(20, 256, 256)] * 10)[0] == pytest.approx(0.8 + 1e-5)
+    # Many slices: not treated as anisotropic, plain median.
+    assert target_spacing(spacings, [(200, 256, 256)] * 10) == (5.0, 0.8, 0.8)
+
+
+def test_make_plan_pools_ct_foreground(raw_msd: Path) -> None:
+    spec = read_dataset(raw_msd)
+    summaries = [CaseSummary("a", (2.0, 1.0, 1.0), (10, 10, 10), (np.arange(0.0, 100.0),)),
+                 CaseSummary("b", (4.0, 1.0, 1.0), (10, 10, 10), (np.arange(100.0, 201.0),))]
+    plan = make_plan(summaries, spec, IngestConfig())
+    norm = plan.normalization[0]
+    assert plan.target_spacing == (3.0, 1.0, 1.0)
+    assert (norm.scheme, norm.mean, norm.lower, norm.upper) == ("ct-clip-zscore", 100.0, 1.0, 199.0)
+    given = make_plan(summaries, spec, IngestConfig(target_spacing=(1.0, 2.0, 3.0), ct_normalization="uniseg-window"))
+    assert given.target_spacing == (1.0, 2.0, 3.0) and given.normalization[0].scheme == "ct-window"
+    with pytest.raises(ValueError, match="no valid training case"):
+        make_plan([], spec, IngestConfig())
+
+
+def test_split_is_seeded_disjoint_and_never_empty() -> None:
+    ids = [f"c{i}" for i in range(10)]
+    split = split_cases(ids, 0.2, seed=3)
+    assert split == split_cases(list(reversed(ids)), 0.2, seed=3)
+    assert len(split["validation"]) == 2 and sorted(split["train"] + split["validation"]) == ids
+    assert split != split_cases(ids, 0.2, seed=4)
+    assert len(split_cases(ids[:2], 0.01, 0)["validation"]) == 1
+    assert split_cases(ids, 0.0, 0) == {"train": ids, "validation": []}
+

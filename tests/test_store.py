@@ -1,0 +1,139 @@
+"""TaskStore on a hand-built store: known values in, known patches out."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from pipeline.common import geometry
+from pipeline.common.intensity import zscore
+from pipeline.common.store import FORMAT_VERSION, StoreError, StoreManifest, TaskStore
+from pipeline.ingest import case, writer
+
+SHAPE = (6, 8, 10)
+FOREGROUND = (slice(4, 6), slice(6, 8), slice(8, 10))  # a 2x2x2 corner block of class 2
+
+
+def _arrays() -> tuple[np.ndarray, np.ndarray]:
+    image = (np.arange(np.prod(SHAPE), dtype=np.float32).reshape(SHAPE) + 1)[np.newaxis]
+    label = np.zeros(SHAPE, dtype=np.uint8)
+    label[FOREGROUND] = 2
+    return np.concatenate([image, -image]), label
+
+
+def _manifest(**changes: object) -> StoreManifest:
+    fields = dict(
+        task_name="Task05_Hand", modalities=("T2", "ADC"), labels={0: "background", 1: "a", 2: "b"},
+        target_spacing=(2.0, 1.0, 1.0), normalization=(zscore(), zscore()),
+        cases={"c0": "f0", "c1": "f1", "t0": "f2"}, split={"train": ["c0"], "validation": ["c1"]},
+        test_cases=("t0",), dataset="Task05_Hand",
+    )
+    return StoreManifest(**(fields | changes))
+
+
+@pytest.fixture(scope="module")
+def store_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    uri = str(tmp_path_factory.mktemp("store") / "Task05_Hand.zarr")
+    root = writer.open_store(uri, None, overwrite=False)
+    image, label = _arrays()
+    _, meta = geometry.preprocess_image(np.ones((2, 10, 8, 6)), np.diag([1.0, 1.0, 2.0, 1.0]), (2.0, 1.0, 1.0),
+                                        (zscore(), zscore()))
+    locations = case.class_locations(label, 3, 5, np.random.default_rng(0))
+    for case_id, arrays in (("c0", (image, label)), ("c1", (image, label)), ("t0", (image, None))):
+        attrs = {"meta": meta.to_dict(), "class_locations": locations if arrays[1] is not None else {}}
+        writer.write_case(uri, None, case_id, arrays, attrs, chunk_size=(4, 4, 4))
+    writer.write_manifest(root, _manifest())
+    return uri
+
+
+def test_manifest_round_trip_and_properties(store_uri: str) -> None:
+    store = TaskStore.open(store_uri)
+    assert store.manifest == _manifest()
+    assert (store.manifest.num_classes, store.manifest.num_channels, store.manifest.format_version) == (3, 2, 1)
+    assert store.case_ids("train") == ["c0"] and store.case_ids("validation") == ["c1"]
+    assert store.case_ids("test") == ["t0"] and store.case_ids() == ["c0", "c1", "t0"]
+    with pytest.raises(ValueError, match="split must be one of"):
+        store.case_ids("val")
+
+
+def test_chunks_and_compression(store_uri: str) -> None:
+    image = zarr.open_group(store_uri, mode="r")["cases/c0/image"]
+    assert image.chunks == (1, 4, 4, 4) and image.compressors[0].cname.value == "zstd"
+
+
+def test_read_case_and_meta(store_uri: str) -> None:
+    store = TaskStore.open(store_uri)
+    image, label = store.read_case("c0")
+    np.testing.assert_array_equal(image, _arrays()[0])
+    np.testing.assert_array_equal(label, _arrays()[1])
+    assert store.read_case("t0")[1] is None
+    assert store.case_meta("c0").shape == SHAPE
+    locations = store.class_locations("c0")
+    assert locations[1].shape == (0, 3) and locations[2].shape == (5, 3)
+    assert all(label[tuple(v)] == 2 for v in locations[2])
+
+
+@pytest.mark.parametrize(
+    ("start", "size"),
+    [((0, 0, 0), (6, 8, 10)), ((1, 2, 3), (2, 3, 4)), ((-2, 5, 7), (4, 4, 4)), ((4, -3, -1), (5, 5, 13)),
+     ((10, 0, 0), (2, 2, 2))],
+)
+def test_read_patch_equals_padded_slice(store_uri: str, start: tuple, size: tuple) -> None:
+    image, label = _arrays()
+    pad = [(8, 8)] * 3
+    padded_image = np.pad(image, [(0, 0), *pad])
+    padded_label = np.pad(label, pad)
+    window = tuple(slice(s + 8, s + 8 + n) for s, n in zip(start, size))
+    got_image, got_label = TaskStore.open(store_uri).read_patch("c0", start, size)
+    np.testing.assert_array_equal(got_image, padded_image[(slice(None), *window)])
+    np.testing.assert_array_equal(got_label, padded_label[window])
+
+
+def test_sample_patch_forced_foreground_always_holds_it(store_uri: str) -> None:
+    store = TaskStore.open(store_uri)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        image, label, case_id = store.sample_patch(rng, (4, 4, 4), force_foreground=True)
+        assert case_id == "c0" and image.shape == (2, 4, 4, 4) and (label == 2).any()
+
+
+def test_sample_patch_uniform_and_larger_than_volume(store_uri: str) -> None:
+    store = TaskStore.open(store_uri)
+    rng = np.random.default_rng(1)
+    seen = {int(store.sample_patch(rng, (2, 2, 2), False, "c1")[1].any()) for _ in range(50)}
+    assert seen == {0, 1}
+    image, label, _ = store.sample_patch(rng, (8, 12, 12), True, "c1")
+    assert image.shape == (2, 8, 12, 12) and (label == 2).sum() == 8 and (image[0] > 0).sum() == np.prod(SHAPE)
+
+
+def test_pickled_store_reopens(store_uri: str) -> None:
+    store = pickle.loads(pickle.dumps(TaskStore.open(store_uri)))
+    np.testing.assert_array_equal(store.read_patch("c1", (0, 0, 0), (2, 2, 2))[1], np.zeros((2, 2, 2)))
+
+
+def test_open_errors(store_uri: str, tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="absent.zarr: not a Zarr group"):
+        TaskStore.open(str(tmp_path / "absent.zarr"))
+    unfinished = str(tmp_path / "unfinished.zarr")
+    writer.open_store(unfinished, None, overwrite=False)
+    with pytest.raises(StoreError, match="unfinished.zarr: no manifest"):
+        TaskStore.open(unfinished)
+    newer = str(tmp_path / "newer.zarr")
+    writer.write_manifest(writer.open_store(newer, None, False), _manifest(format_version=FORMAT_VERSION + 1))
+    with pytest.raises(StoreError, match="format version 2 is not supported"):
+        TaskStore.open(newer)
+    with pytest.raises(StoreError, match="no case 'nope'"):
+        TaskStore.open(store_uri).read_case("nope")
+
+
+def test_incomplete_case_is_refused(store_uri: str, tmp_path: Path) -> None:
+    uri = str(tmp_path / "partial.zarr")
+    root = writer.open_store(uri, None, overwrite=False)
+    root["cases"].create_group("c0", attributes={"complete": False})
+    writer.write_manifest(root, _manifest())
+    with pytest.raises(StoreError, match="case 'c0' is incomplete"):
+        TaskStore.open(uri).read_case("c0")
