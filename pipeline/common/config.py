@@ -103,6 +103,8 @@ class TrainConfig:
     poly_exponent: NonNegativeFloat = 0.9
     grad_clip: PositiveFloat = 12.0
     loss: Literal["dice_ce"] = "dice_ce"
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr_schedule: Literal["poly", "constant"] = "poly"
     sampling: Literal["balanced", "proportional", "temperature"] = "balanced"
     sampling_temperature: PositiveFloat = 1.0
     mixed_task_batches: bool = False
@@ -113,6 +115,7 @@ class TrainConfig:
     loader_workers: NonNegativeInt = 2
     amp: bool = True
     seed: int = 0
+    log_every: PositiveInt = 50
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -125,6 +128,7 @@ class RayConfig:
     cpus_per_worker: PositiveFloat = 1.0
     storage_path: str = "outputs/ray"
     max_failures: NonNegativeInt = 2
+    checkpoints_to_keep: PositiveInt = 2
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -1,0 +1,54 @@
+"""`python -m pipeline.train --config FILE [--set key=value ...] [--resume RUN]`.
+
+Starts a local Ray when no cluster is given (`ray.address`, RAY_ADDRESS); the same command runs
+as a Ray job: `ray job submit --working-dir . -- python -m pipeline.train --config FILE`.
+`--resume RUN` continues a stopped run (its saved config is used when --config is left out).
+Exit status 1 when training failed, 2 for a bad config or command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipeline.common.config import ConfigError, load_config
+from pipeline.common.logs import setup_logging
+from pipeline.train.run import RunExistsError, config_for_resume, run
+
+log = logging.getLogger("pipeline.train")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__.split("\n")[0])
+    p.add_argument("--config", metavar="YAML", help="experiment config (configs/*.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.epochs=10 (repeatable)")
+    p.add_argument("--resume", metavar="RUN", help="continue the run named RUN (or at the folder RUN)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args = _parser().parse_args(argv)
+    try:
+        if args.config:
+            overrides = args.overrides + ([f"name={args.resume}"] if args.resume else [])
+            cfg = load_config(args.config, overrides)
+        elif args.resume:
+            cfg = config_for_resume(args.resume, args.overrides)
+        else:
+            raise ConfigError("give --config FILE (or --resume RUN to continue a run)")
+        result = run(cfg, resume=args.resume is not None)
+    except (ConfigError, RunExistsError, FileNotFoundError) as err:
+        log.error("%s", err)
+        return 2
+    except Exception:
+        log.exception("training failed")
+        return 1
+    log.info("done: %s", result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""The per-worker training function Ray Train runs on every rank, and its small helpers.
+
+`train_fn_per_worker(config)`: build from the config, resume from `ray.train.get_checkpoint()`,
+loop over epochs (train, validate every K, checkpoint every K), report every epoch. Rank 0 logs
+progress and writes checkpoints and MLflow metrics; every rank reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from model.presets import build_network
+from pipeline.common.config import ExperimentConfig, config_from_dict
+from pipeline.common.logs import setup_logging
+from pipeline.common.model_card import unwrap
+from pipeline.train.build import model_card, network_spec, open_stores, task_specs
+from pipeline.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from pipeline.train.data import Batch, BatchStream, make_loader
+from pipeline.train.loss import deep_supervision_loss
+from pipeline.train.optim import build_optimizer, set_learning_rate
+from pipeline.train.sampling import TaskSampler, build_sampler
+from pipeline.train.tracking import EpochLogger
+from pipeline.train.validation import ValidationTask, format_summary, validate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What the driver adds to the config: where to log, and (tests only) an injected fault."""
+
+    tracking_uri: str | None = None
+    mlflow_run_id: str | None = None
+    fail_epoch: int | None = None  # kill `fail_rank` halfway through this epoch, once
+    fail_rank: int = 0
+    fail_marker: str | None = None  # file created when the fault fired (so it fires once)
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    seconds: float
+    data_seconds: float
+    iterations: int
+    samples: int
+
+
+def train_fn_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point; `config` = {"experiment": to_dict(cfg), "context": RunContext fields}."""
+    setup_logging()
+    cfg = config_from_dict(config["experiment"], source="train_loop_config")
+    context = RunContext(**config.get("context", {}))
+    train_ctx = ray.train.get_context()
+    rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
+    torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+    torch.manual_seed(cfg.train.seed + rank)
+    device = ray.train.torch.get_device()
+    amp = cfg.train.amp and device.type == "cuda"
+
+    stores = open_stores(cfg.data.stores)
+    manifests = [s.manifest for s in stores]
+    spec = network_spec(cfg.model, manifests)
+    network = build_network(spec, task_specs(manifests)).to(device)
+    optimizer = build_optimizer(network.parameters(), cfg.train)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    sampler = build_sampler(
+        cfg.train.sampling, [len(s.case_ids("train")) for s in stores], batches=cfg.train.iterations_per_epoch,
+        batch_size=cfg.train.batch_size, mixed=cfg.train.mixed_task_batches,
+        temperature=cfg.train.sampling_temperature, seed=cfg.train.seed, rank=rank,
+    )
+    state = resume(ray.train.get_checkpoint(), network, optimizer, scaler, sampler, device)
+    if rank == 0:
+        log.info("%s: %d tasks (%s), %s, %.2f M parameters, %d worker(s) on %s, start at epoch %d/%d",
+                 cfg.name, len(stores), ", ".join(m.task_name for m in manifests), spec.architecture,
+                 sum(p.numel() for p in network.parameters()) / 1e6, world, device.type, state.epoch, cfg.train.epochs)
+    if state.epoch >= cfg.train.epochs:
+        if rank == 0:
+            log.info("nothing to do: the checkpoint already finished %d epochs", state.epoch)
+        return
+    model = ray.train.torch.prepare_model(network, parallel_strategy_kwargs={"find_unused_parameters": True})
+    stream = BatchStream(
+        sampler, list(cfg.data.stores), [m.num_classes for m in manifests], spec.patch_size, cfg.train.epochs,
+        start_epoch=sampler.epoch, start_batch=sampler.position, foreground_fraction=cfg.train.foreground_fraction,
+        augmentation=cfg.train.augmentation,
+    )
+    batches = iter(make_loader(stream, cfg.train.loader_workers, pin_memory=device.type == "cuda"))
+    tracker = EpochLogger(context.tracking_uri, context.mlflow_run_id) if rank == 0 and context.mlflow_run_id else None
+    val_tasks = [ValidationTask(i, m.task_name, m.labels, tuple(s.case_ids("validation"))) for i, (s, m) in enumerate(zip(stores, manifests))]
+    run_started = time.perf_counter()
+
+    for epoch in range(state.epoch, cfg.train.epochs):
+        lr = set_learning_rate(optimizer, cfg.train, epoch)
+        stats = train_epoch(model, batches, optimizer, scaler, sampler, cfg, epoch, device, amp, context, rank)
+        metrics = epoch_metrics(stats, epoch, lr, world)
+        if rank == 0:
+            done = epoch + 1 - state.epoch
+            eta = (time.perf_counter() - run_started) / done * (cfg.train.epochs - epoch - 1)
+            log.info("epoch %d/%d done: loss %.4f, %.2f it/s, %.1f samples/s (all ranks), data wait %.0f%%, "
+                     "%.1f s, run ETA %s", epoch + 1, cfg.train.epochs, metrics["train/loss"],
+                     metrics["train/iterations_per_s"], metrics["train/samples_per_s"],
+                     100 * metrics["train/data_wait_fraction"], stats.seconds, format_seconds(eta))
+        last = epoch + 1 == cfg.train.epochs
+        if (epoch + 1) % cfg.train.validate_every == 0 or last:
+            started = time.perf_counter()
+            metrics.update(validate(unwrap(model), val_tasks, lambda task, case: stores[task].read_case(case),
+                                    spec.patch_size, rank=rank, world_size=world, amp=amp))
+            if rank == 0:
+                log.info("epoch %d validation: %s (%.1f s)", epoch + 1, format_summary(metrics), time.perf_counter() - started)
+        state.history.append({"epoch": float(epoch), **metrics})
+        if tracker is not None:
+            tracker.log_metrics(metrics, epoch)
+            if any(k.startswith("dice/") for k in metrics) or last:
+                tracker.log_plots(state.history)
+        if (epoch + 1) % cfg.train.checkpoint_every == 0 or last:
+            state.epoch = epoch + 1
+            report_with_checkpoint(metrics | {"epoch": epoch}, network, optimizer, scaler, sampler, state, cfg, spec, manifests, rank)
+        else:
+            ray.train.report(metrics | {"epoch": epoch})
+
+
+def resume(checkpoint: ray.train.Checkpoint | None, network: nn.Module, optimizer: torch.optim.Optimizer,
+           scaler: torch.amp.GradScaler, sampler: TaskSampler, device: torch.device) -> TrainState:
+    """Restore everything from a Ray checkpoint, or a fresh state when there is none."""
+    if checkpoint is None:
+        return TrainState()
+    with checkpoint.as_directory() as directory:
+        state = load_checkpoint(directory, network, device)
+    optimizer.load_state_dict(state.optimizer)
+    if state.scaler:
+        scaler.load_state_dict(state.scaler)
+    sampler.load_state_dict(state.sampler)
+    if (sampler.epoch, sampler.position) != (state.epoch, 0):
+        raise ValueError(f"checkpoint is inconsistent: epoch {state.epoch}, sampler at {sampler.epoch}/{sampler.position}")
+    if state.torch_rng is not None:
+        torch.set_rng_state(state.torch_rng.cpu())
+    log.info("resumed from checkpoint %s at epoch %d", checkpoint.path, state.epoch)
+    return state
+
+
+def train_step(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               device: torch.device, amp: bool, loss_name: str, grad_clip: float) -> torch.Tensor:
+    """One optimizer step on one batch; returns the detached loss."""
+    image = batch["image"].to(device, non_blocking=True)
+    label = batch["label"].to(device, non_blocking=True)
+    num_classes = batch["num_classes"].to(device, non_blocking=True)
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, enabled=amp):
+        outputs = model(image, batch["task"])
+    loss = deep_supervision_loss(outputs, label, num_classes, batch["task"].to(device), loss_name)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
+
+
+def train_epoch(model: nn.Module, batches: Iterator[Batch], optimizer: torch.optim.Optimizer,
+                scaler: torch.amp.GradScaler, sampler: TaskSampler, cfg: ExperimentConfig, epoch: int,
+                device: torch.device, amp: bool, context: RunContext, rank: int) -> EpochStats:
+    model.train()
+    total = cfg.train.iterations_per_epoch
+    loss_sum = torch.zeros((), device=device)
+    started = time.perf_counter()
+    data_seconds = 0.0
+    samples = 0
+    for i in range(total):
+        if epoch == context.fail_epoch and rank == context.fail_rank and i == total // 2:
+            inject_failure(context)
+        waited = time.perf_counter()
+        batch = next(batches)
+        data_seconds += time.perf_counter() - waited
+        loss_sum += train_step(model, batch, optimizer, scaler, device, amp, cfg.train.loss, cfg.train.grad_clip)
+        sampler.advance()
+        samples += batch["image"].shape[0]
+        if rank == 0 and (i + 1) % cfg.train.log_every == 0 and i + 1 < total:
+            elapsed = time.perf_counter() - started
+            log.info("epoch %d/%d [%d/%d] loss %.4f, %.2f it/s, epoch ETA %s", epoch + 1, cfg.train.epochs, i + 1,
+                     total, loss_sum.item() / (i + 1), (i + 1) / elapsed, format_seconds(elapsed / (i + 1) * (total - i - 1)))
+    return EpochStats(loss_sum.item() / total, time.perf_counter() - started, data_seconds, total, samples)
+
+
+def epoch_metrics(stats: EpochStats, epoch: int, lr: float, world: int) -> dict[str, float]:
+    """Epoch metrics averaged (loss, data wait) or summed (samples/s) over ranks."""
+    values = torch.tensor([stats.loss, stats.data_seconds / stats.seconds, stats.samples / stats.seconds], dtype=torch.float64)
+    if world > 1 and dist.is_initialized():
+        values = values.to(_collective_device())
+        dist.all_reduce(values)
+        values = values.cpu() / torch.tensor([world, world, 1.0], dtype=torch.float64)
+    return {
+        "train/loss": float(values[0]),
+        "train/lr": lr,
+        "train/iterations_per_s": stats.iterations / stats.seconds,
+        "train/samples_per_s": float(values[2]),
+        "train/data_wait_fraction": float(values[1]),
+    }
+
+
+def report_with_checkpoint(metrics: dict[str, float], network: nn.Module, optimizer: torch.optim.Optimizer,
+                           scaler: torch.amp.GradScaler, sampler: TaskSampler, state: TrainState,
+                           cfg: ExperimentConfig, spec: Any, manifests: Sequence[Any], rank: int) -> None:
+    """Rank 0 writes the checkpoint; every rank reports (Ray Train needs all of them)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            state.optimizer = optimizer.state_dict()
+            state.scaler = scaler.state_dict()
+            state.sampler = sampler.state_dict()
+            state.torch_rng = torch.get_rng_state()
+            save_checkpoint(tmp, network, model_card(cfg, spec, manifests, state.epoch), state)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def inject_failure(context: RunContext) -> None:
+    """Kill this worker process once (fault-tolerance tests): a marker file records the kill."""
+    marker = Path(context.fail_marker or Path(tempfile.gettempdir()) / "uniseg-fail-marker")
+    if marker.exists():
+        return
+    marker.write_text(str(os.getpid()))
+    log.warning("injected failure: killing worker pid %d", os.getpid())
+    logging.shutdown()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def format_seconds(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+

@@ -1,0 +1,190 @@
+"""The training driver: Ray (local or a cluster), the MLflow run, TorchTrainer, the final model.
+
+A run is named by `cfg.name` and lives in `<ray.storage_path>/<name>` (local or s3://), where
+Ray Train keeps its checkpoints and this driver a small record (`uniseg_run.json`: status,
+MLflow run id, epochs done, config). Starting a run whose folder exists is an error, so a
+finished run is never repeated by accident; `resume=True` continues it from its last
+checkpoint (Ray Train restores a run with the same name and storage path) and logs into the
+same MLflow run. Lost workers are restarted by Ray Train up to `ray.max_failures` times, and
+training goes on from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+from pipeline.common.config import ConfigError, ExperimentConfig, config_from_dict, to_dict
+from pipeline.train import tracking
+from pipeline.train.loop import RunContext, train_fn_per_worker
+
+log = logging.getLogger(__name__)
+
+RECORD_FILE = "uniseg_run.json"
+
+
+class RunExistsError(RuntimeError):
+    """A new run would overwrite (or repeat) an existing one."""
+
+
+@dataclass
+class RunRecord:
+    name: str
+    status: str  # running | finished | failed | stopped
+    mlflow_run_id: str | None
+    tracking_uri: str
+    epochs_done: int
+    config: dict[str, Any]
+    checkpoint: str | None = None
+    model_uri: str | None = None
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    name: str
+    run_dir: str
+    checkpoint: str | None
+    mlflow_run_id: str | None
+    model_uri: str | None
+    metrics: dict[str, Any]
+
+
+def run(cfg: ExperimentConfig, resume: bool = False, context: RunContext | None = None) -> TrainResult:
+    """Train `cfg` (or continue it when `resume`); returns where the results are."""
+    storage = resolve_storage(cfg.ray.storage_path)
+    run_dir = f"{storage.rstrip('/')}/{cfg.name}"
+    record = read_record(run_dir)
+    if not resume and (record is not None or _exists(run_dir)):
+        status = record.status if record else "unknown status"
+        raise RunExistsError(
+            f"{run_dir}: run {cfg.name!r} already exists ({status}); continue it with --resume {cfg.name} "
+            f"or start a new one with --set name=<new name>"
+        )
+    if resume and record is None:
+        raise FileNotFoundError(f"{run_dir}: no run {cfg.name!r} to resume")
+    if resume and record.status == "finished" and record.epochs_done >= cfg.train.epochs:
+        log.info("run %s already finished %d epochs; nothing to do (raise train.epochs to train longer)",
+                 cfg.name, record.epochs_done)
+        return TrainResult(cfg.name, run_dir, record.checkpoint, record.mlflow_run_id, record.model_uri, {})
+
+    tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    mlflow_run_id = tracking.start_run(cfg, tracking_uri, record.mlflow_run_id if record else None)
+    record = RunRecord(cfg.name, "running", mlflow_run_id, tracking_uri, record.epochs_done if record else 0, to_dict(cfg))
+    write_record(run_dir, record)
+    log.info("run %s: storage %s, MLflow run %s at %s", cfg.name, run_dir, mlflow_run_id, tracking_uri)
+    context = RunContext(tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id,
+                         **{k: v for k, v in asdict(context or RunContext()).items() if k.startswith("fail")})
+    try:
+        result = fit(cfg, storage, context)
+    except BaseException as err:
+        stopped = isinstance(err, KeyboardInterrupt)
+        record.status = "stopped" if stopped else "failed"
+        write_record(run_dir, record)
+        tracking.end_run(tracking_uri, mlflow_run_id, "KILLED" if stopped else "FAILED")
+        raise
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    record.epochs_done = int(result.metrics.get("epoch", -1)) + 1 if result.metrics else record.epochs_done
+    record.checkpoint = checkpoint
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as model_dir:
+            record.model_uri = tracking.log_final_model(tracking_uri, mlflow_run_id, model_dir, cfg.mlflow.registered_model)
+    record.status = "finished"
+    write_record(run_dir, record)
+    tracking.end_run(tracking_uri, mlflow_run_id, "FINISHED")
+    log.info("run %s finished: checkpoint %s, model %s", cfg.name, checkpoint, record.model_uri)
+    return TrainResult(cfg.name, run_dir, checkpoint, mlflow_run_id, record.model_uri, dict(result.metrics or {}))
+
+
+def fit(cfg: ExperimentConfig, storage: str, context: RunContext) -> Any:
+    """Build the TorchTrainer for the config and run it to the end (a ray.train.Result)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    connect_ray(cfg.ray.address)
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"experiment": to_dict(cfg), "context": asdict(context)},
+        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.ray.num_workers,
+            use_gpu=cfg.ray.use_gpu,
+            resources_per_worker={"CPU": cfg.ray.cpus_per_worker} | ({"GPU": 1} if cfg.ray.use_gpu else {}),
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.ray.checkpoints_to_keep),
+        ),
+    )
+    return trainer.fit()
+
+
+def connect_ray(address: str | None) -> None:
+    """Join `address` (or RAY_ADDRESS, as `ray job submit` sets it), else start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("connecting to Ray at %s", address)
+        ray.init(address=address)
+    else:
+        log.info("no Ray cluster given: starting a local one")
+        ray.init()
+
+
+def resolve_storage(storage_path: str) -> str:
+    """Local storage paths made absolute (Ray workers run in other directories); URIs as given."""
+    return storage_path if "://" in storage_path else str(Path(storage_path).expanduser().resolve())
+
+
+def read_record(run_dir: str) -> RunRecord | None:
+    fs, path = fsspec.core.url_to_fs(f"{run_dir}/{RECORD_FILE}")
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as f:
+        return RunRecord(**json.load(f))
+
+
+def write_record(run_dir: str, record: RunRecord) -> None:
+    fs, path = fsspec.core.url_to_fs(f"{run_dir}/{RECORD_FILE}")
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    with fs.open(path, "w") as f:
+        json.dump(asdict(record), f, indent=2)
+
+
+def _exists(run_dir: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(run_dir)
+    return fs.exists(path)
+
+
+def config_for_resume(run: str, overrides: list[str], storage_path: str | None = None) -> ExperimentConfig:
+    """The config a stopped run was started with (plus `key=value` overrides).
+
+    `run` is a run folder (local path or URI) or a run name under `storage_path` (default:
+    the config default, outputs/ray).
+    """
+    from pipeline.common.config import RayConfig, _apply_override
+
+    storage_path = storage_path or next(
+        (o.partition("=")[2] for o in overrides if o.startswith("ray.storage_path=")), None
+    )
+    run_dir = run if ("/" in run or "://" in run) else f"{resolve_storage(storage_path or RayConfig().storage_path)}/{run}"
+    record = read_record(resolve_storage(run_dir))
+    if record is None:
+        raise ConfigError(f"{run_dir}: no run record ({RECORD_FILE}); give --config as well")
+    raw = record.config
+    raw["name"] = run_dir.rstrip("/").rsplit("/", 1)[-1]
+    raw.setdefault("ray", {})["storage_path"] = run_dir.rstrip("/").rsplit("/", 1)[0] if "/" in run_dir else "."
+    for override in overrides:
+        _apply_override(raw, override, Path(run_dir) / RECORD_FILE)
+    return config_from_dict(raw, source=f"{run_dir}/{RECORD_FILE}")

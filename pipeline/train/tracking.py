@@ -1,0 +1,143 @@
+"""MLflow for training: the run (driver), per-epoch metrics and plots (rank 0), the final model.
+
+The driver creates or reopens the run and logs the config; rank 0 logs metrics and PNG plots
+into that run by id; after training the driver logs and registers the model from the last
+checkpoint, which is itself a model folder (weights + card).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from pipeline.common.config import ExperimentConfig, flatten, save_config
+
+log = logging.getLogger(__name__)
+
+History = list[dict[str, float]]
+
+
+def resolve_tracking_uri(configured: str | None) -> str:
+    """Config value, else MLFLOW_TRACKING_URI, else `sqlite:///<cwd>/mlflow.db` (absolute, so
+    Ray workers with another working directory write to the same file)."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    if "://" not in uri and not uri.startswith(("databricks", "file:")):
+        return str(Path(uri).resolve())
+    return uri
+
+
+def start_run(cfg: ExperimentConfig, tracking_uri: str, run_id: str | None = None) -> str:
+    """Create the run of a training job (or reopen `run_id` on resume); returns its id."""
+    mlflow.set_tracking_uri(tracking_uri)
+    if run_id is not None:
+        with mlflow.start_run(run_id=run_id):
+            _log_config(cfg, "config/resumed.yaml")
+        return run_id
+    experiment = mlflow.set_experiment(cfg.mlflow.experiment)
+    with mlflow.start_run(run_name=cfg.name, experiment_id=experiment.experiment_id) as run:
+        mlflow.log_params({k: _param(v) for k, v in flatten(cfg).items()})
+        mlflow.set_tag("stage", "train")
+        _log_config(cfg, "config/config.yaml")
+        return run.info.run_id
+
+
+def end_run(tracking_uri: str, run_id: str, status: str) -> None:
+    """Mark the run FINISHED, FAILED or KILLED."""
+    MlflowClient(tracking_uri).set_terminated(run_id, status=status)
+
+
+def _param(value: Any) -> str:
+    return str(list(value) if isinstance(value, tuple) else value)[:6000]
+
+
+def _log_config(cfg: ExperimentConfig, artifact: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact).name
+        save_config(cfg, path)
+        mlflow.log_artifact(str(path), artifact_path=str(Path(artifact).parent))
+
+
+class EpochLogger:
+    """Rank 0's handle on the run: metrics by epoch and the loss/Dice plots."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.client = MlflowClient(tracking_uri)
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: Mapping[str, float], epoch: int) -> None:
+        timestamp = int(time.time() * 1000)
+        batch = [Metric(key, float(value), timestamp, epoch) for key, value in metrics.items()]
+        for start in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+
+    def log_plots(self, history: History) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            for path in write_plots(history, Path(tmp)):
+                self.client.log_artifact(self.run_id, str(path), artifact_path="plots")
+
+
+def write_plots(history: History, folder: Path) -> list[Path]:
+    """loss.png (train loss per epoch) and dice.png (mean Dice per task per validation)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [h["train/loss"] for h in history], label="train loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("Dice + CE")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "loss.png", dpi=100)
+    plt.close(fig)
+    written.append(folder / "loss.png")
+    keys = sorted({k for h in history for k in h if k.startswith("dice/") and k.endswith("/mean")})
+    keys = [k for k in keys if k != "dice/mean"] + (["dice/mean"] if any("dice/mean" in h for h in history) else [])
+    if keys:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key in keys:
+            points = [(h["epoch"], h[key]) for h in history if key in h]
+            label = "mean over tasks" if key == "dice/mean" else key.split("/")[1]
+            ax.plot(*zip(*points), marker="o", label=label, linewidth=2.5 if key == "dice/mean" else 1.2)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("validation Dice")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(folder / "dice.png", dpi=100)
+        plt.close(fig)
+        written.append(folder / "dice.png")
+    return written
+
+
+def log_final_model(tracking_uri: str, run_id: str, model_dir: str | Path, registered_name: str | None) -> str:
+    """Log the model folder of the last checkpoint to the run (and register it); returns its URI."""
+    from pipeline.common.mlflow_model import log_model
+    from pipeline.common.model_card import load_model_dir
+
+    mlflow.set_tracking_uri(tracking_uri)
+    network, card = load_model_dir(model_dir)
+    with mlflow.start_run(run_id=run_id):
+        info = log_model(network, card, registered_model_name=registered_name)
+    version = getattr(info, "registered_model_version", None)
+    return f"models:/{registered_name}/{version}" if registered_name and version else info.model_uri
+
+
+def final_metrics(tracking_uri: str, run_id: str, prefixes: Sequence[str] = ("dice/", "train/")) -> dict[str, float]:
+    """The latest value of the run's metrics with the given prefixes."""
+    metrics = MlflowClient(tracking_uri).get_run(run_id).data.metrics
+    return {k: v for k, v in metrics.items() if k.startswith(tuple(prefixes))}

@@ -1,0 +1,120 @@
+"""Validation during training: per-task, per-class Dice on each store's validation split.
+
+Dice rule (as nnU-Net's evaluation): for one case and class, 2|P & G| / (|P| + |G|); when the
+class is absent from both prediction and ground truth the value is NaN and left out of the
+means. Cases are spread over ranks round-robin and the per-case values gathered, so every rank
+returns the same summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.common.inference import InferenceOptions, segment
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ValidationTask:
+    """One task to validate: its index in the network, class names and validation cases."""
+
+    task_id: int
+    name: str
+    labels: Mapping[int, str]
+    case_ids: tuple[str, ...]
+
+
+def dice_per_class(prediction: np.ndarray, truth: np.ndarray, num_classes: int) -> list[float]:
+    """Dice of classes 1..num_classes-1; NaN where a class is in neither volume."""
+    values = []
+    for c in range(1, num_classes):
+        p, g = prediction == c, truth == c
+        denominator = int(p.sum()) + int(g.sum())
+        values.append(float("nan") if denominator == 0 else 2.0 * int((p & g).sum()) / denominator)
+    return values
+
+
+def metric_name(text: str) -> str:
+    """A label or task name as an MLflow metric path component."""
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "_", text.strip()) or "_"
+
+
+def summarise(per_case: Mapping[str, Sequence[Sequence[float]]], tasks: Sequence[ValidationTask]) -> dict[str, float]:
+    """`dice/<task>/<class>`, `dice/<task>/mean` and `dice/mean` (mean over tasks) from per-case values."""
+    metrics: dict[str, float] = {}
+    task_means = []
+    for task in tasks:
+        rows = np.asarray(per_case.get(task.name, []), dtype=np.float64).reshape(-1, len(task.labels) - 1)
+        class_means = []
+        for column, cls in enumerate(sorted(c for c in task.labels if c != 0)):
+            values = rows[:, column][~np.isnan(rows[:, column])]
+            if values.size:
+                metrics[f"dice/{metric_name(task.name)}/{metric_name(task.labels[cls])}"] = float(values.mean())
+                class_means.append(float(values.mean()))
+        if class_means:
+            metrics[f"dice/{metric_name(task.name)}/mean"] = float(np.mean(class_means))
+            task_means.append(float(np.mean(class_means)))
+    if task_means:
+        metrics["dice/mean"] = float(np.mean(task_means))
+    return metrics
+
+
+CaseReader = Callable[[int, str], tuple[np.ndarray, np.ndarray]]
+
+
+def validate(
+    network: nn.Module,
+    tasks: Sequence[ValidationTask],
+    read_case: CaseReader,
+    patch_size: Sequence[int],
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    amp: bool = False,
+    overlap: float = 0.5,
+) -> dict[str, float]:
+    """Segment this rank's share of the validation cases and return the summary of all ranks.
+
+    `read_case(task_id, case_id)` returns (image CZYX float32, label ZYX). The network must be
+    the bare module (not DDP-wrapped); call it on every rank when world_size > 1.
+    """
+    options = InferenceOptions(overlap=overlap, amp=amp)
+    jobs = [(task, case) for task in tasks for case in task.case_ids]
+    mine: dict[str, list[list[float]]] = {}
+    was_training = network.training
+    network.eval()
+    for task, case in jobs[rank::world_size]:
+        image, label = read_case(task.task_id, case)
+        predicted = segment(network, torch.as_tensor(np.asarray(image, np.float32)), task.task_id,
+                            len(task.labels), patch_size, options)
+        mine.setdefault(task.name, []).append(dice_per_class(predicted.cpu().numpy(), np.asarray(label), len(task.labels)))
+    network.train(was_training)
+    return summarise(_gather(mine, world_size), tasks)
+
+
+def _gather(mine: dict[str, list[list[float]]], world_size: int) -> dict[str, list[list[float]]]:
+    if world_size == 1 or not torch.distributed.is_initialized():
+        return mine
+    everyone: list[dict[str, list[list[float]]] | None] = [None] * world_size
+    torch.distributed.all_gather_object(everyone, mine)
+    merged: dict[str, list[list[float]]] = {}
+    for part in everyone:
+        for name, rows in (part or {}).items():
+            merged.setdefault(name, []).extend(rows)
+    return merged
+
+
+def format_summary(metrics: Mapping[str, float]) -> str:
+    """One short line per task for the job log."""
+    parts = [f"{k.split('/')[1]} {v:.3f}" for k, v in sorted(metrics.items()) if k.endswith("/mean") and k != "dice/mean"]
+    mean = metrics.get("dice/mean", math.nan)
+    return f"mean Dice {mean:.3f} ({', '.join(parts)})"
