@@ -1,0 +1,80 @@
+"""Dice + CE with deep supervision: known answers, masked classes, per-task batch Dice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.universal import MASKED_LOGIT, mask_classes
+from pipeline.train.loss import deep_supervision_loss, deep_supervision_weights, downsample_label, soft_dice
+
+
+def _perfect_logits(label: torch.Tensor, classes: int, margin: float = 30.0) -> torch.Tensor:
+    return F.one_hot(label, classes).movedim(-1, 1).float() * margin
+
+
+def _label(batch: int = 2, classes: int = 3, size: int = 8, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, classes, (batch, size, size, size), generator=g)
+
+
+def test_deep_supervision_weights_match_uniseg() -> None:
+    assert deep_supervision_weights(5) == pytest.approx([0.5333, 0.2667, 0.1333, 0.0667, 0.0], abs=1e-4)
+    assert deep_supervision_weights(1) == [1.0]
+    assert sum(deep_supervision_weights(3)) == pytest.approx(1.0)
+
+
+def test_perfect_prediction_scores_zero() -> None:
+    label = _label()
+    logits = _perfect_logits(label, 3)
+    ids = torch.tensor([0, 0])
+    loss = deep_supervision_loss([logits], label, torch.tensor([3, 3]), ids)
+    assert loss.item() == pytest.approx(0.0, abs=1e-4)
+
+
+def test_uniform_prediction_has_the_known_cross_entropy() -> None:
+    label = _label(classes=2)
+    logits = torch.zeros(2, 2, 8, 8, 8)
+    dice = soft_dice(logits, label, torch.tensor([2, 2]), torch.tensor([0, 0]))
+    fraction = (label == 1).float().mean()
+    # p = 0.5 everywhere: tp = 0.5 |G|, fp = 0.5 |not G|, fn = 0.5 |G| -> Dice = |G| / (|G| + N/2)
+    assert dice.item() == pytest.approx((fraction / (fraction + 0.5)).item(), rel=1e-4)
+    total = deep_supervision_loss([logits], label, torch.tensor([2, 2]), torch.tensor([0, 0]))
+    assert total.item() == pytest.approx(torch.log(torch.tensor(2.0)).item() + 1 - dice.item(), rel=1e-4)
+
+
+def test_masked_classes_do_not_count() -> None:
+    """A 2-class task inside a 4-class-wide network scores as if the logits were cropped."""
+    label = _label(classes=2)
+    logits = torch.randn(2, 4, 8, 8, 8)
+    masked = mask_classes(logits, [2, 2])
+    assert (masked[:, 2:] == MASKED_LOGIT).all()
+    wide = deep_supervision_loss([masked], label, torch.tensor([2, 2]), torch.tensor([1, 1]))
+    cropped = deep_supervision_loss([logits[:, :2]], label, torch.tensor([2, 2]), torch.tensor([1, 1]))
+    assert wide.item() == pytest.approx(cropped.item(), rel=1e-5)
+
+
+def test_mixed_batch_pools_dice_per_task_only() -> None:
+    label = torch.stack([_label(1, 3, seed=1)[0], _label(1, 2, seed=2)[0]])
+    logits = mask_classes(torch.randn(2, 3, 8, 8, 8), [3, 2])
+    mixed = soft_dice(logits, label, torch.tensor([3, 2]), torch.tensor([0, 1]))
+    first = soft_dice(logits[:1], label[:1], torch.tensor([3]), torch.tensor([0]))  # 2 classes
+    second = soft_dice(logits[1:, :2], label[1:], torch.tensor([2]), torch.tensor([1]))  # 1 class
+    assert mixed.item() == pytest.approx((2 * first.item() + second.item()) / 3, rel=1e-5)
+
+
+def test_deep_supervision_downsamples_the_label_and_skips_the_lowest_level() -> None:
+    label = _label(size=16)
+    outputs = [_perfect_logits(label, 3), torch.randn(2, 3, 8, 8, 8), torch.randn(2, 3, 4, 4, 4)]
+    assert downsample_label(label, (8, 8, 8)).shape == (2, 8, 8, 8)
+    outputs[1] = _perfect_logits(downsample_label(label, (8, 8, 8)), 3)
+    # the lowest level has weight 0, so random logits there change nothing
+    assert deep_supervision_loss(outputs, label, torch.tensor([3, 3]), torch.tensor([0, 0])).item() < 1e-3
+
+
+def test_loss_has_gradients() -> None:
+    label = _label()
+    logits = torch.randn(2, 3, 8, 8, 8, requires_grad=True)
+    deep_supervision_loss([logits], label, torch.tensor([3, 3]), torch.tensor([0, 0])).backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
