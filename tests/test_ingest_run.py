@@ -17,6 +17,7 @@ from pipeline.common.config import IngestConfig
 from pipeline.common.store import StoreError, TaskStore
 from pipeline.datasets.synthetic import SyntheticTask, write_task
 from pipeline.ingest import writer
+from pipeline.ingest.__main__ import main
 from pipeline.ingest.run import run
 
 SYNC = IngestConfig(scheduler="synchronous")
@@ -159,8 +160,6 @@ def test_cli_local_cluster_and_exit_status(raw_msd: Path, tmp_path: Path) -> Non
     assert rerun.returncode == 1 and "0 ingested, 4 unchanged, 1 failed" in rerun.stderr
 
 
-def test_cli_rejects_bad_options(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "pipeline.ingest", "--source", "x", "--out", str(tmp_path),
-           "--validation-fraction", "1.5"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and "ingest.validation_fraction: must be < 1" in result.stderr
+def test_cli_rejects_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    status = main(["--source", "x", "--out", str(tmp_path), "--validation-fraction", "1.5"])
+    assert status == 2 and "ingest.validation_fraction: must be < 1" in capsys.readouterr().err
