@@ -1,0 +1,224 @@
+"""Ingest throughput and patch reads: our Dask ingest next to nnU-Net v2's plan_and_preprocess.
+
+Run by hand. nnU-Net lives in its own venv (a different torch); set it up once:
+
+    python3 -m venv .venv-peers && echo '*' > .venv-peers/.gitignore \\
+        && .venv-peers/bin/pip install torch==2.14.1 torchvision==0.29.1 nnunetv2
+
+then `python benchmarks/ingest.py [--cases 24] [--scale 2] [--workers 1 2] [--patches 300]`.
+
+One synthetic task (`--task`, default Task01_SynthLiver: CT, anisotropic, mixed orientations)
+is written in nnU-Net v2 layout as Dataset501_<name> with `--cases` cases, its voxel grid
+`--scale` times finer on every axis (same anatomy). Both tools read the same files:
+
+- ours: `python -m pipeline.ingest --num-workers N` (fingerprint, plan, checks, reorientation,
+  resampling, normalisation, Zarr writes);
+- nnU-Net: `nnUNetv2_plan_and_preprocess -c 3d_fullres -npfp N -np N` (fingerprint, plans,
+  preprocessing to .b2nd), without --verify_dataset_integrity.
+
+Figures: wall time, cases/s, MiB/s of raw voxel bytes in (images + labels, uncompressed), peak
+memory of the whole process tree (PSS, sampled every 50 ms: pages shared between processes,
+such as torch's, are split among them, not counted once per process), CPU seconds of the tree,
+output size. With `--repeats R`, each row is the fastest of R runs. Patch reads/s: random
+windows of `--patch` voxels from random training cases, image and label, one process: ours
+through `TaskStore.sample_patch`, nnU-Net as its data loader does (`load_case`, then a slice of
+the blosc2 arrays).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import psutil
+
+from pipeline.common.logs import setup_logging
+from pipeline.common.store import TaskStore
+from pipeline.datasets import DEFAULT_TASKS, write_task
+
+log = logging.getLogger("benchmarks.ingest")
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASET_ID = 501
+
+# Runs in the peers venv: nnU-Net's own dataset class, loaded per sample as its data loader does.
+_NNUNET_READS = """
+import json, sys, time
+import numpy as np
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+folder, count, patch = sys.argv[1], int(sys.argv[2]), [int(v) for v in sys.argv[3:6]]
+dataset = infer_dataset_class(folder)(folder)
+keys, rng = list(dataset.identifiers), np.random.default_rng(0)
+def read():
+    data, seg, _, _ = dataset.load_case(keys[rng.integers(len(keys))])
+    start = [int(rng.integers(0, max(s - p, 0) + 1)) for s, p in zip(data.shape[1:], patch)]
+    window = (slice(None), *(slice(a, a + p) for a, p in zip(start, patch)))
+    np.asarray(data[window]), np.asarray(seg[window])
+for _ in range(5):
+    read()
+start = time.perf_counter()
+for _ in range(count):
+    read()
+print(json.dumps(count / (time.perf_counter() - start)))
+"""
+
+
+@dataclass(frozen=True)
+class Run:
+    tool: str
+    workers: int
+    seconds: float
+    peak_mib: float
+    cpu_seconds: float
+    out_mib: float
+
+
+def _tree_pss(process: psutil.Process) -> int:
+    """Proportional set size of a process and its descendants: shared pages are split, not repeated."""
+    total = 0
+    for p in [process, *process.children(recursive=True)]:
+        try:
+            total += p.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return total
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(tool: str, workers: int, command: list[str], env: dict[str, str], output: Path) -> Run:
+    """Run a command to its end; wall time, peak tree PSS, CPU time and size of `output`."""
+    log.info("%s, %d worker(s): %s", tool, workers, " ".join(command))
+    cpu, start, peak = _children_cpu(), time.perf_counter(), 0
+    with tempfile.TemporaryFile() as stderr:
+        child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        process = psutil.Process(child.pid)
+        while child.poll() is None:
+            peak = max(peak, _tree_pss(process))
+            time.sleep(0.05)
+        seconds = time.perf_counter() - start
+        if child.returncode != 0:
+            stderr.seek(0)
+            tail = stderr.read().decode(errors="replace")[-3000:]
+            raise RuntimeError(f"{tool} exited with {child.returncode}:\n{tail}")
+    out_bytes = sum(f.stat().st_size for f in output.rglob("*") if f.is_file())
+    return Run(tool, workers, seconds, peak / 2**20, _children_cpu() - cpu, out_bytes / 2**20)
+
+
+def write_dataset(raw: Path, task_name: str, cases: int, scale: float) -> Path:
+    """The benchmark dataset in nnU-Net v2 layout: a default task with more cases, finer grid."""
+    base = next(t for t in DEFAULT_TASKS if t.name == task_name)
+    name = f"Dataset{DATASET_ID}_{base.name.split('_', 1)[1]}"
+    task = replace(base, name=name, num_cases=cases, num_test_cases=0,
+                   shape=tuple(round(n * scale) for n in base.shape),
+                   spacing=tuple(s / scale for s in base.spacing))
+    log.info("writing %d cases of %s voxels", cases, task.shape)
+    return write_task(raw, task, layout="nnunetv2")
+
+
+def raw_mib(dataset: Path) -> float:
+    """Uncompressed voxel bytes of the training images and labels, from the NIfTI headers."""
+    files = [*(dataset / "imagesTr").glob("*.nii.gz"), *(dataset / "labelsTr").glob("*.nii.gz")]
+    headers = [nib.load(f).header for f in files]
+    return sum(int(np.prod(h.get_data_shape())) * h.get_data_dtype().itemsize for h in headers) / 2**20
+
+
+def run_ours(peers: Path, dataset: Path, work: Path, workers: int) -> Run:
+    out = work / f"ours-{workers}"
+    shutil.rmtree(out, ignore_errors=True)  # a rerun would skip every unchanged case
+    command = [sys.executable, "-m", "pipeline.ingest", "--source", str(dataset), "--out", str(out),
+               "--num-workers", str(workers)]
+    return measure("ours", workers, command, dict(os.environ), out)
+
+
+def run_nnunet(peers: Path, dataset: Path, work: Path, workers: int) -> Run:
+    preprocessed = work / f"nnunet-{workers}"
+    shutil.rmtree(preprocessed, ignore_errors=True)
+    env = dict(os.environ, nnUNet_raw=str(dataset.parent), nnUNet_preprocessed=str(preprocessed),
+               nnUNet_results=str(work / "nnunet-results"))
+    command = [str(peers / "bin" / "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID),
+               "-c", "3d_fullres", "-npfp", str(workers), "-np", str(workers)]
+    return measure("nnU-Net v2", workers, command, env, preprocessed)
+
+
+def our_patch_reads(store: Path, patch: tuple[int, int, int], count: int) -> float:
+    reader, rng = TaskStore.open(str(store)), np.random.default_rng(0)
+    for _ in range(5):
+        reader.sample_patch(rng, patch, force_foreground=False)
+    start = time.perf_counter()
+    for _ in range(count):
+        reader.sample_patch(rng, patch, force_foreground=False)
+    return count / (time.perf_counter() - start)
+
+
+def nnunet_patch_reads(peers: Path, folder: Path, patch: tuple[int, int, int], count: int) -> float:
+    command = [str(peers / "bin" / "python"), "-c", _NNUNET_READS, str(folder), str(count), *map(str, patch)]
+    return float(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+
+
+def print_table(dataset: Path, cases: int, raw: float, runs: list[Run], reads: dict[str, float]) -> None:
+    print(f"\n{dataset.name}: {cases} cases, {raw:.0f} MiB raw voxels in\n")
+    print(f"{'tool':<11} {'workers':>7} {'wall s':>7} {'cases/s':>8} {'MiB/s':>7} {'peak MiB':>9} {'CPU s':>7} {'out MiB':>8}")
+    for r in runs:
+        print(f"{r.tool:<11} {r.workers:>7} {r.seconds:>7.1f} {cases / r.seconds:>8.2f} {raw / r.seconds:>7.1f} "
+              f"{r.peak_mib:>9.0f} {r.cpu_seconds:>7.1f} {r.out_mib:>8.1f}")
+    print("\nratio ours / nnU-Net (throughput: > 1 is faster; memory: < 1 is leaner)")
+    for workers in sorted({r.workers for r in runs}):
+        ours, peer = (next(r for r in runs if r.tool == t and r.workers == workers) for t in ("ours", "nnU-Net v2"))
+        print(f"{workers} worker(s): cases/s x{peer.seconds / ours.seconds:.2f}, peak memory x{ours.peak_mib / peer.peak_mib:.2f}, "
+              f"CPU time x{ours.cpu_seconds / peer.cpu_seconds:.2f}")
+    print(f"\npatch reads/s: ours {reads['ours']:.0f}, nnU-Net {reads['nnU-Net v2']:.0f}, "
+          f"ratio x{reads['ours'] / reads['nnU-Net v2']:.2f}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--task", choices=[t.name for t in DEFAULT_TASKS], default=DEFAULT_TASKS[0].name)
+    parser.add_argument("--cases", type=int, default=24)
+    parser.add_argument("--scale", type=float, default=2.0, help="voxel grid refinement of the task")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--patch", type=int, nargs=3, default=[32, 64, 64], metavar=("Z", "Y", "X"))
+    parser.add_argument("--patches", type=int, default=300, help="random patch reads per tool")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per tool and worker count; the fastest counts")
+    parser.add_argument("--peers", type=Path, default=ROOT / ".venv-peers", help="venv with nnunetv2")
+    return parser
+
+
+def main() -> None:
+    args = _parser().parse_args()
+    setup_logging()
+    if not (args.peers / "bin" / "nnUNetv2_plan_and_preprocess").is_file():
+        raise SystemExit(f"{args.peers}: no nnunetv2 there; create it with the command in this file's docstring")
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        work = Path(tmp)
+        dataset = write_dataset(work / "raw", args.task, args.cases, args.scale)
+        runs = []
+        for workers in args.workers:
+            for tool in (run_ours, run_nnunet):
+                runs.append(min((tool(args.peers, dataset, work, workers) for _ in range(args.repeats)),
+                                key=lambda r: r.seconds))
+        patch = tuple(args.patch)
+        reads = {
+            "ours": our_patch_reads(work / f"ours-{args.workers[0]}" / f"{dataset.name}.zarr", patch, args.patches),
+            "nnU-Net v2": nnunet_patch_reads(args.peers, work / f"nnunet-{args.workers[0]}" / dataset.name
+                                             / "nnUNetPlans_3d_fullres", patch, args.patches),
+        }
+        print_table(dataset, args.cases, raw_mib(dataset), runs, reads)
+
+
+if __name__ == "__main__":
+    main()
