@@ -163,3 +163,12 @@ def test_cli_local_cluster_and_exit_status(raw_msd: Path, tmp_path: Path) -> Non
 def test_cli_rejects_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     status = main(["--source", "x", "--out", str(tmp_path), "--validation-fraction", "1.5"])
     assert status == 2 and "ingest.validation_fraction: must be < 1" in capsys.readouterr().err
+
+
+def test_cli_flags_override_the_config_file(raw_msd: Path, tmp_path: Path) -> None:
+    config = tmp_path / "exp.yaml"
+    config.write_text("data:\n  stores: [absent.zarr]\ningest:\n  ct_normalization: uniseg-window\n  image_order: 1\n")
+    status = main(["--source", str(raw_msd), "--out", str(tmp_path), "--config", str(config),
+                   "--scheduler", "synchronous", "--image-order", "3"])
+    manifest = TaskStore.open(str(tmp_path / f"{raw_msd.name}.zarr")).manifest
+    assert status == 0 and manifest.normalization[0].scheme == "ct-window" and manifest.image_order == 3

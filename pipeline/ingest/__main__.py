@@ -51,14 +51,19 @@ _NOT_INGEST = {"source", "out", "config", "storage_options"}
 
 def _ingest_config(args: argparse.Namespace) -> IngestConfig:
     """The config file's `ingest` section (only that one: its stores may not exist yet), then flags."""
-    section: dict = {}
-    if args.config:
-        raw = yaml.safe_load(Path(args.config).read_text()) if Path(args.config).is_file() else None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{args.config}: not a YAML config file")
-        section = raw.get("ingest") or {}
+    section = _config_section(args.config) if args.config else {}
     flags = {k: v for k, v in vars(args).items() if k not in _NOT_INGEST and v is not None}
     return config_from_dict({"ingest": {**section, **flags}}, args.config or "<command line>").ingest
+
+
+def _config_section(path: str) -> dict:
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read config: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return raw.get("ingest") or {}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,9 +41,10 @@ def executor(cfg: IngestConfig) -> Iterator[Compute]:
         workers = cfg.num_workers or os.cpu_count() or 1
         log.info("starting a local Dask cluster with %d workers", workers)
         with (
-            LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+            LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
             Client(cluster) as client,
         ):
+            log.info("Dask dashboard: %s", client.dashboard_link)
             yield lambda tasks: _compute_distributed(client, tasks)
 
 

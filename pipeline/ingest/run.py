@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import dask
+from dask.delayed import Delayed
 
 from pipeline.common.config import IngestConfig
 from pipeline.common.store import FORMAT_VERSION, StoreError
@@ -101,7 +102,8 @@ def ingest_dataset(
     report.skipped = sorted({c.case_id for c in candidates} - {c.case_id for c in todo})
     if todo:
         writer.clear_manifest(root)
-        tasks = [_task(guarded, ingest_step, c, spec, plan, target, fingerprints[c.case_id],
+        shared = _shared((spec, plan, target), key=f"inputs-{spec.name}")  # one graph node, not one per case
+        tasks = [_task(guarded, ingest_step, c, shared[0], shared[1], shared[2], fingerprints[c.case_id],
                        key=f"ingest-{spec.name}-{c.case_id}") for c in todo]
         _collect(compute(tasks), report)
     done = [c for c in spec.cases if c.case_id not in report.failed]
@@ -127,7 +129,8 @@ def _plan(
     if cached is not None and cached.get("inputs") == inputs:
         return Plan.from_dict(cached["plan"])
     statistics = needs_statistics(spec, cfg)
-    outcomes = [_task(guarded, plan_step, c, spec, statistics, 0, key=f"plan-{spec.name}-{c.case_id}")
+    shared_spec = _shared((spec,), key=f"spec-{spec.name}")[0]
+    outcomes = [_task(guarded, plan_step, c, shared_spec, statistics, 0, key=f"plan-{spec.name}-{c.case_id}")
                 for c in spec.train_cases]
     reduced = _task(_reduce_plan, outcomes, spec, cfg, key=f"plan-{spec.name}")
     plan, *results = compute([reduced, *outcomes])
@@ -163,8 +166,13 @@ def _collect(outcomes: list[CaseOutcome], report: DatasetReport, ingested: bool 
             report.warnings.extend(outcome.warnings)
 
 
-def _task(fn: Any, *args: Any, key: str) -> dask.delayed:
+def _task(fn: Any, *args: Any, key: str) -> Delayed:
     return dask.delayed(fn, pure=False)(*args, dask_key_name=key)
+
+
+def _shared(values: tuple, key: str) -> Delayed:
+    """Values every task needs, as one graph node (sent once per worker, not embedded per task)."""
+    return dask.delayed(values, name=key, traverse=False)
 
 
 def _is_current(root: Any, case_id: str, fingerprint: str, recipe: str) -> bool:
