@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# Submit `python -m pipeline.tune ARGS...` to the Ray cluster (environment: see submit.sh), e.g.
+#   cluster/jobs/tune.sh --config configs/uniseg-paper.yaml
+set -euo pipefail
+exec "$(dirname "${BASH_SOURCE[0]}")/submit.sh" tune "$@"
