@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -113,6 +115,12 @@ def test_changed_source_case_and_split_options(raw_msd: Path, tmp_path: Path) ->
     report = run([raw], str(tmp_path / "out"), IngestConfig(scheduler="synchronous", validation_fraction=0.5)).datasets[0]
     assert report.ingested == []
     assert len(TaskStore.open(str(tmp_path / "out" / f"{raw.name}.zarr")).manifest.split["validation"]) == 2
+    # A case that now fails leaves the store and the manifest.
+    (raw / "imagesTs" / "tinyliver_004.nii.gz").unlink()
+    report = run([raw], str(tmp_path / "out"), SYNC).datasets[0]
+    assert "missing image" in report.failed["tinyliver_004"][0]
+    store = TaskStore.open(str(tmp_path / "out" / f"{raw.name}.zarr"))
+    assert store.case_ids("test") == [] and "tinyliver_004" not in zarr.open_group(store.uri, mode="r")["cases"]
 
 
 def test_resume_after_a_run_killed_mid_case(raw_msd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -141,6 +149,34 @@ def test_resume_after_a_run_killed_mid_case(raw_msd: Path, tmp_path: Path, monke
     assert sorted(report.skipped) == sorted(calls[:2]) and len(report.ingested) == 3
     store = TaskStore.open(uri)
     assert store.read_case(calls[2])[1] is not None
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill(tmp_path: Path) -> None:
+    """A real kill -9 of a single-process ingest right after its first case is committed."""
+    raw = write_task(tmp_path, SyntheticTask("Task06_Kill", ("CT",), ("background", "organ"), (1.0, 1.0, 2.0),
+                                             (48, 48, 32), num_cases=6))
+    uri = tmp_path / "out" / "Task06_Kill.zarr"
+    cmd = [sys.executable, "-m", "pipeline.ingest", "--source", str(raw), "--out", str(tmp_path / "out"),
+           "--scheduler", "synchronous", "--target-spacing", "1.5", "0.7", "0.7"]
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not any(b'"complete": true' in p.read_bytes() for p in uri.glob("cases/*/zarr.json")):
+        assert process.poll() is None and time.monotonic() < deadline, "ingest ended before any case completed"
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    with pytest.raises(StoreError, match="no manifest"):
+        TaskStore.open(str(uri))
+    root = zarr.open_group(str(uri), mode="r")
+    complete = [c for c in root["cases"].group_keys() if writer.completed_case_attrs(root, c) is not None]
+    assert 1 <= len(complete) < 6
+    for case_id in complete:  # whatever looks complete is complete
+        group = root[f"cases/{case_id}"]
+        assert group["image"][...].shape[1:] == group["label"][...].shape
+    report = run([raw], str(tmp_path / "out"), IngestConfig(scheduler="synchronous", target_spacing=(1.5, 0.7, 0.7)))
+    dataset = report.datasets[0]
+    assert report.ok and sorted(dataset.skipped) == sorted(complete) and len(dataset.ingested) == 6 - len(complete)
 
 
 def test_cli_local_cluster_and_exit_status(raw_msd: Path, tmp_path: Path) -> None:

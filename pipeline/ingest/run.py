@@ -21,10 +21,10 @@ import dask
 from dask.delayed import Delayed
 
 from pipeline.common.config import IngestConfig
-from pipeline.common.store import FORMAT_VERSION, StoreError
+from pipeline.common.store import FORMAT_VERSION, StoreError, StoreManifest
 from pipeline.ingest import writer
 from pipeline.ingest.case import CaseOutcome, WriteTarget, guarded, ingest_step, plan_step
-from pipeline.ingest.dataset import DatasetError, DatasetSpec, read_dataset, source_fingerprint
+from pipeline.ingest.dataset import CaseSource, DatasetError, DatasetSpec, read_dataset, source_fingerprint
 from pipeline.ingest.executor import Compute, executor
 from pipeline.ingest.manifest import build_manifest
 from pipeline.ingest.plan import Plan, make_plan, needs_statistics
@@ -102,17 +102,41 @@ def ingest_dataset(
     report.skipped = sorted({c.case_id for c in candidates} - {c.case_id for c in todo})
     if todo:
         writer.clear_manifest(root)
-        shared = _shared((spec, plan, target), key=f"inputs-{spec.name}")  # one graph node, not one per case
-        tasks = [_task(guarded, ingest_step, c, shared[0], shared[1], shared[2], fingerprints[c.case_id],
-                       key=f"ingest-{spec.name}-{c.case_id}") for c in todo]
-        _collect(compute(tasks), report)
+        _ingest_cases(spec, plan, target, todo, fingerprints, compute, report)
     done = [c for c in spec.cases if c.case_id not in report.failed]
-    manifest = build_manifest(spec, plan, done, fingerprints, cfg.validation_fraction, cfg.split_seed)
-    for stale in writer.prune_cases(root, set(manifest.cases)):
-        log.info("%s: removed case %s (failed or no longer in the source)", report.store, stale)
-    if writer.read_manifest(root) != manifest.to_dict():
-        writer.write_manifest(root, manifest)
+    _commit(root, build_manifest(spec, plan, done, fingerprints, cfg.validation_fraction, cfg.split_seed), report.store)
     return report
+
+
+def _ingest_cases(
+    spec: DatasetSpec,
+    plan: Plan,
+    target: WriteTarget,
+    cases: list[CaseSource],
+    fingerprints: dict[str, str],
+    compute: Compute,
+    report: DatasetReport,
+) -> None:
+    """The case pass: one task per case; the shared inputs are one graph node, not one copy per task."""
+    spec_node, plan_node, target_node = _shared((spec, plan, target), key=f"inputs-{spec.name}")
+    tasks = [_task(guarded, ingest_step, c, spec_node, plan_node, target_node, fingerprints[c.case_id],
+                   key=f"ingest-{spec.name}-{c.case_id}") for c in cases]
+    _collect(compute(tasks), report)
+
+
+def _commit(root: Any, manifest: StoreManifest, uri: str) -> None:
+    """Remove cases outside the manifest (failed, gone from the source), then write the manifest.
+
+    The old manifest is cleared first, so that no reader ever sees a manifest naming a missing case.
+    """
+    stale = writer.stale_cases(root, set(manifest.cases))
+    if not stale and writer.read_manifest(root) == manifest.to_dict():
+        return
+    writer.clear_manifest(root)
+    for case_id in stale:
+        writer.remove_case(root, case_id)
+        log.info("%s: removed case %s (failed or no longer in the source)", uri, case_id)
+    writer.write_manifest(root, manifest)
 
 
 def _plan(
@@ -129,7 +153,7 @@ def _plan(
     if cached is not None and cached.get("inputs") == inputs:
         return Plan.from_dict(cached["plan"])
     statistics = needs_statistics(spec, cfg)
-    shared_spec = _shared((spec,), key=f"spec-{spec.name}")[0]
+    [shared_spec] = _shared((spec,), key=f"spec-{spec.name}")
     outcomes = [_task(guarded, plan_step, c, shared_spec, statistics, 0, key=f"plan-{spec.name}-{c.case_id}")
                 for c in spec.train_cases]
     reduced = _task(_reduce_plan, outcomes, spec, cfg, key=f"plan-{spec.name}")
@@ -170,9 +194,10 @@ def _task(fn: Any, *args: Any, key: str) -> Delayed:
     return dask.delayed(fn, pure=False)(*args, dask_key_name=key)
 
 
-def _shared(values: tuple, key: str) -> Delayed:
+def _shared(values: tuple, key: str) -> list[Delayed]:
     """Values every task needs, as one graph node (sent once per worker, not embedded per task)."""
-    return dask.delayed(values, name=key, traverse=False)
+    node = dask.delayed(values, name=key, traverse=False)
+    return [node[i] for i in range(len(values))]
 
 
 def _is_current(root: Any, case_id: str, fingerprint: str, recipe: str) -> bool:

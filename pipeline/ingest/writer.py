@@ -75,12 +75,13 @@ def write_case(
     group.attrs.put({**attrs, COMPLETE: True})
 
 
-def prune_cases(root: zarr.Group, keep: set[str]) -> list[str]:
-    """Delete case groups not in `keep` (failed, removed from the source); returns their ids."""
-    stale = sorted(set(root[CASES].group_keys()) - keep)
-    for case_id in stale:
-        del root[CASES][case_id]
-    return stale
+def stale_cases(root: zarr.Group, keep: set[str]) -> list[str]:
+    """Ids of the case groups in the store that are not in `keep`."""
+    return sorted(set(root[CASES].group_keys()) - keep)
+
+
+def remove_case(root: zarr.Group, case_id: str) -> None:
+    del root[CASES][case_id]
 
 
 def read_manifest(root: zarr.Group) -> dict[str, Any] | None:
