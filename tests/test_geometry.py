@@ -1,3 +1,4 @@
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -47,6 +48,15 @@ def test_permuted_axes_spacing_and_inverse() -> None:
     assert out.shape == (1, 3, 5, 4)
     assert geo.spacing_zyx(PERMUTED) == (3.0, 0.7, 0.5)
     np.testing.assert_array_equal(geo.from_canonical(out[0], PERMUTED), data[0])
+
+
+def test_nifti_channels_from_4d_or_channel_files() -> None:
+    data = np.random.default_rng(0).random((4, 5, 6, 2)).astype(np.float32)
+    four_d, affine = geo.nifti_channels([nib.Nifti1Image(data, LPS)])
+    files, _ = geo.nifti_channels([nib.Nifti1Image(data[..., c], LPS) for c in range(2)])
+    assert four_d.shape == (2, 4, 5, 6) and np.array_equal(four_d, files) and np.array_equal(affine, LPS)
+    with pytest.raises(ValueError, match="channel images differ"):
+        geo.nifti_channels([nib.Nifti1Image(data[..., 0], LPS), nib.Nifti1Image(data[..., 0], np.eye(4))])
 
 
 def test_bounding_box_and_crop() -> None:

@@ -55,6 +55,8 @@ def test_msd_entries_with_per_channel_files(raw_msd: Path, tmp_path: Path) -> No
         ('{"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": [1, 2]}}', "region-based"),
         ('{"modality": {"0": "CT"}, "labels": {"0": "bg"}}', "2 <= N <= 256"),
         ('{"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1}}', "no training cases found"),
+        ('{"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1}, "file_ending": ".mha"}',
+         "file_ending '.mha' is not supported"),
     ],
 )
 def test_bad_dataset_json(tmp_path: Path, text: str | None, message: str) -> None:

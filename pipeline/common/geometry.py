@@ -16,6 +16,7 @@ prediction lands on the original file's voxel grid with its affine.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -68,6 +69,19 @@ def channels_first(data: np.ndarray) -> np.ndarray:
     if data.ndim == 4:
         return np.moveaxis(data, -1, 0)
     raise ValueError(f"expected a 3D or 4D image, got shape {data.shape}")
+
+
+def nifti_channels(images: Sequence[nib.spatialimages.SpatialImage]) -> tuple[np.ndarray, np.ndarray]:
+    """(C, x, y, z) float32 data and the affine of one 3D/4D image or of one 3D image per channel.
+
+    Raises ValueError when the channel images differ in shape or affine.
+    """
+    first = images[0]
+    for other in images[1:]:
+        if other.shape != first.shape or not np.allclose(other.affine, first.affine, atol=1e-3):
+            raise ValueError(f"channel images differ: shape {other.shape} vs {first.shape} or affine")
+    data = np.concatenate([channels_first(np.asanyarray(image.dataobj)) for image in images])
+    return data.astype(np.float32), first.affine
 
 
 def spacing_zyx(affine: np.ndarray) -> Vec3:

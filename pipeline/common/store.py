@@ -58,6 +58,7 @@ class StoreManifest:
     image_order: int = 3
     label_resampling: str = "nearest"
     dataset: str = ""  # source folder name, the store's name
+    source_root: str = ""  # absolute path of the source folder at ingest time (case attrs "source" are relative)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -89,6 +90,7 @@ class StoreManifest:
             image_order=raw["image_order"],
             label_resampling=raw["label_resampling"],
             dataset=raw["dataset"],
+            source_root=raw["source_root"],
             format_version=raw["format_version"],
         )
 

@@ -58,8 +58,8 @@ def guarded(step: Callable[..., CaseOutcome], case: CaseSource, *args: Any) -> C
         return CaseOutcome(case.case_id, problems=(f"{case.images[0]}: {type(err).__name__}: {' '.join(str(err).split())}",))
 
 
-def plan_step(case: CaseSource, spec: DatasetSpec, statistics: tuple[bool, ...], seed: int) -> CaseOutcome:
-    return CaseOutcome(case.case_id, summary=summarize_case(case, spec, statistics, seed))
+def plan_step(case: CaseSource, spec: DatasetSpec, statistics: tuple[bool, ...]) -> CaseOutcome:
+    return CaseOutcome(case.case_id, summary=summarize_case(case, spec, statistics))
 
 
 def ingest_step(case: CaseSource, spec: DatasetSpec, plan: Plan, target: WriteTarget, fingerprint: str) -> CaseOutcome:
@@ -69,7 +69,7 @@ def ingest_step(case: CaseSource, spec: DatasetSpec, plan: Plan, target: WriteTa
         plan.image_order, plan.label_resampling,
     )
     locations = {} if label is None else class_locations(
-        label, len(spec.labels), target.max_class_locations, case_rng(case.case_id, 0)
+        label, len(spec.labels), target.max_class_locations, case_rng(case.case_id)
     )
     attrs = {
         "meta": meta.to_dict(),

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import numpy as np
 
 MSD_ENDING = ".nii.gz"
+NIFTI_ENDINGS = (".nii.gz", ".nii")
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
@@ -67,6 +68,8 @@ def read_dataset(root: Path) -> DatasetSpec:
     modalities = _modalities(meta, channels_key, root / "dataset.json")
     labels = _labels(meta, layout, root / "dataset.json")
     ending = meta.get("file_ending", MSD_ENDING)
+    if ending not in NIFTI_ENDINGS:
+        raise DatasetError(f"{root / 'dataset.json'}: file_ending {ending!r} is not supported (NIfTI only: {NIFTI_ENDINGS})")
     if layout == "msd" and "training" in meta:
         train = [_msd_case(root, entry, len(modalities), ending) for entry in _entries(meta, "training", root)]
     else:
@@ -90,9 +93,9 @@ def source_fingerprint(case: CaseSource) -> str:
     return digest.hexdigest()[:16]
 
 
-def case_rng(case_id: str, seed: int) -> np.random.Generator:
-    """A random generator fixed by case id and seed (same draws on every worker and re-run)."""
-    return np.random.default_rng([zlib.crc32(case_id.encode()), seed & 0xFFFFFFFF])
+def case_rng(case_id: str) -> np.random.Generator:
+    """A random generator fixed by the case id (the same draws on every worker and every run)."""
+    return np.random.default_rng(zlib.crc32(case_id.encode()))
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -43,4 +43,5 @@ def build_manifest(
         image_order=plan.image_order,
         label_resampling=plan.label_resampling,
         dataset=spec.name,
+        source_root=str(spec.root.resolve()),
     )

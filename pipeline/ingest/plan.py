@@ -74,12 +74,12 @@ def needs_statistics(spec: DatasetSpec, cfg: IngestConfig) -> tuple[bool, ...]:
     return tuple(is_ct(m) and cfg.ct_normalization == "nnunet" for m in spec.modalities)
 
 
-def summarize_case(case: CaseSource, spec: DatasetSpec, statistics: tuple[bool, ...], seed: int) -> CaseSummary:
+def summarize_case(case: CaseSource, spec: DatasetSpec, statistics: tuple[bool, ...]) -> CaseSummary:
     """Map step: load and check a training case; raises checks.CaseError for a bad case."""
     loaded = load_case(case, len(spec.modalities), set(spec.labels))
     canonical = geometry.to_canonical(loaded.image, loaded.affine)
     box = geometry.bounding_box(geometry.nonzero_mask(canonical))
-    rng = case_rng(case.case_id, seed)
+    rng = case_rng(case.case_id)
     samples = tuple(
         intensity.sample_foreground(channel, loaded.label, FOREGROUND_SAMPLES_PER_CASE, rng) if wanted else None
         for channel, wanted in zip(loaded.image, statistics)

@@ -154,7 +154,7 @@ def _plan(
         return Plan.from_dict(cached["plan"])
     statistics = needs_statistics(spec, cfg)
     [shared_spec] = _shared((spec,), key=f"spec-{spec.name}")
-    outcomes = [_task(guarded, plan_step, c, shared_spec, statistics, 0, key=f"plan-{spec.name}-{c.case_id}")
+    outcomes = [_task(guarded, plan_step, c, shared_spec, statistics, key=f"plan-{spec.name}-{c.case_id}")
                 for c in spec.train_cases]
     reduced = _task(_reduce_plan, outcomes, spec, cfg, key=f"plan-{spec.name}")
     plan, *results = compute([reduced, *outcomes])
