@@ -112,7 +112,8 @@ def test_changed_source_case_and_split_options(raw_msd: Path, tmp_path: Path) ->
     report = run([raw], str(tmp_path / "out"), SYNC).datasets[0]
     assert report.ingested == ["tinyliver_004"] and len(report.skipped) == 4
     # A new split only rewrites the manifest.
-    report = run([raw], str(tmp_path / "out"), IngestConfig(scheduler="synchronous", validation_fraction=0.5)).datasets[0]
+    half = IngestConfig(scheduler="synchronous", validation_fraction=0.5)
+    report = run([raw], str(tmp_path / "out"), half).datasets[0]
     assert report.ingested == []
     assert len(TaskStore.open(str(tmp_path / "out" / f"{raw.name}.zarr")).manifest.split["validation"]) == 2
     # A case that now fails leaves the store and the manifest.

@@ -63,7 +63,7 @@ def test_ingest_to_s3_and_read_patches(raw_msd: Path, storage_options: dict) -> 
 def test_cli_to_s3_with_endpoint_from_environment(raw_msd: Path, s3_endpoint: str) -> None:
     env = os.environ | CREDENTIALS | {"AWS_ENDPOINT_URL": s3_endpoint}
     cmd = [sys.executable, "-m", "pipeline.ingest", "--source", str(raw_msd), "--out", "s3://stores/cli",
-           "--num-workers", "2"]
+           "--num-workers", "1"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
     store = TaskStore.open(f"s3://stores/cli/{raw_msd.name}.zarr", {"endpoint_url": s3_endpoint,

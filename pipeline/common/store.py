@@ -133,7 +133,8 @@ class TaskStore:
             raise StoreError(f"{uri}: no manifest: not a task store, or its ingest has not finished")
         version = raw.get("format_version")
         if version != FORMAT_VERSION:
-            raise StoreError(f"{uri}: store format version {version} is not supported (this code reads {FORMAT_VERSION})")
+            raise StoreError(f"{uri}: store format version {version} is not supported (this code reads "
+                             f"{FORMAT_VERSION})")
         store = cls(uri, StoreManifest.from_dict(raw), storage_options)
         store._root = root
         return store
@@ -203,7 +204,10 @@ class TaskStore:
         nnU-Net allows (a patch larger than the volume is padded).
         """
         if case_id is None:
-            case_id = str(rng.choice(self.case_ids("train")))
+            train = self.case_ids("train")
+            if not train:
+                raise StoreError(f"{self.uri}: no training cases to sample from")
+            case_id = train[int(rng.integers(len(train)))]
         shape = self._arrays(case_id)[0].shape[1:]
         low = [min(0, d - s) for d, s in zip(shape, size)]
         high = [max(0, d - s) for d, s in zip(shape, size)]

@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, nargs=3, metavar=("Z", "Y", "X"))
     p.add_argument("--max-class-locations", type=int)
     p.add_argument("--overwrite", action="store_true", default=None, help="delete existing stores first")
-    p.add_argument("--scheduler", metavar="ADDR", help="address of an existing Dask scheduler, or synchronous|threads (in-process)")
+    p.add_argument("--scheduler", metavar="ADDR",
+                   help="address of an existing Dask scheduler, or synchronous|threads (in-process)")
     p.add_argument("--on-ray", action="store_true", default=None, help="run the tasks on Ray (Dask on Ray)")
     p.add_argument("--num-workers", type=int, help="local Dask cluster size (default: CPU count)")
     p.add_argument("--storage-options", type=json.loads, metavar="JSON", help="fsspec options for ROOT")

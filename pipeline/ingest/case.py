@@ -55,7 +55,8 @@ def guarded(step: Callable[..., CaseOutcome], case: CaseSource, *args: Any) -> C
         return CaseOutcome(case.case_id, problems=err.problems)
     except Exception as err:  # a task must report, not kill the run: any failure is this case's
         log.exception("case %s failed", case.case_id)
-        return CaseOutcome(case.case_id, problems=(f"{case.images[0]}: {type(err).__name__}: {' '.join(str(err).split())}",))
+        message = " ".join(str(err).split())
+        return CaseOutcome(case.case_id, problems=(f"{case.images[0]}: {type(err).__name__}: {message}",))
 
 
 def plan_step(case: CaseSource, spec: DatasetSpec, statistics: tuple[bool, ...]) -> CaseOutcome:

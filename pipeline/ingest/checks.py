@@ -112,7 +112,8 @@ def _load_label(
         return None, [f"{path}: label values are not integers (e.g. {values[values != np.round(values)][:3]})"], []
     undeclared = sorted(set(values.astype(np.int64).tolist()) - label_ids)
     if undeclared:
-        return None, [f"{path}: label values {undeclared} not declared in dataset.json (declared {sorted(label_ids)})"], []
+        declared = sorted(label_ids)
+        return None, [f"{path}: label values {undeclared} not declared in dataset.json (declared {declared})"], []
     warnings = [f"{path}: label is all background"] if values.max() == 0 else []
     return data.astype(np.uint8), [], warnings
 

@@ -69,7 +69,7 @@ def read_dataset(root: Path) -> DatasetSpec:
     labels = _labels(meta, layout, root / "dataset.json")
     ending = meta.get("file_ending", MSD_ENDING)
     if ending not in NIFTI_ENDINGS:
-        raise DatasetError(f"{root / 'dataset.json'}: file_ending {ending!r} is not supported (NIfTI only: {NIFTI_ENDINGS})")
+        raise DatasetError(f"{root / 'dataset.json'}: file_ending {ending!r} is not supported (NIfTI only)")
     if layout == "msd" and "training" in meta:
         train = [_msd_case(root, entry, len(modalities), ending) for entry in _entries(meta, "training", root)]
     else:
@@ -168,7 +168,9 @@ def _msd_case(root: Path, entry: Any, num_channels: int, ending: str) -> CaseSou
     return CaseSource(case_id, images, label, False, problems)
 
 
-def _image_files(single: Path, case_id: str, num_channels: int, ending: str) -> tuple[tuple[Path, ...], tuple[str, ...]]:
+def _image_files(
+    single: Path, case_id: str, num_channels: int, ending: str
+) -> tuple[tuple[Path, ...], tuple[str, ...]]:
     """A single image file if it exists, else the per-channel files `<case>_XXXX<ending>`."""
     if single.is_file():
         return (single,), ()
