@@ -171,16 +171,19 @@ def nnunet_patch_reads(peers: Path, folder: Path, patch: tuple[int, int, int], c
 
 
 def print_table(dataset: Path, cases: int, raw: float, runs: list[Run], reads: dict[str, float]) -> None:
-    print(f"\n{dataset.name}: {cases} cases, {raw:.0f} MiB raw voxels in\n")
-    print(f"{'tool':<11} {'workers':>7} {'wall s':>7} {'cases/s':>8} {'MiB/s':>7} {'peak MiB':>9} {'CPU s':>7} {'out MiB':>8}")
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(f"\n{dataset.name}: {cases} cases, {raw:.0f} MiB raw voxels in; "
+          f"{os.cpu_count()} CPUs, load average {load}\n")
+    columns = ("workers", "wall s", "cases/s", "MiB/s", "peak MiB", "CPU s", "out MiB")
+    print(f"{'tool':<11}" + "".join(f"{c:>9}" for c in columns))
     for r in runs:
-        print(f"{r.tool:<11} {r.workers:>7} {r.seconds:>7.1f} {cases / r.seconds:>8.2f} {raw / r.seconds:>7.1f} "
-              f"{r.peak_mib:>9.0f} {r.cpu_seconds:>7.1f} {r.out_mib:>8.1f}")
+        print(f"{r.tool:<11}{r.workers:>9}{r.seconds:>9.1f}{cases / r.seconds:>9.2f}{raw / r.seconds:>9.1f}"
+              f"{r.peak_mib:>9.0f}{r.cpu_seconds:>9.1f}{r.out_mib:>9.1f}")
     print("\nratio ours / nnU-Net (throughput: > 1 is faster; memory: < 1 is leaner)")
     for workers in sorted({r.workers for r in runs}):
         ours, peer = (next(r for r in runs if r.tool == t and r.workers == workers) for t in ("ours", "nnU-Net v2"))
-        print(f"{workers} worker(s): cases/s x{peer.seconds / ours.seconds:.2f}, peak memory x{ours.peak_mib / peer.peak_mib:.2f}, "
-              f"CPU time x{ours.cpu_seconds / peer.cpu_seconds:.2f}")
+        print(f"{workers} worker(s): cases/s x{peer.seconds / ours.seconds:.2f}, "
+              f"peak memory x{ours.peak_mib / peer.peak_mib:.2f}, CPU time x{ours.cpu_seconds / peer.cpu_seconds:.2f}")
     print(f"\npatch reads/s: ours {reads['ours']:.0f}, nnU-Net {reads['nnU-Net v2']:.0f}, "
           f"ratio x{reads['ours'] / reads['nnU-Net v2']:.2f}")
 

@@ -132,8 +132,9 @@ def build_real_ct_dataset(out: Path, wheel: Path | None = None, name: str = "Tas
         case_affine = affine.copy()
         case_affine[:3, 3] = corner[:3]
         orientation = ORIENTATIONS[i % len(ORIENTATIONS)]
-        nib.save(oriented_nifti(image[box_x, box_y, z], case_affine, orientation), task_dir / "imagesTr" / f"{case_id}.nii.gz")
-        nib.save(oriented_nifti(label[box_x, box_y, z], case_affine, orientation), task_dir / "labelsTr" / f"{case_id}.nii.gz")
+        for folder, volume in (("imagesTr", image), ("labelsTr", label)):
+            nifti = oriented_nifti(volume[box_x, box_y, z], case_affine, orientation)
+            nib.save(nifti, task_dir / folder / f"{case_id}.nii.gz")
     (task_dir / "dataset.json").write_text(json.dumps(_dataset_json(name, ids), indent=2))
     log.info("wrote %s: %d cases of %s voxels", task_dir, num_cases, image[box_x, box_y, :slab].shape)
     return task_dir

@@ -322,7 +322,8 @@ def _save_case(task_dir: Path, case_id: str, case: SyntheticCase, layout: Layout
         nib.save(oriented_nifti(data, case.affine, case.orientation), images / f"{case_id}.nii.gz")
     else:
         for c in range(case.image.shape[-1]):
-            nib.save(oriented_nifti(case.image[..., c], case.affine, case.orientation), images / f"{case_id}_{c:04d}.nii.gz")
+            channel = oriented_nifti(case.image[..., c], case.affine, case.orientation)
+            nib.save(channel, images / f"{case_id}_{c:04d}.nii.gz")
     if split == "Tr":
         nib.save(oriented_nifti(case.label, case.affine, case.orientation), task_dir / "labelsTr" / f"{case_id}.nii.gz")
 
