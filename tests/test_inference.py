@@ -1,8 +1,19 @@
+import numpy as np
 import pytest
 import torch
+from monai.inferers import sliding_window_inference
 from torch import nn
 
-from pipeline.common.inference import InferenceOptions, predict_probabilities, segment
+from model.presets import PRESETS
+from pipeline.common.inference import (
+    InferenceOptions,
+    predict_probabilities,
+    predict_scan,
+    segment,
+    window_slices,
+    window_starts,
+)
+from pipeline.common.model_card import ModelCard, TaskCard, build_from_card
 
 
 class PointwiseNet(nn.Module):
@@ -39,3 +50,74 @@ def test_bad_options() -> None:
         InferenceOptions(overlap=1.0)
     with pytest.raises(ValueError, match="mirror_axes"):
         InferenceOptions(mirror_axes=(3,))
+    with pytest.raises(ValueError, match="window_batch_size"):
+        InferenceOptions(window_batch_size=0)
+
+
+@pytest.mark.parametrize("size, patch, overlap", [(30, 16, 0.5), (16, 16, 0.5), (100, 32, 0.0), (37, 8, 0.75), (9, 16, 0.5)])
+def test_window_starts_cover_the_axis_evenly(size: int, patch: int, overlap: float) -> None:
+    starts = window_starts(size, patch, overlap)
+    assert starts[0] == 0 and starts[-1] == max(0, size - patch)
+    steps = np.diff(starts)
+    assert len(steps) == 0 or (steps.max() <= patch * (1 - overlap) and steps.max() - steps.min() <= 1)
+
+
+class ConvNet(nn.Module):
+    """A 3x3x3 convolution: window borders matter, so blending must be done right."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv3d(1, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, task_ids) -> list[torch.Tensor]:
+        return [self.conv(x)]
+
+
+def test_matches_monai_sliding_window_when_the_tilings_agree() -> None:
+    """32 voxels, patch 16, overlap 0.5: both tile at 0, 8, 16; the same gaussian weighting."""
+    network = ConvNet().eval()
+    image = torch.randn(1, 32, 32, 32, generator=torch.Generator().manual_seed(1))
+    ours = predict_probabilities(network, image, 0, 3, (16, 16, 16), InferenceOptions(window_batch_size=4))
+    theirs = sliding_window_inference(
+        image[None], (16, 16, 16), 4, lambda x: torch.softmax(network(x, 0)[0], 1), overlap=0.5, mode="gaussian"
+    )[0]
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+class RecordingNet(PointwiseNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def forward(self, x: torch.Tensor, task_ids) -> list[torch.Tensor]:
+        self.shapes.append(tuple(x.shape))
+        return super().forward(x, task_ids)
+
+
+def test_network_only_sees_batches_of_windows() -> None:
+    """Memory bound: one window batch at a time reaches the network, mirrored copies included."""
+    network = RecordingNet()
+    options = InferenceOptions(window_batch_size=3, mirror_axes=(0, 2))
+    predict_probabilities(network, torch.zeros(3, 40, 40, 40), 0, 3, (16, 16, 16), options)
+    windows = len(window_slices((40, 40, 40), (16, 16, 16), 0.5))
+    assert all(shape[0] <= 3 and shape[2:] == (16, 16, 16) for shape in network.shapes)
+    assert sum(shape[0] for shape in network.shapes) == 4 * windows  # 4 mirrorings of every window
+
+
+def test_predict_scan_returns_the_input_grid() -> None:
+    """A raw LPS image with anisotropic voxels: labels, probabilities and foreground on its own grid."""
+    card = ModelCard(
+        PRESETS["tiny"].replace(patch_size=(16, 32, 32)),
+        (TaskCard("t", {0: "bg", 1: "a", 2: "b"}, ("CT",), (2.0, 2.0, 2.0), ({"scheme": "ct-window", "lower": -325.0, "upper": 325.0},)),),
+    )
+    affine = np.diag([-1.5, -1.5, 4.0, 1.0])  # LPS, 1.5 x 1.5 x 4 mm
+    image = np.random.default_rng(0).normal(0, 100, (1, 30, 26, 9)).astype(np.float32)
+    network = build_from_card(card).eval()
+    prediction = predict_scan(network, card, 0, image, affine, probabilities=True, foreground=True)
+    assert prediction.labels.shape == (30, 26, 9) and prediction.labels.dtype == np.uint8
+    assert prediction.probabilities.shape == (3, 30, 26, 9)
+    np.testing.assert_allclose(prediction.probabilities.sum(0), 1.0, atol=1e-5)
+    np.testing.assert_allclose(prediction.foreground, 1 - prediction.probabilities[0], atol=1e-6)
+    with pytest.raises(ValueError, match="2 channel"):
+        predict_scan(network, card, 0, np.zeros((2, 30, 26, 9), np.float32), affine)

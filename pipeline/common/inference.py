@@ -1,19 +1,43 @@
-"""Sliding-window inference of one preprocessed volume (shared by validation, evaluate, predict).
+"""Sliding-window inference of one volume (shared by validation, evaluate, predict and pyfunc).
 
-Windows of the training patch size with gaussian weighting and a configurable overlap, batched,
-optional mirroring test-time augmentation, AMP on CUDA. Windows run on the network's device;
-the stitched output stays on `output_device` so large scans need not fit on the GPU.
+Tiling (nnU-Net's rule): per axis the fewest evenly spaced windows of the patch size that overlap
+by at least `overlap`, the first and last flush with the volume; a volume smaller than the patch
+is zero-padded at its end. Windows go through the network in batches of `window_batch_size`,
+with AMP on CUDA; mirroring test-time augmentation flips each window batch (not the volume), so
+it costs compute, not memory. Each window's softmax, averaged over its mirrorings, is weighted by
+a gaussian (sigma = patch / 8, MONAI's importance map) and the weighted sum divided by the summed
+weights.
+
+Memory: the network's device only ever holds one window batch; the stitched probabilities
+(num_classes + 1 float32 per voxel) live on `output_device`, the CPU by default, so a large scan
+need not fit on the GPU.
+
+`predict_scan` runs a raw image end to end with a model card: the task's preprocessing
+(reorientation, crop, resampling to its spacing, normalisation), the sliding window, and the
+mapping of labels (and probabilities) back to the original voxel grid.
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
+import torch.nn.functional as F
+from monai.data.utils import compute_importance_map
 from torch import nn
+from tqdm.auto import tqdm
+
+from pipeline.common.geometry import preprocess_image, restore_array
+from pipeline.common.intensity import ChannelNormalization
+from pipeline.common.model_card import ModelCard
+
+Slices = tuple[slice, slice, slice]
+GAUSSIAN_SIGMA_SCALE = 0.125
 
 
 @dataclass(frozen=True)
@@ -29,6 +53,54 @@ class InferenceOptions:
             raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
         if any(a not in (0, 1, 2) for a in self.mirror_axes):
             raise ValueError(f"mirror_axes must be among 0, 1, 2, got {self.mirror_axes}")
+        if self.window_batch_size < 1:
+            raise ValueError(f"window_batch_size must be >= 1, got {self.window_batch_size}")
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line flags of InferenceOptions (predict and evaluate share them)."""
+    group = parser.add_argument_group("inference")
+    group.add_argument("--overlap", type=float, default=0.5, help="fraction of a window shared with its neighbour (0.5)")
+    group.add_argument("--tta", choices=("on", "off"), default="on", help="mirroring test-time augmentation over z, y, x (8 passes)")
+    group.add_argument("--window-batch-size", type=int, default=2, help="windows per forward pass (2)")
+    group.add_argument("--no-amp", action="store_true", help="full precision on CUDA (AMP is used by default)")
+    group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where windows run (auto: CUDA if present)")
+
+
+def inference_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> InferenceOptions:
+    """InferenceOptions from parsed flags; a bad value is a usage error."""
+    try:
+        return InferenceOptions(
+            overlap=args.overlap,
+            mirror_axes=(0, 1, 2) if args.tta == "on" else (),
+            window_batch_size=args.window_batch_size,
+            amp=not args.no_amp,
+            progress=True,
+        )
+    except ValueError as err:
+        parser.error(str(err))
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" is CUDA when available, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def window_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """Start indices along one axis: evenly spaced, first at 0, last at size - patch."""
+    if size <= patch:
+        return [0]
+    count = math.ceil((size - patch) / (patch * (1 - overlap))) + 1
+    step = (size - patch) / (count - 1)
+    return [round(step * i) for i in range(count)]
+
+
+def window_slices(shape: Sequence[int], patch: Sequence[int], overlap: float) -> list[Slices]:
+    """Every window of a (Z, Y, X) volume at least as large as `patch`."""
+    starts = [window_starts(s, p, overlap) for s, p in zip(shape, patch)]
+    return [tuple(slice(s, s + p) for s, p in zip(corner, patch)) for corner in itertools.product(*starts)]
 
 
 @torch.no_grad()
@@ -43,31 +115,24 @@ def predict_probabilities(
 ) -> torch.Tensor:
     """Softmax probabilities (num_classes, Z, Y, X) of a (C, Z, Y, X) image for one task."""
     device = next(network.parameters()).device
-    batch = image[None].to(device)
-
-    def window_logits(windows: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, enabled=options.amp and device.type == "cuda"):
-            return network(windows, task_id)[0][:, :num_classes].float()
-
-    probabilities = None
-    flips = _mirror_combinations(options.mirror_axes)
-    for dims in flips:
-        flipped = torch.flip(batch, dims) if dims else batch
-        logits = sliding_window_inference(
-            flipped,
-            roi_size=tuple(patch_size),
-            sw_batch_size=options.window_batch_size,
-            predictor=window_logits,
-            overlap=options.overlap,
-            mode="gaussian",
-            sw_device=device,
-            device=torch.device(output_device),
-            progress=options.progress,
-        )
-        probs = torch.softmax(logits, dim=1)
-        probs = torch.flip(probs, dims) if dims else probs
-        probabilities = probs if probabilities is None else probabilities + probs
-    return (probabilities / len(flips))[0]
+    out_device = torch.device(output_device)
+    patch = tuple(int(p) for p in patch_size)
+    padded = _pad_to(image, patch)
+    shape = padded.shape[1:]
+    summed = torch.zeros((num_classes, *shape), dtype=torch.float32, device=out_device)
+    weights = torch.zeros(shape, dtype=torch.float32, device=out_device)
+    importance = compute_importance_map(patch, mode="gaussian", sigma_scale=GAUSSIAN_SIGMA_SCALE, device=device)
+    importance_out = importance.to(out_device)
+    windows = window_slices(shape, patch, options.overlap)
+    batches = [windows[i : i + options.window_batch_size] for i in range(0, len(windows), options.window_batch_size)]
+    for batch_windows in tqdm(batches, desc="windows", leave=False, disable=None if options.progress else True):
+        batch = torch.stack([padded[(slice(None), *w)] for w in batch_windows]).to(device, non_blocking=True)
+        weighted = (_mirrored_softmax(network, batch, task_id, num_classes, options) * importance).to(out_device)
+        for probabilities, window in zip(weighted, batch_windows):
+            summed[(slice(None), *window)] += probabilities
+            weights[window] += importance_out
+    summed /= weights
+    return summed[(slice(None), *(slice(0, n) for n in image.shape[1:]))]
 
 
 def segment(
@@ -83,7 +148,76 @@ def segment(
     return probabilities.argmax(0).to(torch.uint8)
 
 
+def _pad_to(image: torch.Tensor, patch: Sequence[int]) -> torch.Tensor:
+    """Zero-pad the end of each spatial axis shorter than the patch (no copy when none is)."""
+    missing = [max(0, p - s) for s, p in zip(image.shape[1:], patch)]
+    if not any(missing):
+        return image
+    return F.pad(image, [amount for m in reversed(missing) for amount in (0, m)])
+
+
+def _mirrored_softmax(
+    network: nn.Module, batch: torch.Tensor, task_id: int, num_classes: int, options: InferenceOptions
+) -> torch.Tensor:
+    """Softmax of a window batch averaged over every mirroring of `options.mirror_axes`."""
+    flips = _mirror_combinations(options.mirror_axes)
+    total = torch.zeros((batch.shape[0], num_classes, *batch.shape[2:]), dtype=torch.float32, device=batch.device)
+    for dims in flips:
+        flipped = torch.flip(batch, dims) if dims else batch
+        with torch.autocast(batch.device.type, enabled=options.amp and batch.device.type == "cuda"):
+            logits = network(flipped, task_id)[0][:, :num_classes]
+        probabilities = torch.softmax(logits.float(), dim=1)
+        total += torch.flip(probabilities, dims) if dims else probabilities
+    return total / len(flips)
+
+
 def _mirror_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
     """Every subset of the mirrored axes, as tensor dims of a (B, C, Z, Y, X) batch."""
     dims = [a + 2 for a in axes]
     return [c for r in range(len(dims) + 1) for c in itertools.combinations(dims, r)]
+
+
+# --- raw scans ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScanPrediction:
+    """One task's prediction on a raw image, on that image's own (x, y, z) voxel grid."""
+
+    labels: np.ndarray  # (x, y, z) uint8
+    probabilities: np.ndarray | None = None  # (num_classes, x, y, z) float32, when asked
+    foreground: np.ndarray | None = None  # (x, y, z) float32, 1 - P(background), when asked
+
+
+def predict_scan(
+    network: nn.Module,
+    card: ModelCard,
+    task_id: int,
+    image_cxyz: np.ndarray,
+    affine: np.ndarray,
+    options: InferenceOptions = InferenceOptions(),
+    *,
+    probabilities: bool = False,
+    foreground: bool = False,
+    image_order: int = 3,
+) -> ScanPrediction:
+    """Preprocess a raw (C, x, y, z) image as the card's task says, segment it, map it back.
+
+    Probabilities are resampled back linearly (outside the crop box: background); `foreground`
+    alone restores only the background channel.
+    """
+    task = card.tasks[task_id]
+    if image_cxyz.shape[0] != task.in_channels:
+        raise ValueError(f"image has {image_cxyz.shape[0]} channel(s) but task {task.name} needs {task.in_channels}")
+    norms = tuple(ChannelNormalization.from_dict(n) for n in task.normalization)
+    image, meta = preprocess_image(image_cxyz, affine, task.target_spacing, norms, image_order)
+    stored = predict_probabilities(network, torch.from_numpy(image), task_id, task.num_classes, card.spec.patch_size, options)
+    labels = restore_array(stored.argmax(0).to(torch.uint8).numpy(), meta, order=0)
+    restored = None
+    if probabilities:
+        restored = np.stack([restore_array(p.numpy(), meta, order=1, fill=float(c == 0)) for c, p in enumerate(stored)])
+    not_background = None
+    if foreground:
+        background = restored[0] if restored is not None else restore_array(stored[0].numpy(), meta, order=1, fill=1.0)
+        not_background = 1.0 - background
+    return ScanPrediction(labels, restored, not_background)
