@@ -1,0 +1,126 @@
+"""`pipeline.evaluate`: per-task, per-class Dice and HD95 of a model on the stores' split.
+
+For each store: the model task of the same name (the store's task name or dataset folder),
+the split's cases, one prediction per case (sliding window on the stored image), scored in the
+chosen space (`pipeline.evaluate.cases`). Then the report (`pipeline.evaluate.report`) goes to
+the output folder and, when the model came from MLflow, to the model's run.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from torch import nn
+from tqdm.auto import tqdm
+
+from pipeline.common.inference import InferenceOptions, resolve_device
+from pipeline.common.mlflow_model import load_model
+from pipeline.common.model_card import ModelCard
+from pipeline.common.store import StoreError, TaskStore
+from pipeline.evaluate.cases import EvaluateError, Space, evaluate_case
+from pipeline.evaluate.report import CaseRow, mlflow_metrics, overall_dice, write_report
+from pipeline.evaluate.tracking import log_evaluation, model_run_id
+
+log = logging.getLogger(__name__)
+SPLIT_ALIASES = {"val": "validation"}
+
+
+@dataclass(frozen=True)
+class EvaluateOptions:
+    model: str  # models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a model folder
+    stores: tuple[str, ...]
+    output: Path
+    split: str = "validation"  # train | validation (val) | test
+    space: Space = "original"
+    raw_root: Path | None = None  # folder of the raw datasets, when moved since ingest
+    inference: InferenceOptions = field(default_factory=InferenceOptions)
+    device: str = "auto"
+    tracking_uri: str | None = None
+    log_to_mlflow: bool = True
+    storage_options: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    rows: list[CaseRow]
+    files: list[Path]
+    metrics: dict[str, float]
+    run_id: str | None  # the MLflow run the report was logged to
+
+
+def run(options: EvaluateOptions) -> Evaluation:
+    if options.tracking_uri:
+        mlflow.set_tracking_uri(options.tracking_uri)
+    split = SPLIT_ALIASES.get(options.split, options.split)
+    network, card = _load(options.model, options.device)
+    stores = [_open(uri, options.storage_options) for uri in options.stores]
+    plan = [(store, _task_id(card, store), _cases(store, split)) for store in stores]
+    rows = []
+    for store, task_id, case_ids in plan:
+        rows += _evaluate_store(network, card, task_id, store, case_ids, options)
+    title = f"Evaluation of {options.model} on the {split} split ({options.space} space)"
+    summaries, files = write_report(rows, options.output, title)
+    metrics = mlflow_metrics(summaries, split)
+    log.info("mean Dice over %d task(s): %.4f; report in %s", len(stores), overall_dice(summaries), options.output)
+    run_id = _log(options, metrics, split)
+    return Evaluation(rows, files, metrics, run_id)
+
+
+def _evaluate_store(
+    network: nn.Module, card: ModelCard, task_id: int, store: TaskStore, case_ids: list[str], options: EvaluateOptions
+) -> list[CaseRow]:
+    task = card.tasks[task_id].name
+    rows = []
+    for case_id in tqdm(case_ids, desc=task, disable=None):
+        metrics = evaluate_case(network, card, task_id, store, case_id, options.inference, options.space, options.raw_root)
+        rows += [CaseRow(task, case_id, m) for m in metrics]
+    return rows
+
+
+def _load(uri: str, device: str) -> tuple[nn.Module, ModelCard]:
+    try:
+        return load_model(uri, resolve_device(device))
+    except (FileNotFoundError, ValueError) as err:
+        raise EvaluateError(str(err)) from None
+
+
+def _open(uri: str, storage_options: dict[str, Any] | None) -> TaskStore:
+    try:
+        return TaskStore.open(uri, storage_options)
+    except StoreError as err:
+        raise EvaluateError(str(err)) from None
+
+
+def _task_id(card: ModelCard, store: TaskStore) -> int:
+    names = [t.name for t in card.tasks]
+    for name in (store.manifest.task_name, store.manifest.dataset):
+        if name in names:
+            return names.index(name)
+    raise EvaluateError(f"{store.uri}: task {store.manifest.task_name!r} is not a task of this model ({', '.join(names)})")
+
+
+def _cases(store: TaskStore, split: str) -> list[str]:
+    try:
+        case_ids = store.case_ids(split)
+    except ValueError as err:
+        raise EvaluateError(f"{store.uri}: {err}") from None
+    if not case_ids:
+        raise EvaluateError(f"{store.uri}: no cases in the {split} split")
+    return case_ids
+
+
+def _log(options: EvaluateOptions, metrics: dict[str, float], split: str) -> str | None:
+    if not options.log_to_mlflow:
+        return None
+    client = MlflowClient()
+    run_id = model_run_id(options.model, client)
+    if run_id is None:
+        log.warning("%s: no MLflow run found for this model; the report is not logged to MLflow", options.model)
+        return None
+    log_evaluation(client, run_id, metrics, options.output, split)
+    return run_id

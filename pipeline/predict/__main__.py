@@ -1,0 +1,74 @@
+"""`python -m pipeline.predict --model models:/NAME@ALIAS --task TASK -i INPUT -o OUTPUT`.
+
+Examples:
+    python -m pipeline.predict --model models:/uniseg@champion --task Task01_SynthLiver -i scan.nii.gz -o out/
+    python -m pipeline.predict --model runs:/<run_id>/model --task all -i scans/ -o out/ --tta off
+    ray job submit --address http://HEAD:8265 -- python -m pipeline.predict --model ... -i /shared/scans \\
+        -o /shared/out --task all --ray --num-workers 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.common.inference import add_inference_arguments, inference_options
+from pipeline.common.logs import setup_logging
+from pipeline.predict.distributed import RayOptions
+from pipeline.predict.io import PredictError
+from pipeline.predict.run import PredictOptions, run
+
+log = logging.getLogger("pipeline.predict")
+
+
+def parse_args(argv: list[str] | None = None) -> PredictOptions:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a model folder")
+    parser.add_argument("--task", required=True, help="a task name of the model, or 'all' (every task matching the input, merged)")
+    parser.add_argument("-i", "--input", required=True, type=Path, help="a NIfTI file or a folder of NIfTI files")
+    parser.add_argument("-o", "--output", required=True, type=Path, help="output folder (created)")
+    parser.add_argument("--modality", default="", help="the input's channel modalities, comma-separated (e.g. CT or T2,ADC), checked against the task")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--save-probabilities", action="store_true", help="also write softmax probabilities per task")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
+    add_inference_arguments(parser)
+    batch = parser.add_argument_group("batch on Ray")
+    batch.add_argument("--ray", action="store_true", help="spread the scans over Ray workers")
+    batch.add_argument("--num-workers", type=int, help="Ray workers (implies --ray; default: as many as the cluster fits)")
+    batch.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, the job's cluster, or a local one)")
+    batch.add_argument("--cpus-per-worker", type=float, default=1.0)
+    batch.add_argument("--gpus-per-worker", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    use_ray = args.ray or args.num_workers is not None or args.ray_address is not None
+    return PredictOptions(
+        model=args.model,
+        task=args.task,
+        input=args.input,
+        output=args.output,
+        modalities=tuple(m.strip() for m in args.modality.split(",") if m.strip()),
+        overwrite=args.overwrite,
+        save_probabilities=args.save_probabilities,
+        inference=inference_options(parser, args),
+        device=args.device,
+        tracking_uri=args.tracking_uri,
+        ray=RayOptions(args.ray_address, args.num_workers, args.cpus_per_worker, args.gpus_per_worker, args.device)
+        if use_ray
+        else None,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    options = parse_args(argv)
+    try:
+        run(options)
+    except PredictError as err:
+        log.error("%s", err)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Batch prediction on Ray: the scans are spread over actors, each holding one copy of the model.
+
+The driver ships the weights (safetensors bytes) and the card (JSON) through the object store,
+so workers need neither MLflow nor the model folder; they do need the input and output folders
+(a shared file system). Each worker writes its scan's outputs atomically. Inside
+`ray job submit`, `ray.init()` joins the job's cluster; elsewhere it starts a local one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import torch
+from ray.exceptions import RayTaskError
+from ray.util import ActorPool
+from safetensors.torch import load as load_weights
+from safetensors.torch import save as save_weights
+from torch import nn
+from tqdm.auto import tqdm
+
+from pipeline.common.inference import InferenceOptions, resolve_device
+from pipeline.common.model_card import ModelCard, build_from_card, unwrap
+from pipeline.predict.io import PredictError
+from pipeline.predict.job import Job, run_job
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    address: str | None = None  # None: RAY_ADDRESS, the job's cluster, or a new local one
+    num_workers: int | None = None  # None: as many as the cluster's CPUs (GPUs) allow
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    device: str = "auto"  # resolved on each worker
+
+
+class PredictWorker:
+    """A Ray actor: rebuilds the network once, then runs jobs."""
+
+    def __init__(self, weights: bytes, card_json: str, device: str, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.card = ModelCard.from_json(card_json)
+        network = build_from_card(self.card)
+        network.load_state_dict(load_weights(weights))
+        self.network = network.to(resolve_device(device)).eval()
+
+    def run(self, job: Job, options: InferenceOptions) -> list[str]:
+        return [str(path) for path in run_job(self.network, self.card, job, options)]
+
+
+def run_on_ray(
+    network: nn.Module, card: ModelCard, jobs: Sequence[Job], options: InferenceOptions, ray_options: RayOptions
+) -> list[Path]:
+    """Run every job on Ray actors; the first failing scan stops the batch with its error."""
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=ray_options.address, log_to_driver=True)
+    workers = []
+    try:
+        weights = ray.put(save_weights({k: v.detach().cpu().contiguous() for k, v in unwrap(network).state_dict().items()}))
+        count = min(len(jobs), ray_options.num_workers or _default_workers(ray_options))
+        actor = ray.remote(PredictWorker).options(num_cpus=ray_options.cpus_per_worker, num_gpus=ray_options.gpus_per_worker)
+        threads = max(1, int(ray_options.cpus_per_worker))
+        workers = [actor.remote(weights, card.to_json(), ray_options.device, threads) for _ in range(count)]
+        log.info("predicting %d scan(s) on %d Ray worker(s)", len(jobs), count)
+        results = ActorPool(workers).map_unordered(lambda worker, job: worker.run.remote(job, options), jobs)
+        return [Path(p) for paths in tqdm(results, total=len(jobs), desc="scans", disable=None) for p in paths]
+    except RayTaskError as err:
+        if isinstance(err.cause, PredictError):
+            raise PredictError(str(err.cause)) from None
+        raise
+    finally:
+        for worker in workers:
+            ray.kill(worker)
+        if started:
+            ray.shutdown()
+
+
+def _default_workers(ray_options: RayOptions) -> int:
+    resources = ray.cluster_resources()
+    if ray_options.gpus_per_worker > 0:
+        return max(1, int(resources.get("GPU", 0) // ray_options.gpus_per_worker))
+    return max(1, int(resources.get("CPU", 1) // ray_options.cpus_per_worker))

@@ -1,0 +1,190 @@
+"""`pipeline.predict` end to end on a tiny trained, registered model (see test_predict_world.py)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import nibabel as nib
+import numpy as np
+import pytest
+
+from pipeline.common.inference import InferenceOptions
+from pipeline.common.metrics import dice
+from pipeline.evaluate.run import EvaluateOptions
+from pipeline.evaluate.run import run as evaluate
+from pipeline.predict.__main__ import main, parse_args
+from pipeline.predict.io import PredictError
+from pipeline.predict.run import PredictOptions, run
+from test_predict_world import LIVER, World, build_world, one_thread
+
+FAST = InferenceOptions(mirror_axes=())
+LIVER_TASK = LIVER.name
+VALIDATION_CASE = "synthliver_002"  # saved as ASL (ORIENTATIONS[2 % 3]), anisotropic 1.5 x 1.5 x 5 mm
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    return build_world(tmp_path_factory.getbasetemp() / "predict-world")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    with one_thread():
+        yield
+
+
+def _image(world: World, case: str = VALIDATION_CASE) -> Path:
+    return world.raw[LIVER_TASK] / "imagesTr" / f"{case}.nii.gz"
+
+
+def _label(world: World, case: str = VALIDATION_CASE) -> Path:
+    return world.raw[LIVER_TASK] / "labelsTr" / f"{case}.nii.gz"
+
+
+def _options(world: World, source: Path, output: Path, **changes: object) -> PredictOptions:
+    defaults = dict(model=str(world.model_dir), task=LIVER_TASK, input=source, output=output, inference=FAST,
+                    tracking_uri=world.tracking_uri)
+    return PredictOptions(**(defaults | changes))
+
+
+def test_predict_from_registry_gives_input_grid_and_evaluate_dice(world: World, tmp_path: Path) -> None:
+    source = nib.load(_image(world))
+    assert nib.aff2axcodes(source.affine) == ("A", "S", "L")
+    written = run(_options(world, _image(world), tmp_path / "out", model=world.model_uri))
+    assert sorted(p.name for p in written) == [f"{VALIDATION_CASE}.json", f"{VALIDATION_CASE}.nii.gz"]
+    output = nib.load(tmp_path / "out" / f"{VALIDATION_CASE}.nii.gz")
+    assert output.shape == source.shape and output.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(output.affine, source.affine, atol=1e-6)
+    predicted = np.asarray(output.dataobj)
+    liver_dice = dice(predicted, np.asarray(nib.load(_label(world)).dataobj), 1)
+    assert liver_dice > 0.7
+
+    report = evaluate(EvaluateOptions(model=world.model_uri, stores=(world.stores[LIVER_TASK],), output=tmp_path / "eval",
+                                      split="val", inference=FAST, tracking_uri=world.tracking_uri))
+    (row,) = [r for r in report.rows if r.case == VALIDATION_CASE and r.metrics.class_id == 1]
+    assert row.metrics.dice == pytest.approx(liver_dice, abs=1e-6)
+    logged = mlflow.MlflowClient(world.tracking_uri).get_run(report.run_id).data.metrics
+    assert logged[f"eval/validation/{LIVER_TASK}/liver/dice"] == pytest.approx(
+        np.mean([r.metrics.dice for r in report.rows if r.metrics.class_id == 1]))
+
+
+def test_task_all_runs_matching_tasks_and_merges(world: World, tmp_path: Path) -> None:
+    run(_options(world, _image(world), tmp_path / "all", task="all", save_probabilities=True))
+    run(_options(world, _image(world), tmp_path / "liver"))
+    sidecar = json.loads((tmp_path / "all" / f"{VALIDATION_CASE}.json").read_text())
+    assert sidecar["tasks"] == [LIVER_TASK, "Task02_SynthSpleen"]  # not the 2-channel prostate task
+    assert sidecar["labels"] == {"0": "background", "1": f"{LIVER_TASK}/liver", "2": f"{LIVER_TASK}/tumour",
+                                 "3": "Task02_SynthSpleen/spleen"}
+    merged = np.asarray(nib.load(tmp_path / "all" / f"{VALIDATION_CASE}.nii.gz").dataobj)
+    liver = np.asarray(nib.load(tmp_path / "liver" / f"{VALIDATION_CASE}.nii.gz").dataobj)
+    assert set(np.unique(merged)) <= {0, 1, 2, 3}
+    kept = merged != 3  # where spleen did not win, the liver task's labels stand
+    np.testing.assert_array_equal(merged[kept & (liver > 0)], liver[kept & (liver > 0)])
+    assert dice(merged, np.asarray(nib.load(_label(world)).dataobj), 1) > 0.7
+    probabilities = nib.load(tmp_path / "all" / f"{VALIDATION_CASE}_Task02_SynthSpleen_probabilities.nii.gz")
+    assert probabilities.shape == (*merged.shape, 2)
+
+
+def test_folder_of_scans_and_overwrite(world: World, tmp_path: Path) -> None:
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for case in ("synthliver_000", "synthliver_001"):
+        (inputs / f"{case}.nii.gz").symlink_to(_image(world, case))
+    (inputs / "notes.txt").write_text("not a scan")  # other files in a folder are not scans
+    run(_options(world, inputs, tmp_path / "out"))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "synthliver_000.json", "synthliver_000.nii.gz", "synthliver_001.json", "synthliver_001.nii.gz"]
+    with pytest.raises(PredictError, match=re.escape("synthliver_000.nii.gz: output already exists (and 3 more); pass --overwrite")):
+        run(_options(world, inputs, tmp_path / "out"))
+    run(_options(world, inputs, tmp_path / "out", overwrite=True))
+
+
+def test_pyfunc_on_a_raw_nifti_path(world: World, tmp_path: Path) -> None:
+    mlflow.set_tracking_uri(world.tracking_uri)
+    model = mlflow.pyfunc.load_model(world.model_uri)
+    labels = model.predict({"image": str(_image(world)), "task": LIVER_TASK})
+    run(_options(world, _image(world), tmp_path, inference=InferenceOptions()))  # pyfunc: default options
+    np.testing.assert_array_equal(labels, np.asarray(nib.load(tmp_path / f"{VALIDATION_CASE}.nii.gz").dataobj))
+
+
+# --- bad inputs: one clear line, nothing written ------------------------------------------
+
+
+def _two_channel_scan(world: World, path: Path) -> Path:
+    image = nib.load(_image(world))
+    data = np.asarray(image.dataobj)
+    nib.save(nib.Nifti1Image(np.stack([data, data], axis=-1), image.affine), path)
+    return path
+
+
+def _truncated(world: World, path: Path) -> Path:
+    path.write_bytes(_image(world).read_bytes()[:2000])
+    return path
+
+
+def _garbage(world: World, path: Path) -> Path:
+    path.write_bytes(gzip.compress(b"this is not a NIfTI header" * 20))
+    return path
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(task="lungs"), "--task lungs: unknown task 'lungs'; this model knows Task01_SynthLiver, "
+                             "Task02_SynthSpleen, Task03_SynthProstate (or 'all')"),
+        (dict(input="two.nii.gz"), "two.nii.gz: 2 channel(s), but task Task01_SynthLiver needs 1 (CT)"),
+        (dict(input="two.nii.gz", task="all", modalities=("CT", "PET")),
+         "two.nii.gz: no task of this model takes 2 channel(s) of CT, PET; it knows Task01_SynthLiver (CT); "),
+        (dict(modalities=("T2",)), "modalities T2, but task Task01_SynthLiver needs CT"),
+        (dict(input="scan.png"), "scan.png: not a NIfTI file (expected .nii or .nii.gz)"),
+        (dict(input="garbage.nii.gz"), "garbage.nii.gz: not a readable NIfTI file"),
+        (dict(input="truncated.nii.gz"), "truncated.nii.gz: corrupt NIfTI data"),
+        (dict(input="absent.nii.gz"), "absent.nii.gz: no such file or folder"),
+        (dict(input="empty"), "empty: no NIfTI files"),
+        (dict(model="models:/absent@champion"), "models:/absent@champion: model not found"),
+    ],
+    ids=["unknown-task", "channels", "channels-all", "modality", "not-nifti", "garbage", "truncated", "missing",
+         "empty-folder", "model"],
+)
+def test_bad_inputs(world: World, tmp_path: Path, changes: dict, message: str) -> None:
+    _two_channel_scan(world, tmp_path / "two.nii.gz")
+    _truncated(world, tmp_path / "truncated.nii.gz")
+    _garbage(world, tmp_path / "garbage.nii.gz")
+    (tmp_path / "scan.png").write_bytes(b"\x89PNG")
+    (tmp_path / "empty").mkdir()
+    source = tmp_path / changes.pop("input") if "input" in changes else _image(world)
+    with pytest.raises(PredictError, match=re.escape(message)):
+        run(_options(world, source, tmp_path / "out", **changes))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_bad_scan_in_a_folder_stops_before_any_output(world: World, tmp_path: Path) -> None:
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "a.nii.gz").symlink_to(_image(world))
+    _garbage(world, inputs / "b.nii.gz")
+    with pytest.raises(PredictError, match="b.nii.gz: not a readable NIfTI file"):
+        run(_options(world, inputs, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_logs_one_line_and_exits_1(world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    argv = ["--model", str(world.model_dir), "--task", "lungs", "-i", str(_image(world)), "-o", str(tmp_path)]
+    assert main(argv) == 1
+    (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "\n" not in error and "unknown task 'lungs'" in error
+
+
+def test_cli_options() -> None:
+    options = parse_args(["--model", "m", "--task", "all", "-i", "in", "-o", "out", "--modality", "CT, PET",
+                          "--overlap", "0.25", "--tta", "off", "--num-workers", "3"])
+    assert options.modalities == ("CT", "PET") and options.inference.overlap == 0.25
+    assert options.inference.mirror_axes == () and options.ray.num_workers == 3
+    assert parse_args(["--model", "m", "--task", "t", "-i", "in", "-o", "out"]).inference.mirror_axes == (0, 1, 2)
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m", "--task", "t", "-i", "in", "-o", "out", "--overlap", "1.5"])
