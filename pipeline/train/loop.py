@@ -49,6 +49,7 @@ class RunContext:
     fail_epoch: int | None = None  # kill `fail_rank` halfway through this epoch, once
     fail_rank: int = 0
     fail_marker: str | None = None  # file created when the fault fired (so it fires once)
+    fail_delay_s: float = 3.0  # let the controller collect the last report before the kill
 
 
 @dataclass
@@ -63,6 +64,7 @@ class EpochStats:
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point; `config` = {"experiment": to_dict(cfg), "context": RunContext fields}."""
     setup_logging()
+    started = time.perf_counter()
     cfg = config_from_dict(config["experiment"], source="train_loop_config")
     context = RunContext(**config.get("context", {}))
     train_ctx = ray.train.get_context()
@@ -101,6 +103,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     batches = iter(make_loader(stream, cfg.train.loader_workers, pin_memory=device.type == "cuda"))
     tracker = EpochLogger(context.tracking_uri, context.mlflow_run_id) if rank == 0 and context.mlflow_run_id else None
     val_tasks = [ValidationTask(i, m.task_name, m.labels, tuple(s.case_ids("validation"))) for i, (s, m) in enumerate(zip(stores, manifests))]
+    if rank == 0:
+        log.info("ready to train after %.1f s", time.perf_counter() - started)
     run_started = time.perf_counter()
 
     for epoch in range(state.epoch, cfg.train.epochs):
@@ -228,10 +232,16 @@ def report_with_checkpoint(metrics: dict[str, float], network: nn.Module, optimi
 
 
 def inject_failure(context: RunContext) -> None:
-    """Kill this worker process once (fault-tolerance tests): a marker file records the kill."""
+    """Kill this worker process once (fault-tolerance tests): a marker file records the kill.
+
+    Reports reach the Ray Train controller at its next poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S,
+    2 s by default); a worker lost before that loses the last checkpoint and the run resumes from
+    the one before. The delay keeps the test about restarts, not about that race.
+    """
     marker = Path(context.fail_marker or Path(tempfile.gettempdir()) / "uniseg-fail-marker")
     if marker.exists():
         return
+    time.sleep(context.fail_delay_s)
     marker.write_text(str(os.getpid()))
     log.warning("injected failure: killing worker pid %d", os.getpid())
     logging.shutdown()

@@ -22,6 +22,7 @@ import fsspec
 
 from pipeline.common.config import ConfigError, ExperimentConfig, config_from_dict, to_dict
 from pipeline.train import tracking
+from pipeline.train.build import open_stores
 from pipeline.train.loop import RunContext, train_fn_per_worker
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ def run(cfg: ExperimentConfig, resume: bool = False, context: RunContext | None 
                  cfg.name, record.epochs_done)
         return TrainResult(cfg.name, run_dir, record.checkpoint, record.mlflow_run_id, record.model_uri, {})
 
+    check_stores(cfg)
     tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
     mlflow_run_id = tracking.start_run(cfg, tracking_uri, record.mlflow_run_id if record else None)
     record = RunRecord(cfg.name, "running", mlflow_run_id, tracking_uri, record.epochs_done if record else 0, to_dict(cfg))
@@ -124,6 +126,16 @@ def fit(cfg: ExperimentConfig, storage: str, context: RunContext) -> Any:
         ),
     )
     return trainer.fit()
+
+
+def check_stores(cfg: ExperimentConfig) -> None:
+    """Open every store on the driver first, so a bad store fails here and not on each worker."""
+    try:
+        stores = open_stores(cfg.data.stores)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(f"data.stores: {err}") from None
+    log.info("tasks: %s", ", ".join(f"{s.manifest.task_name} ({len(s.case_ids('train'))} train, "
+                                    f"{len(s.case_ids('validation'))} validation)" for s in stores))
 
 
 def connect_ray(address: str | None) -> None:
