@@ -291,7 +291,8 @@ def generate_case(task: SyntheticTask, index: int, seed: int = 0) -> SyntheticCa
             break
     else:
         raise RuntimeError(f"{task.name} case {index}: could not draw every class in {_MAX_TRIES} tries")
-    channels = [_render(layers, m, _style(seed, task, m), rng, grid, half) for m in task.modalities]
+    channels = [_render(layers, m, _style(seed, task, f"channel {c}"), rng, grid, half)
+                for c, m in enumerate(task.modalities)]
     dtype = np.int16 if modality_type(task.modalities[0]) == "CT" and len(channels) == 1 else np.float32
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = -(np.asarray(shape) - 1) / 2 * np.asarray(spacing) + rng.uniform(-20, 20, 3)
