@@ -13,7 +13,7 @@ import os
 import signal
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,11 +23,14 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.data import DataLoader
 
 from model.presets import build_network
+from model.spec import NetworkSpec
 from pipeline.common.config import ExperimentConfig, config_from_dict
 from pipeline.common.logs import setup_logging
 from pipeline.common.model_card import unwrap
+from pipeline.common.store import StoreManifest, TaskStore
 from pipeline.train.build import model_card, network_spec, open_stores, task_specs
 from pipeline.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from pipeline.train.data import Batch, BatchStream, make_loader
@@ -61,70 +64,91 @@ class EpochStats:
     samples: int
 
 
+@dataclass
+class Parts:
+    """Everything a worker builds from the config before training."""
+
+    cfg: ExperimentConfig
+    stores: list[TaskStore]
+    spec: NetworkSpec
+    network: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    sampler: TaskSampler
+    device: torch.device
+    amp: bool
+
+    @property
+    def manifests(self) -> list[StoreManifest]:
+        return [s.manifest for s in self.stores]
+
+
+def build_parts(cfg: ExperimentConfig, rank: int, device: torch.device) -> Parts:
+    """Stores, network, optimizer, AMP scaler and this rank's task sampler."""
+    torch.manual_seed(cfg.train.seed + rank)
+    amp = cfg.train.amp and device.type == "cuda"
+    stores = open_stores(cfg.data.stores)
+    manifests = [s.manifest for s in stores]
+    spec = network_spec(cfg.model, manifests)
+    network = build_network(spec, task_specs(manifests)).to(device)
+    sampler = build_sampler(
+        cfg.train.sampling, [len(s.case_ids("train")) for s in stores], batches=cfg.train.iterations_per_epoch,
+        batch_size=cfg.train.batch_size, mixed=cfg.train.mixed_task_batches,
+        temperature=cfg.train.sampling_temperature, seed=cfg.train.seed, rank=rank,
+    )
+    return Parts(cfg, stores, spec, network, build_optimizer(network.parameters(), cfg.train),
+                 torch.amp.GradScaler(device.type, enabled=amp), sampler, device, amp)
+
+
+def batch_loader(parts: Parts) -> DataLoader:
+    """Background loader of this rank's batches, from where the sampler stands to the end."""
+    cfg = parts.cfg
+    stream = BatchStream(
+        parts.sampler, list(cfg.data.stores), [m.num_classes for m in parts.manifests], parts.spec.patch_size,
+        cfg.train.epochs, start_epoch=parts.sampler.epoch, start_batch=parts.sampler.position,
+        foreground_fraction=cfg.train.foreground_fraction, augmentation=cfg.train.augmentation,
+    )
+    return make_loader(stream, cfg.train.loader_workers, pin_memory=parts.device.type == "cuda")
+
+
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point; `config` = {"experiment": to_dict(cfg), "context": RunContext fields}."""
     setup_logging()
     started = time.perf_counter()
     cfg = config_from_dict(config["experiment"], source="train_loop_config")
     context = RunContext(**config.get("context", {}))
-    train_ctx = ray.train.get_context()
-    rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
-    torch.manual_seed(cfg.train.seed + rank)
-    device = ray.train.torch.get_device()
-    amp = cfg.train.amp and device.type == "cuda"
-
-    stores = open_stores(cfg.data.stores)
-    manifests = [s.manifest for s in stores]
-    spec = network_spec(cfg.model, manifests)
-    network = build_network(spec, task_specs(manifests)).to(device)
-    optimizer = build_optimizer(network.parameters(), cfg.train)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
-    sampler = build_sampler(
-        cfg.train.sampling, [len(s.case_ids("train")) for s in stores], batches=cfg.train.iterations_per_epoch,
-        batch_size=cfg.train.batch_size, mixed=cfg.train.mixed_task_batches,
-        temperature=cfg.train.sampling_temperature, seed=cfg.train.seed, rank=rank,
-    )
-    state = resume(ray.train.get_checkpoint(), network, optimizer, scaler, sampler, device)
+    parts = build_parts(cfg, rank, ray.train.torch.get_device())
+    state = resume(ray.train.get_checkpoint(), parts)
     if rank == 0:
         log.info("%s: %d tasks (%s), %s, %.2f M parameters, %d worker(s) on %s, start at epoch %d/%d",
-                 cfg.name, len(stores), ", ".join(m.task_name for m in manifests), spec.architecture,
-                 sum(p.numel() for p in network.parameters()) / 1e6, world, device.type, state.epoch, cfg.train.epochs)
+                 cfg.name, len(parts.stores), ", ".join(m.task_name for m in parts.manifests),
+                 parts.spec.architecture, sum(p.numel() for p in parts.network.parameters()) / 1e6, world,
+                 parts.device.type, state.epoch, cfg.train.epochs)
     if state.epoch >= cfg.train.epochs:
         if rank == 0:
             log.info("nothing to do: the checkpoint already finished %d epochs", state.epoch)
         return
-    model = ray.train.torch.prepare_model(network, parallel_strategy_kwargs={"find_unused_parameters": True})
-    stream = BatchStream(
-        sampler, list(cfg.data.stores), [m.num_classes for m in manifests], spec.patch_size, cfg.train.epochs,
-        start_epoch=sampler.epoch, start_batch=sampler.position, foreground_fraction=cfg.train.foreground_fraction,
-        augmentation=cfg.train.augmentation,
-    )
-    batches = iter(make_loader(stream, cfg.train.loader_workers, pin_memory=device.type == "cuda"))
+    model = ray.train.torch.prepare_model(parts.network, parallel_strategy_kwargs={"find_unused_parameters": True})
+    batches = iter(batch_loader(parts))
     tracker = EpochLogger(context.tracking_uri, context.mlflow_run_id) if rank == 0 and context.mlflow_run_id else None
-    val_tasks = [ValidationTask(i, m.task_name, m.labels, tuple(s.case_ids("validation"))) for i, (s, m) in enumerate(zip(stores, manifests))]
     if rank == 0:
         log.info("ready to train after %.1f s", time.perf_counter() - started)
     run_started = time.perf_counter()
-
     for epoch in range(state.epoch, cfg.train.epochs):
-        lr = set_learning_rate(optimizer, cfg.train, epoch)
-        stats = train_epoch(model, batches, optimizer, scaler, sampler, cfg, epoch, device, amp, context, rank)
-        metrics = epoch_metrics(stats, epoch, lr, world)
+        lr = set_learning_rate(parts.optimizer, cfg.train, epoch)
+        stats = train_epoch(model, batches, parts, epoch, context, rank)
+        metrics = epoch_metrics(stats, lr, world)
         if rank == 0:
-            done = epoch + 1 - state.epoch
-            eta = (time.perf_counter() - run_started) / done * (cfg.train.epochs - epoch - 1)
+            eta = (time.perf_counter() - run_started) / (epoch + 1 - state.epoch) * (cfg.train.epochs - epoch - 1)
             log.info("epoch %d/%d done: loss %.4f, %.2f it/s, %.1f samples/s (all ranks), data wait %.0f%%, "
                      "%.1f s, run ETA %s", epoch + 1, cfg.train.epochs, metrics["train/loss"],
                      metrics["train/iterations_per_s"], metrics["train/samples_per_s"],
                      100 * metrics["train/data_wait_fraction"], stats.seconds, format_seconds(eta))
         last = epoch + 1 == cfg.train.epochs
         if (epoch + 1) % cfg.train.validate_every == 0 or last:
-            started = time.perf_counter()
-            metrics.update(validate(unwrap(model), val_tasks, lambda task, case: stores[task].read_case(case),
-                                    spec.patch_size, rank=rank, world_size=world, amp=amp))
-            if rank == 0:
-                log.info("epoch %d validation: %s (%.1f s)", epoch + 1, format_summary(metrics), time.perf_counter() - started)
+            metrics.update(validate_epoch(model, parts, epoch, rank, world))
         state.history.append({"epoch": float(epoch), **metrics})
         if tracker is not None:
             tracker.log_metrics(metrics, epoch)
@@ -132,21 +156,33 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 tracker.log_plots(state.history)
         if (epoch + 1) % cfg.train.checkpoint_every == 0 or last:
             state.epoch = epoch + 1
-            report_with_checkpoint(metrics | {"epoch": epoch}, network, optimizer, scaler, sampler, state, cfg, spec, manifests, rank)
+            report_with_checkpoint(metrics | {"epoch": epoch}, parts, state, rank)
         else:
             ray.train.report(metrics | {"epoch": epoch})
 
 
-def resume(checkpoint: ray.train.Checkpoint | None, network: nn.Module, optimizer: torch.optim.Optimizer,
-           scaler: torch.amp.GradScaler, sampler: TaskSampler, device: torch.device) -> TrainState:
-    """Restore everything from a Ray checkpoint, or a fresh state when there is none."""
+def validate_epoch(model: nn.Module, parts: Parts, epoch: int, rank: int, world: int) -> dict[str, float]:
+    """Per-task, per-class Dice on every store's validation split (cases shared among ranks)."""
+    started = time.perf_counter()
+    tasks = [ValidationTask(i, s.manifest.task_name, s.manifest.labels, tuple(s.case_ids("validation")))
+             for i, s in enumerate(parts.stores)]
+    metrics = validate(unwrap(model), tasks, lambda task, case: parts.stores[task].read_case(case),
+                       parts.spec.patch_size, rank=rank, world_size=world, amp=parts.amp)
+    if rank == 0:
+        log.info("epoch %d validation: %s (%.1f s)", epoch + 1, format_summary(metrics), time.perf_counter() - started)
+    return metrics
+
+
+def resume(checkpoint: ray.train.Checkpoint | None, parts: Parts) -> TrainState:
+    """Restore weights, optimizer, scaler, sampler and RNG from a checkpoint (or start fresh)."""
     if checkpoint is None:
         return TrainState()
     with checkpoint.as_directory() as directory:
-        state = load_checkpoint(directory, network, device)
-    optimizer.load_state_dict(state.optimizer)
+        state = load_checkpoint(directory, parts.network, parts.device)
+    parts.optimizer.load_state_dict(state.optimizer)
     if state.scaler:
-        scaler.load_state_dict(state.scaler)
+        parts.scaler.load_state_dict(state.scaler)
+    sampler = parts.sampler
     sampler.load_state_dict(state.sampler)
     if (sampler.epoch, sampler.position) != (state.epoch, 0):
         raise ValueError(f"checkpoint is inconsistent: epoch {state.epoch}, sampler at {sampler.epoch}/{sampler.position}")
@@ -174,12 +210,13 @@ def train_step(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer,
     return loss.detach()
 
 
-def train_epoch(model: nn.Module, batches: Iterator[Batch], optimizer: torch.optim.Optimizer,
-                scaler: torch.amp.GradScaler, sampler: TaskSampler, cfg: ExperimentConfig, epoch: int,
-                device: torch.device, amp: bool, context: RunContext, rank: int) -> EpochStats:
+def train_epoch(model: nn.Module, batches: Iterator[Batch], parts: Parts, epoch: int, context: RunContext,
+                rank: int) -> EpochStats:
+    """One epoch of `train.iterations_per_epoch` steps; rank 0 logs progress every `log_every`."""
+    cfg = parts.cfg
     model.train()
     total = cfg.train.iterations_per_epoch
-    loss_sum = torch.zeros((), device=device)
+    loss_sum = torch.zeros((), device=parts.device)
     started = time.perf_counter()
     data_seconds = 0.0
     samples = 0
@@ -189,8 +226,9 @@ def train_epoch(model: nn.Module, batches: Iterator[Batch], optimizer: torch.opt
         waited = time.perf_counter()
         batch = next(batches)
         data_seconds += time.perf_counter() - waited
-        loss_sum += train_step(model, batch, optimizer, scaler, device, amp, cfg.train.loss, cfg.train.grad_clip)
-        sampler.advance()
+        loss_sum += train_step(model, batch, parts.optimizer, parts.scaler, parts.device, parts.amp,
+                               cfg.train.loss, cfg.train.grad_clip)
+        parts.sampler.advance()
         samples += batch["image"].shape[0]
         if rank == 0 and (i + 1) % cfg.train.log_every == 0 and i + 1 < total:
             elapsed = time.perf_counter() - started
@@ -199,7 +237,7 @@ def train_epoch(model: nn.Module, batches: Iterator[Batch], optimizer: torch.opt
     return EpochStats(loss_sum.item() / total, time.perf_counter() - started, data_seconds, total, samples)
 
 
-def epoch_metrics(stats: EpochStats, epoch: int, lr: float, world: int) -> dict[str, float]:
+def epoch_metrics(stats: EpochStats, lr: float, world: int) -> dict[str, float]:
     """Epoch metrics averaged (loss, data wait) or summed (samples/s) over ranks."""
     values = torch.tensor([stats.loss, stats.data_seconds / stats.seconds, stats.samples / stats.seconds], dtype=torch.float64)
     if world > 1 and dist.is_initialized():
@@ -215,18 +253,17 @@ def epoch_metrics(stats: EpochStats, epoch: int, lr: float, world: int) -> dict[
     }
 
 
-def report_with_checkpoint(metrics: dict[str, float], network: nn.Module, optimizer: torch.optim.Optimizer,
-                           scaler: torch.amp.GradScaler, sampler: TaskSampler, state: TrainState,
-                           cfg: ExperimentConfig, spec: Any, manifests: Sequence[Any], rank: int) -> None:
-    """Rank 0 writes the checkpoint; every rank reports (Ray Train needs all of them)."""
+def report_with_checkpoint(metrics: dict[str, float], parts: Parts, state: TrainState, rank: int) -> None:
+    """Rank 0 writes the checkpoint (a model folder plus train state); every rank reports."""
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
-            state.optimizer = optimizer.state_dict()
-            state.scaler = scaler.state_dict()
-            state.sampler = sampler.state_dict()
+            state.optimizer = parts.optimizer.state_dict()
+            state.scaler = parts.scaler.state_dict()
+            state.sampler = parts.sampler.state_dict()
             state.torch_rng = torch.get_rng_state()
-            save_checkpoint(tmp, network, model_card(cfg, spec, manifests, state.epoch), state)
+            card = model_card(parts.cfg, parts.spec, parts.manifests, state.epoch)
+            save_checkpoint(tmp, parts.network, card, state)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
 
