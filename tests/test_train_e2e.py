@@ -17,8 +17,11 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
+import boto3
+import fsspec
 import mlflow
 import numpy as np
 import pytest
@@ -26,6 +29,7 @@ import ray
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
+from moto.server import ThreadedMotoServer
 
 from pipeline.common.config import ExperimentConfig, load_config
 from pipeline.common.mlflow_model import load_model
@@ -59,9 +63,26 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def local_ray():
+def s3_env() -> Iterator[dict[str, str]]:
+    """A moto S3 server on a free loopback port, and the AWS variables that point at it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
+                 aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket="train")
+    yield env
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def local_ray(s3_env: dict[str, str]) -> Iterator[None]:
+    """One in-process Ray for the module; its workers can reach the moto S3 server."""
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": s3_env})
     yield
     ray.shutdown()
 
@@ -157,9 +178,19 @@ def test_existing_run_is_not_repeated_and_resume_continues(stores: list[str], wo
 
 
 @pytest.mark.slow
-def test_killed_worker_is_restarted_from_the_checkpoint(stores: list[str], workdir: Path, local_ray: None) -> None:
+def test_killed_worker_is_restarted_from_the_checkpoint_on_s3(
+    stores: list[str], workdir: Path, local_ray: None, s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stores and checkpoints on S3; rank 1 is SIGKILLed halfway through epoch 1."""
+    for key, value in s3_env.items():
+        monkeypatch.setenv(key, value)
+    s3 = fsspec.filesystem("s3")
+    s3_stores = []
+    for store in (stores[0], stores[2]):  # CT liver (3 classes), 2-channel MR prostate
+        s3.put(store, f"train/stores/{Path(store).name}", recursive=True)
+        s3_stores.append(f"s3://train/stores/{Path(store).name}")
     train = {"epochs": 3, "iterations_per_epoch": 6, "checkpoint_every": 1, "validate_every": 3}
-    cfg = load_config(write_config(workdir, stores, "fault", train=train))
+    cfg = load_config(write_config(workdir, s3_stores, "fault", train=train, ray={"storage_path": "s3://train/ray"}))
     marker = workdir / "fault-fired"
     result = run(cfg, context=RunContext(fail_epoch=1, fail_rank=1, fail_marker=str(marker)))
     assert marker.exists(), "the injected failure did not fire"
@@ -167,7 +198,10 @@ def test_killed_worker_is_restarted_from_the_checkpoint(stores: list[str], workd
     # every epoch is logged exactly once.
     assert [step for step, _ in loss_history(cfg, result.mlflow_run_id)] == [0, 1, 2]
     assert result.metrics["epoch"] == 2
-    _, card = load_model(result.checkpoint)
+    assert result.checkpoint.startswith("s3://train/ray/fault/checkpoint_")
+    assert read_record("s3://train/ray/fault").status == "finished"
+    s3.get(result.checkpoint, str(workdir / "fault-checkpoint"), recursive=True)
+    _, card = load_model(str(workdir / "fault-checkpoint"))
     assert card.metadata["epochs_trained"] == 3
 
 

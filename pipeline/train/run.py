@@ -90,7 +90,7 @@ def run(cfg: ExperimentConfig, resume: bool = False, context: RunContext | None 
         write_record(run_dir, record)
         tracking.end_run(tracking_uri, mlflow_run_id, "KILLED" if stopped else "FAILED")
         raise
-    checkpoint = result.checkpoint.path if result.checkpoint else None
+    checkpoint = checkpoint_uri(result.checkpoint.path, storage) if result.checkpoint else None
     record.epochs_done = int(result.metrics.get("epoch", -1)) + 1 if result.metrics else record.epochs_done
     record.checkpoint = checkpoint
     if result.checkpoint is not None:
@@ -126,6 +126,13 @@ def fit(cfg: ExperimentConfig, storage: str, context: RunContext) -> Any:
         ),
     )
     return trainer.fit()
+
+
+def checkpoint_uri(path: str, storage: str) -> str:
+    """Ray gives checkpoint paths without the scheme of a remote storage; put it back."""
+    if "://" in storage and "://" not in path:
+        return f"{storage.split('://', 1)[0]}://{path}"
+    return path
 
 
 def check_stores(cfg: ExperimentConfig) -> None:
