@@ -18,5 +18,8 @@ venv: $(VENV)/.installed
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+demo: venv
+	bash scripts/demo.sh
+
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

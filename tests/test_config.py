@@ -73,3 +73,10 @@ def test_overrides_and_round_trip(tmp_path: Path) -> None:
 def test_bad_override_syntax(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="must look like section.key=value"):
         load_config(_write(tmp_path, "{}\n"), overrides=["train.epochs"])
+
+
+def test_local_stores_become_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "task.zarr").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = config_from_dict({"data": {"stores": ["task.zarr", "s3://bucket/other.zarr"]}})
+    assert cfg.data.stores == (str(tmp_path / "task.zarr"), "s3://bucket/other.zarr")

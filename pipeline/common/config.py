@@ -48,7 +48,8 @@ class DataConfig:
         missing = [s for s in stores if not _is_remote(s) and not Path(s).exists()]
         if missing:
             raise ValueError(f"store not found: {', '.join(missing)}")
-        return stores
+        # Absolute, because Ray workers and jobs run in other working directories.
+        return tuple(s if _is_remote(s) else str(Path(s).resolve()) for s in stores)
 
 
 @dataclass(frozen=True, config=_STRICT)
