@@ -21,6 +21,15 @@ from pipeline.train.sampling import build_sampler
 PATCH = (8, 16, 16)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread, as each training worker has; more only thrash on a busy 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class FakeStore:
     """An in-memory PatchSource: noise with one small foreground cube per class."""
 

@@ -38,7 +38,7 @@ from pipeline.datasets.synthetic import write_collection
 from pipeline.train.__main__ import main
 from pipeline.train.data import BatchStream
 from pipeline.train.loop import RunContext
-from pipeline.train.run import RunExistsError, read_record, run
+from pipeline.train.run import RunExistsError, TrainResult, read_record, run
 from pipeline.train.sampling import build_sampler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,10 +124,16 @@ def test_stream_over_real_stores(stores: list[str]) -> None:
         assert batch["label"][1].gt(0).any()  # the forced-foreground sample
 
 
-@pytest.mark.slow
-def test_two_workers_train_and_register(stores: list[str], workdir: Path, local_ray: None) -> None:
+@pytest.fixture(scope="module")
+def trained(stores: list[str], workdir: Path, local_ray: None) -> tuple[ExperimentConfig, TrainResult]:
+    """The run `e2e`: 2 workers, 4 tasks, 3 epochs of 8 iterations, registered as e2e-model."""
     cfg = load_config(write_config(workdir, stores, "e2e"))
-    result = run(cfg)
+    return cfg, run(cfg)
+
+
+@pytest.mark.slow
+def test_two_workers_train_and_register(stores: list[str], trained: tuple[ExperimentConfig, TrainResult]) -> None:
+    cfg, result = trained
 
     losses = loss_history(cfg, result.mlflow_run_id)
     assert [step for step, _ in losses] == [0, 1, 2]
@@ -161,9 +167,11 @@ def test_two_workers_train_and_register(stores: list[str], workdir: Path, local_
 
 
 @pytest.mark.slow
-def test_existing_run_is_not_repeated_and_resume_continues(stores: list[str], workdir: Path, local_ray: None) -> None:
-    config = workdir / "e2e.yaml"  # written by the test above
-    cfg = load_config(config)
+def test_existing_run_is_not_repeated_and_resume_continues(
+    workdir: Path, trained: tuple[ExperimentConfig, TrainResult]
+) -> None:
+    config = workdir / "e2e.yaml"
+    cfg = trained[0]
     with pytest.raises(RunExistsError, match="--resume e2e"):
         run(cfg)
     assert main(["--config", str(config)]) == 2

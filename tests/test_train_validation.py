@@ -12,6 +12,15 @@ from torch import nn
 from pipeline.train.validation import ValidationTask, dice_per_class, format_summary, metric_name, summarise, validate
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread, as each training worker has; more only thrash on a busy 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_dice_of_built_masks() -> None:
     truth = np.zeros((4, 4, 4), np.uint8)
     truth[:2] = 1  # 32 voxels
