@@ -149,6 +149,8 @@ def test_two_workers_train_and_register(stores: list[str], trained: tuple[Experi
             if cls:
                 assert f"dice/{manifest.task_name}/{label.replace(' ', '_')}" in metrics
     assert 0 < metrics["dice/mean"] <= 1
+    # Balanced sampling, counted: 2 ranks x 8 batches x 2 samples per epoch = 8 samples per task.
+    assert {m.task_name: metrics[f"samples/{m.task_name}"] for m in manifests} == {m.task_name: 8 for m in manifests}
     artifacts = {a.path for folder in ("plots", "config") for a in client.list_artifacts(result.mlflow_run_id, folder)}
     assert {"plots/loss.png", "plots/dice.png", "config/config.yaml"} <= artifacts
 

@@ -38,7 +38,7 @@ from pipeline.train.loss import deep_supervision_loss
 from pipeline.train.optim import build_optimizer, set_learning_rate
 from pipeline.train.sampling import TaskSampler, build_sampler
 from pipeline.train.tracking import EpochLogger
-from pipeline.train.validation import ValidationTask, format_summary, validate
+from pipeline.train.validation import ValidationTask, format_summary, metric_name, validate
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class EpochStats:
     seconds: float
     data_seconds: float
     iterations: int
-    samples: int
+    task_samples: torch.Tensor  # samples drawn per task this epoch (this rank)
 
 
 @dataclass
@@ -139,7 +139,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(state.epoch, cfg.train.epochs):
         lr = set_learning_rate(parts.optimizer, cfg.train, epoch)
         stats = train_epoch(model, batches, parts, epoch, context, rank)
-        metrics = epoch_metrics(stats, lr, world)
+        metrics = epoch_metrics(stats, lr, world, [m.task_name for m in parts.manifests])
         if rank == 0:
             eta = (time.perf_counter() - run_started) / (epoch + 1 - state.epoch) * (cfg.train.epochs - epoch - 1)
             log.info("epoch %d/%d done: loss %.4f, %.2f it/s, %.1f samples/s (all ranks), data wait %.0f%%, "
@@ -219,7 +219,7 @@ def train_epoch(model: nn.Module, batches: Iterator[Batch], parts: Parts, epoch:
     loss_sum = torch.zeros((), device=parts.device)
     started = time.perf_counter()
     data_seconds = 0.0
-    samples = 0
+    task_samples = torch.zeros(len(parts.stores), dtype=torch.long)
     for i in range(total):
         if epoch == context.fail_epoch and rank == context.fail_rank and i == total // 2:
             inject_failure(context)
@@ -229,28 +229,31 @@ def train_epoch(model: nn.Module, batches: Iterator[Batch], parts: Parts, epoch:
         loss_sum += train_step(model, batch, parts.optimizer, parts.scaler, parts.device, parts.amp,
                                cfg.train.loss, cfg.train.grad_clip)
         parts.sampler.advance()
-        samples += batch["image"].shape[0]
+        task_samples += torch.bincount(batch["task"], minlength=len(parts.stores))
         if rank == 0 and (i + 1) % cfg.train.log_every == 0 and i + 1 < total:
             elapsed = time.perf_counter() - started
             log.info("epoch %d/%d [%d/%d] loss %.4f, %.2f it/s, epoch ETA %s", epoch + 1, cfg.train.epochs, i + 1,
                      total, loss_sum.item() / (i + 1), (i + 1) / elapsed, format_seconds(elapsed / (i + 1) * (total - i - 1)))
-    return EpochStats(loss_sum.item() / total, time.perf_counter() - started, data_seconds, total, samples)
+    return EpochStats(loss_sum.item() / total, time.perf_counter() - started, data_seconds, total, task_samples)
 
 
-def epoch_metrics(stats: EpochStats, lr: float, world: int) -> dict[str, float]:
-    """Epoch metrics averaged (loss, data wait) or summed (samples/s) over ranks."""
-    values = torch.tensor([stats.loss, stats.data_seconds / stats.seconds, stats.samples / stats.seconds], dtype=torch.float64)
+def epoch_metrics(stats: EpochStats, lr: float, world: int, task_names: list[str]) -> dict[str, float]:
+    """Epoch metrics over all ranks: loss and data wait averaged, samples/s and per-task samples summed."""
+    samples = stats.task_samples.double()
+    values = torch.cat([torch.tensor([stats.loss, stats.data_seconds / stats.seconds,
+                                      samples.sum().item() / stats.seconds], dtype=torch.float64), samples])
     if world > 1 and dist.is_initialized():
         values = values.to(_collective_device())
         dist.all_reduce(values)
-        values = values.cpu() / torch.tensor([world, world, 1.0], dtype=torch.float64)
+        values = values.cpu()
+        values[:2] /= world
     return {
         "train/loss": float(values[0]),
         "train/lr": lr,
         "train/iterations_per_s": stats.iterations / stats.seconds,
         "train/samples_per_s": float(values[2]),
         "train/data_wait_fraction": float(values[1]),
-    }
+    } | {f"samples/{metric_name(name)}": float(n) for name, n in zip(task_names, values[3:])}
 
 
 def report_with_checkpoint(metrics: dict[str, float], parts: Parts, state: TrainState, rank: int) -> None:
