@@ -1,0 +1,125 @@
+"""`pipeline.evaluate`: the report from hand-made metrics, and runs on the tiny model's stores."""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from pipeline.common.inference import InferenceOptions
+from pipeline.common.metrics import ClassMetrics
+from pipeline.evaluate.__main__ import parse_args
+from pipeline.evaluate.cases import EvaluateError
+from pipeline.evaluate.report import CaseRow, markdown, mlflow_metrics, summarize, write_report
+from pipeline.evaluate.run import EvaluateOptions, run
+from pipeline.evaluate.tracking import model_run_id
+from test_predict_world import LIVER, SPLEEN, World, build_world, one_thread
+
+FAST = InferenceOptions(mirror_axes=())
+NAN = math.nan
+ROWS = [
+    CaseRow("liver", "a", ClassMetrics(1, "liver", 0.9, 2.0, 100, 110)),
+    CaseRow("liver", "a", ClassMetrics(2, "tumour", 0.5, 4.0, 10, 12)),
+    CaseRow("liver", "b", ClassMetrics(1, "liver", 0.7, 6.0, 90, 80)),
+    CaseRow("liver", "b", ClassMetrics(2, "tumour", NAN, NAN, 0, 3)),  # no tumour in b: not scored
+    CaseRow("spleen", "c", ClassMetrics(1, "spleen", 0.6, 1.0, 50, 40)),
+]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    return build_world(tmp_path_factory.getbasetemp() / "predict-world")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    with one_thread():
+        yield
+
+
+def test_summary_skips_undefined_values() -> None:
+    liver, tumour, liver_mean, spleen, spleen_mean = summarize(ROWS)
+    assert (liver.cases, liver.dice_mean, liver.dice_std, liver.hd95_mean) == (2, pytest.approx(0.8), pytest.approx(0.1), 4.0)
+    assert (tumour.cases, tumour.dice_mean, tumour.hd95_median) == (1, 0.5, 4.0)
+    assert liver_mean.class_id is None and liver_mean.dice_mean == pytest.approx(0.65)
+    assert spleen.dice_mean == spleen_mean.dice_mean == 0.6
+
+
+def test_markdown_and_mlflow_metrics() -> None:
+    summaries = summarize(ROWS)
+    table = markdown(summaries, "Evaluation")
+    assert "| liver | 2 tumour | 1 | 0.5000 | 0.0000 | 4.00 | 4.00 |" in table
+    assert "| liver | **mean** | 2 | 0.6500 | - |" in table
+    assert "Mean Dice over tasks: 0.6250" in table
+    metrics = mlflow_metrics(summaries, "validation")
+    assert metrics["eval/validation/dice"] == pytest.approx(0.625)
+    assert metrics["eval/validation/liver/tumour/hd95"] == 4.0 and metrics["eval/validation/spleen/dice"] == 0.6
+
+
+def test_report_files(tmp_path: Path) -> None:
+    _, files = write_report(ROWS, tmp_path / "report", "Evaluation")
+    assert [f.name for f in files] == ["metrics.csv", "summary.md", "boxplot_liver.png", "boxplot_spleen.png"]
+    with files[0].open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["task", "case", "class_id", "name", "dice", "hd95", "reference_voxels", "predicted_voxels"]
+    assert len(rows) == 5 and rows[3]["dice"] == "nan"
+    assert files[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_model_run_id_of_uri_forms(world: World) -> None:
+    client = MlflowClient(world.tracking_uri)
+    run_id = model_run_id(world.model_uri, client)
+    assert run_id and model_run_id("models:/tiny-uniseg/1", client) == run_id
+    assert model_run_id(f"runs:/{run_id}/model", client) == run_id
+    assert model_run_id(str(world.model_dir), client) is None
+
+
+def test_store_space_on_two_stores(world: World, tmp_path: Path) -> None:
+    options = EvaluateOptions(model=str(world.model_dir), stores=(world.stores[LIVER.name], world.stores[SPLEEN.name]),
+                              output=tmp_path, space="store", inference=FAST)
+    result = run(options)
+    assert {(r.task, r.case) for r in result.rows} == {
+        (LIVER.name, "synthliver_002"), (LIVER.name, "synthliver_004"), (SPLEEN.name, "synthspleen_002")}
+    assert result.run_id is None  # a model folder has no run
+    assert result.metrics[f"eval/validation/{LIVER.name}/liver/dice"] > 0.7
+    assert result.metrics[f"eval/validation/{SPLEEN.name}/dice"] > 0.7
+    assert (tmp_path / "summary.md").is_file() and (tmp_path / f"boxplot_{SPLEEN.name}.png").is_file()
+
+
+def test_raw_root_finds_moved_source_labels(world: World, tmp_path: Path) -> None:
+    moved = tmp_path / "moved"
+    shutil.copytree(world.raw[LIVER.name], moved / LIVER.name)
+    options = EvaluateOptions(model=str(world.model_dir), stores=(world.stores[LIVER.name],), output=tmp_path / "a",
+                              inference=FAST, raw_root=moved)
+    original = run(replace(options, raw_root=None, output=tmp_path / "b"))
+    assert [r.metrics for r in run(options).rows] == [r.metrics for r in original.rows]
+    with pytest.raises(EvaluateError, match="source label of case synthliver_002 not found"):
+        run(replace(options, raw_root=tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(split="test"), "case synthliver_005 has no ground truth"),
+        (dict(stores=("absent.zarr",)), "absent.zarr: not a Zarr group"),
+        (dict(model="models:/absent/3"), "models:/absent/3: model not found"),
+    ],
+    ids=["test-split-without-labels", "missing-store", "missing-model"],
+)
+def test_errors(world: World, tmp_path: Path, changes: dict, message: str) -> None:
+    options = EvaluateOptions(**{"model": str(world.model_dir), "stores": (world.stores[LIVER.name],),
+                                 "output": tmp_path, "inference": FAST, "tracking_uri": world.tracking_uri} | changes)
+    with pytest.raises(EvaluateError, match=message):
+        run(options)
+
+
+def test_cli_options() -> None:
+    options = parse_args(["--model", "m", "--store", "a.zarr", "--store", "b.zarr", "--tta", "off", "--no-mlflow"])
+    assert options.stores == ("a.zarr", "b.zarr") and options.split == "val" and options.space == "original"
+    assert options.inference.mirror_axes == () and not options.log_to_mlflow
