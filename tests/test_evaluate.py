@@ -45,7 +45,8 @@ def _one_thread() -> Iterator[None]:
 
 def test_summary_skips_undefined_values() -> None:
     liver, tumour, liver_mean, spleen, spleen_mean = summarize(ROWS)
-    assert (liver.cases, liver.dice_mean, liver.dice_std, liver.hd95_mean) == (2, pytest.approx(0.8), pytest.approx(0.1), 4.0)
+    assert (liver.cases, liver.dice_mean, liver.dice_std) == (2, pytest.approx(0.8), pytest.approx(0.1))
+    assert liver.hd95_mean == 4.0
     assert (tumour.cases, tumour.dice_mean, tumour.hd95_median) == (1, 0.5, 4.0)
     assert liver_mean.class_id is None and liver_mean.dice_mean == pytest.approx(0.65)
     assert spleen.dice_mean == spleen_mean.dice_mean == 0.6

@@ -54,7 +54,9 @@ def test_bad_options() -> None:
         InferenceOptions(window_batch_size=0)
 
 
-@pytest.mark.parametrize("size, patch, overlap", [(30, 16, 0.5), (16, 16, 0.5), (100, 32, 0.0), (37, 8, 0.75), (9, 16, 0.5)])
+@pytest.mark.parametrize(
+    "size, patch, overlap", [(30, 16, 0.5), (16, 16, 0.5), (100, 32, 0.0), (37, 8, 0.75), (9, 16, 0.5)]
+)
 def test_window_starts_cover_the_axis_evenly(size: int, patch: int, overlap: float) -> None:
     starts = window_starts(size, patch, overlap)
     assert starts[0] == 0 and starts[-1] == max(0, size - patch)
@@ -107,10 +109,9 @@ def test_network_only_sees_batches_of_windows() -> None:
 
 def test_predict_scan_returns_the_input_grid() -> None:
     """A raw LPS image with anisotropic voxels: labels, probabilities and foreground on its own grid."""
-    card = ModelCard(
-        PRESETS["tiny"].replace(patch_size=(16, 32, 32)),
-        (TaskCard("t", {0: "bg", 1: "a", 2: "b"}, ("CT",), (2.0, 2.0, 2.0), ({"scheme": "ct-window", "lower": -325.0, "upper": 325.0},)),),
-    )
+    window = {"scheme": "ct-window", "lower": -325.0, "upper": 325.0}
+    task = TaskCard("t", {0: "bg", 1: "a", 2: "b"}, ("CT",), (2.0, 2.0, 2.0), (window,))
+    card = ModelCard(PRESETS["tiny"].replace(patch_size=(16, 32, 32)), (task,))
     affine = np.diag([-1.5, -1.5, 4.0, 1.0])  # LPS, 1.5 x 1.5 x 4 mm
     image = np.random.default_rng(0).normal(0, 100, (1, 30, 26, 9)).astype(np.float32)
     network = build_from_card(card).eval()

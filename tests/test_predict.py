@@ -64,8 +64,9 @@ def test_predict_from_registry_gives_input_grid_and_evaluate_dice(world: World, 
     liver_dice = dice(predicted, np.asarray(nib.load(_label(world)).dataobj), 1)
     assert liver_dice > 0.7
 
-    report = evaluate(EvaluateOptions(model=world.model_uri, stores=(world.stores[LIVER_TASK],), output=tmp_path / "eval",
-                                      split="val", inference=FAST, tracking_uri=world.tracking_uri))
+    report = evaluate(EvaluateOptions(model=world.model_uri, stores=(world.stores[LIVER_TASK],),
+                                      output=tmp_path / "eval", split="val", inference=FAST,
+                                      tracking_uri=world.tracking_uri))
     (row,) = [r for r in report.rows if r.case == VALIDATION_CASE and r.metrics.class_id == 1]
     assert row.metrics.dice == pytest.approx(liver_dice, abs=1e-6)
     logged = mlflow.MlflowClient(world.tracking_uri).get_run(report.run_id).data.metrics
@@ -99,7 +100,8 @@ def test_folder_of_scans_and_overwrite(world: World, tmp_path: Path) -> None:
     run(_options(world, inputs, tmp_path / "out"))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "synthliver_000.json", "synthliver_000.nii.gz", "synthliver_001.json", "synthliver_001.nii.gz"]
-    with pytest.raises(PredictError, match=re.escape("synthliver_000.nii.gz: output already exists (and 3 more); pass --overwrite")):
+    exists = "synthliver_000.nii.gz: output already exists (and 3 more); pass --overwrite"
+    with pytest.raises(PredictError, match=re.escape(exists)):
         run(_options(world, inputs, tmp_path / "out"))
     run(_options(world, inputs, tmp_path / "out", overwrite=True))
 

@@ -60,11 +60,14 @@ class InferenceOptions:
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     """The command-line flags of InferenceOptions (predict and evaluate share them)."""
     group = parser.add_argument_group("inference")
-    group.add_argument("--overlap", type=float, default=0.5, help="fraction of a window shared with its neighbour (0.5)")
-    group.add_argument("--tta", choices=("on", "off"), default="on", help="mirroring test-time augmentation over z, y, x (8 passes)")
+    group.add_argument("--overlap", type=float, default=0.5,
+                       help="fraction of a window shared with its neighbour (0.5)")
+    group.add_argument("--tta", choices=("on", "off"), default="on",
+                       help="mirroring test-time augmentation over z, y, x (8 passes)")
     group.add_argument("--window-batch-size", type=int, default=2, help="windows per forward pass (2)")
     group.add_argument("--no-amp", action="store_true", help="full precision on CUDA (AMP is used by default)")
-    group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where windows run (auto: CUDA if present)")
+    group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="where windows run (auto: CUDA if present)")
 
 
 def inference_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> InferenceOptions:
@@ -211,7 +214,8 @@ def predict_scan(
         raise ValueError(f"image has {image_cxyz.shape[0]} channel(s) but task {task.name} needs {task.in_channels}")
     norms = tuple(ChannelNormalization.from_dict(n) for n in task.normalization)
     image, meta = preprocess_image(image_cxyz, affine, task.target_spacing, norms, image_order)
-    stored = predict_probabilities(network, torch.from_numpy(image), task_id, task.num_classes, card.spec.patch_size, options)
+    volume = torch.from_numpy(image)
+    stored = predict_probabilities(network, volume, task_id, task.num_classes, card.spec.patch_size, options)
     labels = restore_array(stored.argmax(0).to(torch.uint8).numpy(), meta, order=0)
     restored = None
     if probabilities:

@@ -23,17 +23,20 @@ from pipeline.evaluate.cases import EvaluateError
 from pipeline.evaluate.run import EvaluateOptions, run
 
 log = logging.getLogger("pipeline.evaluate")
+MODEL_HELP = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a model folder"
 
 
 def parse_args(argv: list[str] | None = None) -> EvaluateOptions:
     parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a model folder")
-    parser.add_argument("--store", action="append", required=True, help="a Zarr task store (local or s3://); repeatable")
+    parser.add_argument("--model", required=True, help=MODEL_HELP)
+    parser.add_argument("--store", action="append", required=True,
+                        help="a Zarr task store (local or s3://); repeatable")
     parser.add_argument("--split", choices=("val", "validation", "test", "train"), default="val")
     parser.add_argument("--space", choices=("original", "store"), default="original",
                         help="score on the source files' grids (default) or on the stores' resampled grids")
     parser.add_argument("--raw-root", type=Path, help="folder holding the raw dataset folders, if moved since ingest")
-    parser.add_argument("-o", "--output", type=Path, default=Path("outputs/evaluate"), help="report folder (outputs/evaluate)")
+    parser.add_argument("-o", "--output", type=Path, default=Path("outputs/evaluate"),
+                        help="report folder (outputs/evaluate)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log the report to the model's MLflow run")
     parser.add_argument("--storage-options", type=json.loads, help="fsspec options for s3:// stores, as JSON")

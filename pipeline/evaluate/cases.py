@@ -54,8 +54,8 @@ def evaluate_case(
     """Per-class Dice and HD95 of one case (see the module docstring for the space)."""
     image, stored_label = store.read_case(case_id)
     task = card.tasks[task_id]
-    patch = card.spec.patch_size
-    predicted = segment(network, torch.from_numpy(np.asarray(image, np.float32)), task_id, task.num_classes, patch, options)
+    volume = torch.from_numpy(np.asarray(image, np.float32))
+    predicted = segment(network, volume, task_id, task.num_classes, card.spec.patch_size, options)
     meta = store.case_meta(case_id)
     if space == "store":
         if stored_label is None:
@@ -64,7 +64,9 @@ def evaluate_case(
     reference = original_reference(store, case_id, stored_label is not None, raw_root)
     restored = restore_array(predicted.numpy(), meta, order=0)
     if restored.shape != reference.labels.shape:
-        raise EvaluateError(f"{store.uri}: case {case_id}: restored prediction {restored.shape} != label {reference.labels.shape}")
+        raise EvaluateError(
+            f"{store.uri}: case {case_id}: restored prediction {restored.shape} != label {reference.labels.shape}"
+        )
     return class_metrics(restored, reference.labels, task.labels, reference.spacing)
 
 

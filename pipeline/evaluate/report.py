@@ -60,7 +60,9 @@ def summarize(rows: Sequence[CaseRow]) -> list[ClassSummary]:
     for task in dict.fromkeys(r.task for r in rows):
         task_rows = [r.metrics for r in rows if r.task == task]
         classes = sorted({(m.class_id, m.name) for m in task_rows})
-        per_class = [_class_summary(task, cid, name, [m for m in task_rows if m.class_id == cid]) for cid, name in classes]
+        per_class = [
+            _class_summary(task, cid, name, [m for m in task_rows if m.class_id == cid]) for cid, name in classes
+        ]
         summaries += per_class
         summaries.append(_task_mean(task, per_class))
     return summaries

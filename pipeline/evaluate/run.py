@@ -77,7 +77,9 @@ def _evaluate_store(
     task = card.tasks[task_id].name
     rows = []
     for case_id in tqdm(case_ids, desc=task, disable=None):
-        metrics = evaluate_case(network, card, task_id, store, case_id, options.inference, options.space, options.raw_root)
+        metrics = evaluate_case(
+            network, card, task_id, store, case_id, options.inference, options.space, options.raw_root
+        )
         rows += [CaseRow(task, case_id, m) for m in metrics]
     return rows
 
@@ -101,7 +103,9 @@ def _task_id(card: ModelCard, store: TaskStore) -> int:
     for name in (store.manifest.task_name, store.manifest.dataset):
         if name in names:
             return names.index(name)
-    raise EvaluateError(f"{store.uri}: task {store.manifest.task_name!r} is not a task of this model ({', '.join(names)})")
+    raise EvaluateError(
+        f"{store.uri}: task {store.manifest.task_name!r} is not a task of this model ({', '.join(names)})"
+    )
 
 
 def _cases(store: TaskStore, split: str) -> list[str]:

@@ -21,23 +21,28 @@ from pipeline.predict.io import PredictError
 from pipeline.predict.run import PredictOptions, run
 
 log = logging.getLogger("pipeline.predict")
+MODEL_HELP = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a model folder"
 
 
 def parse_args(argv: list[str] | None = None) -> PredictOptions:
     parser = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a model folder")
-    parser.add_argument("--task", required=True, help="a task name of the model, or 'all' (every task matching the input, merged)")
+    parser.add_argument("--model", required=True, help=MODEL_HELP)
+    parser.add_argument("--task", required=True,
+                        help="a task name of the model, or 'all' (every task matching the input, merged)")
     parser.add_argument("-i", "--input", required=True, type=Path, help="a NIfTI file or a folder of NIfTI files")
     parser.add_argument("-o", "--output", required=True, type=Path, help="output folder (created)")
-    parser.add_argument("--modality", default="", help="the input's channel modalities, comma-separated (e.g. CT or T2,ADC), checked against the task")
+    parser.add_argument("--modality", default="",
+                        help="the input's channel modalities, comma-separated (e.g. CT or T2,ADC), checked")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("--save-probabilities", action="store_true", help="also write softmax probabilities per task")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
     add_inference_arguments(parser)
     batch = parser.add_argument_group("batch on Ray")
     batch.add_argument("--ray", action="store_true", help="spread the scans over Ray workers")
-    batch.add_argument("--num-workers", type=int, help="Ray workers (implies --ray; default: as many as the cluster fits)")
-    batch.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, the job's cluster, or a local one)")
+    batch.add_argument("--num-workers", type=int,
+                       help="Ray workers (implies --ray; default: as many as the cluster fits)")
+    batch.add_argument("--ray-address",
+                       help="Ray cluster address (default: RAY_ADDRESS, the job's cluster, or a local one)")
     batch.add_argument("--cpus-per-worker", type=float, default=1.0)
     batch.add_argument("--gpus-per-worker", type=float, default=0.0)
     args = parser.parse_args(argv)

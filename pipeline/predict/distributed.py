@@ -62,9 +62,12 @@ def run_on_ray(
         ray.init(address=ray_options.address, log_to_driver=True)
     workers = []
     try:
-        weights = ray.put(save_weights({k: v.detach().cpu().contiguous() for k, v in unwrap(network).state_dict().items()}))
+        state = {k: v.detach().cpu().contiguous() for k, v in unwrap(network).state_dict().items()}
+        weights = ray.put(save_weights(state))
         count = min(len(jobs), ray_options.num_workers or _default_workers(ray_options))
-        actor = ray.remote(PredictWorker).options(num_cpus=ray_options.cpus_per_worker, num_gpus=ray_options.gpus_per_worker)
+        actor = ray.remote(PredictWorker).options(
+            num_cpus=ray_options.cpus_per_worker, num_gpus=ray_options.gpus_per_worker
+        )
         threads = max(1, int(ray_options.cpus_per_worker))
         workers = [actor.remote(weights, card.to_json(), ray_options.device, threads) for _ in range(count)]
         log.info("predicting %d scan(s) on %d Ray worker(s)", len(jobs), count)

@@ -41,7 +41,6 @@ class Scan:
     case_id: str
     files: tuple[Path, ...]
     num_channels: int
-    shape: tuple[int, int, int]  # (x, y, z) as in the file
 
     @property
     def name(self) -> str:
@@ -88,7 +87,8 @@ def _check_channel_numbering(case_id: str, files: list[Path]) -> None:
     matches = [_CHANNEL_FILE.match(nifti_stem(f)) for f in files]
     numbers = [int(m["channel"]) if m and m["case"] == case_id else -1 for m in matches]
     if numbers != list(range(len(files))):
-        raise PredictError(f"{files[0].parent}/{case_id}_XXXX: channel files must be numbered 0000..{len(files) - 1:04d}, got {numbers}")
+        expected = f"0000..{len(files) - 1:04d}"
+        raise PredictError(f"{files[0].parent}/{case_id}_XXXX: channel files must be numbered {expected}, got {numbers}")
 
 
 def inspect_scan(case_id: str, files: tuple[Path, ...]) -> Scan:
@@ -97,15 +97,15 @@ def inspect_scan(case_id: str, files: tuple[Path, ...]) -> Scan:
     shapes = [tuple(image.shape) for image in images]
     if len(files) == 1:
         if len(shapes[0]) not in (3, 4):
-            raise PredictError(f"{files[0]}: expected a 3D image or a 4D image with channels last, got shape {shapes[0]}")
+            raise PredictError(f"{files[0]}: expected a 3D image or a 4D image (channels last), got shape {shapes[0]}")
         channels = shapes[0][3] if len(shapes[0]) == 4 else 1
-        return Scan(case_id, files, channels, shapes[0][:3])
+        return Scan(case_id, files, channels)
     for path, image, shape in zip(files, images, shapes):
         if shape != shapes[0] or len(shape) != 3:
-            raise PredictError(f"{path}: shape {shape} != {files[0].name} {shapes[0]} (channel files must be 3D on one grid)")
+            raise PredictError(f"{path}: shape {shape} != {files[0].name} {shapes[0]} (channels: 3D files on one grid)")
         if not np.allclose(image.affine, images[0].affine, atol=AFFINE_TOLERANCE_MM):
             raise PredictError(f"{path}: affine differs from {files[0].name} (channel files must share one grid)")
-    return Scan(case_id, files, len(files), shapes[0])
+    return Scan(case_id, files, len(files))
 
 
 def _load_header(path: Path) -> nib.Nifti1Image:

@@ -88,7 +88,8 @@ def run_job(network: nn.Module, card: ModelCard, job: Job, options: InferenceOpt
     image, affine, header = read_scan(job.scan)
     merge = len(job.task_ids) > 1
     predictions = [
-        predict_scan(network, card, i, image, affine, options, probabilities=i in job.probability_paths, foreground=merge)
+        predict_scan(network, card, i, image, affine, options,
+                     probabilities=i in job.probability_paths, foreground=merge)
         for i in job.task_ids
     ]
     labels = merge_predictions(card, job.task_ids, predictions) if merge else predictions[0].labels

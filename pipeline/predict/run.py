@@ -54,7 +54,8 @@ def run(options: PredictOptions) -> list[Path]:
     if options.ray:
         written = run_on_ray(network, card, jobs, options.inference, options.ray)
     else:
-        written = [p for job in tqdm(jobs, desc="scans", disable=None) for p in run_job(network, card, job, options.inference)]
+        progress = tqdm(jobs, desc="scans", disable=None)
+        written = [path for job in progress for path in run_job(network, card, job, options.inference)]
     log.info("wrote %d file(s) for %d scan(s) to %s", len(written), len(jobs), options.output)
     return written
 

@@ -23,7 +23,9 @@ ALL_TASKS = "all"
 def select_tasks(card: ModelCard, task: str, scan: Scan, modalities: Sequence[str] = ()) -> tuple[int, ...]:
     """Task ids to run on `scan`; raises PredictError naming the scan when none can run."""
     if modalities and len(modalities) != scan.num_channels:
-        raise PredictError(f"{scan.name}: --modality names {len(modalities)} channel(s) but the scan has {scan.num_channels}")
+        raise PredictError(
+            f"{scan.name}: --modality names {len(modalities)} channel(s) but the scan has {scan.num_channels}"
+        )
     if task != ALL_TASKS:
         task_id = task_index(card, task)
         problem = mismatch(card.tasks[task_id], scan.num_channels, modalities)
@@ -33,7 +35,9 @@ def select_tasks(card: ModelCard, task: str, scan: Scan, modalities: Sequence[st
     matching = tuple(i for i, t in enumerate(card.tasks) if mismatch(t, scan.num_channels, modalities) is None)
     if not matching:
         known = "; ".join(f"{t.name} ({', '.join(t.modalities)})" for t in card.tasks)
-        raise PredictError(f"{scan.name}: no task of this model takes {_describe(scan.num_channels, modalities)}; it knows {known}")
+        raise PredictError(
+            f"{scan.name}: no task of this model takes {_describe(scan.num_channels, modalities)}; it knows {known}"
+        )
     return matching
 
 
@@ -47,7 +51,8 @@ def task_index(card: ModelCard, task: str) -> int:
 def mismatch(task: TaskCard, num_channels: int, modalities: Sequence[str]) -> str | None:
     """Why `task` cannot take this input, or None when it can."""
     if num_channels != task.in_channels:
-        return f"{num_channels} channel(s), but task {task.name} needs {task.in_channels} ({', '.join(task.modalities)})"
+        needs = f"{task.in_channels} ({', '.join(task.modalities)})"
+        return f"{num_channels} channel(s), but task {task.name} needs {needs}"
     if modalities and [m.upper() for m in modalities] != [m.upper() for m in task.modalities]:
         return f"modalities {', '.join(modalities)}, but task {task.name} needs {', '.join(task.modalities)}"
     return None
