@@ -38,7 +38,7 @@ step "3/6 train: tiny UniSeg on a local Ray with 2 workers, tracked in MLflow"
 step "4/6 evaluate: per-task Dice and HD95 on the validation split"
 eval_stores=()
 for store in "$OUT"/stores/*.zarr; do eval_stores+=(--store "$store"); done
-"$PY" -m pipeline.evaluate --model "models:/$MODEL/1" "${eval_stores[@]}" --split val -o "$OUT/evaluate"
+"$PY" -m pipeline.evaluate --model "models:/$MODEL/1" "${eval_stores[@]}" --split val --tta off -o "$OUT/evaluate"
 
 step "5/6 registry: set alias @demo and predict from models:/$MODEL@demo on a raw NIfTI"
 "$PY" - <<PYEOF

@@ -1,4 +1,6 @@
-"""`python -m pipeline.train --config FILE [--set key=value ...] [--resume RUN]`.
+"""Train a universal segmentation network on Ray: `python -m pipeline.train --config FILE`.
+
+`python -m pipeline.train --config FILE [--set key=value ...] [--resume RUN]`.
 
 Starts a local Ray when no cluster is given (`ray.address`, RAY_ADDRESS); the same command runs
 as a Ray job: `ray job submit --working-dir . -- python -m pipeline.train --config FILE`.

@@ -21,6 +21,7 @@ from typing import Any
 import fsspec
 
 from pipeline.common.config import ConfigError, ExperimentConfig, config_from_dict, to_dict
+from pipeline.common.tracking import resolve_tracking_uri
 from pipeline.train import tracking
 from pipeline.train.build import open_stores
 from pipeline.train.loop import RunContext, train_fn_per_worker
@@ -60,6 +61,25 @@ def run(cfg: ExperimentConfig, resume: bool = False, context: RunContext | None 
     """Train `cfg` (or continue it when `resume`); returns where the results are."""
     storage = resolve_storage(cfg.ray.storage_path)
     run_dir = f"{storage.rstrip('/')}/{cfg.name}"
+    previous = check_run(cfg, run_dir, resume)
+    if previous is not None and previous.status == "finished" and previous.epochs_done >= cfg.train.epochs:
+        log.info("run %s already finished %d epochs; nothing to do (raise train.epochs to train longer)",
+                 cfg.name, previous.epochs_done)
+        return TrainResult(cfg.name, run_dir, previous.checkpoint, previous.mlflow_run_id, previous.model_uri, {})
+    check_stores(cfg)
+    record = open_run(cfg, run_dir, previous)
+    context = RunContext(tracking_uri=record.tracking_uri, mlflow_run_id=record.mlflow_run_id,
+                         **{k: v for k, v in asdict(context or RunContext()).items() if k.startswith("fail")})
+    try:
+        result = fit(cfg, storage, context)
+    except BaseException as err:
+        close_run(run_dir, record, "stopped" if isinstance(err, KeyboardInterrupt) else "failed")
+        raise
+    return finish_run(cfg, run_dir, record, result, storage)
+
+
+def check_run(cfg: ExperimentConfig, run_dir: str, resume: bool) -> RunRecord | None:
+    """The record of the run to resume; errors when a new run would reuse an existing folder."""
     record = read_record(run_dir)
     if not resume and (record is not None or _exists(run_dir)):
         status = record.status if record else "unknown status"
@@ -69,38 +89,39 @@ def run(cfg: ExperimentConfig, resume: bool = False, context: RunContext | None 
         )
     if resume and record is None:
         raise FileNotFoundError(f"{run_dir}: no run {cfg.name!r} to resume")
-    if resume and record.status == "finished" and record.epochs_done >= cfg.train.epochs:
-        log.info("run %s already finished %d epochs; nothing to do (raise train.epochs to train longer)",
-                 cfg.name, record.epochs_done)
-        return TrainResult(cfg.name, run_dir, record.checkpoint, record.mlflow_run_id, record.model_uri, {})
+    return record
 
-    check_stores(cfg)
-    tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
-    mlflow_run_id = tracking.start_run(cfg, tracking_uri, record.mlflow_run_id if record else None)
-    record = RunRecord(cfg.name, "running", mlflow_run_id, tracking_uri, record.epochs_done if record else 0, to_dict(cfg))
+
+def open_run(cfg: ExperimentConfig, run_dir: str, previous: RunRecord | None) -> RunRecord:
+    """Start (or reopen) the MLflow run and mark the run folder as running."""
+    tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    run_id = tracking.start_run(cfg, tracking_uri, previous.mlflow_run_id if previous else None)
+    record = RunRecord(cfg.name, "running", run_id, tracking_uri, previous.epochs_done if previous else 0, to_dict(cfg))
     write_record(run_dir, record)
-    log.info("run %s: storage %s, MLflow run %s at %s", cfg.name, run_dir, mlflow_run_id, tracking_uri)
-    context = RunContext(tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id,
-                         **{k: v for k, v in asdict(context or RunContext()).items() if k.startswith("fail")})
-    try:
-        result = fit(cfg, storage, context)
-    except BaseException as err:
-        stopped = isinstance(err, KeyboardInterrupt)
-        record.status = "stopped" if stopped else "failed"
-        write_record(run_dir, record)
-        tracking.end_run(tracking_uri, mlflow_run_id, "KILLED" if stopped else "FAILED")
-        raise
-    checkpoint = checkpoint_uri(result.checkpoint.path, storage) if result.checkpoint else None
-    record.epochs_done = int(result.metrics.get("epoch", -1)) + 1 if result.metrics else record.epochs_done
-    record.checkpoint = checkpoint
+    log.info("run %s: storage %s, MLflow run %s at %s", cfg.name, run_dir, run_id, tracking_uri)
+    return record
+
+
+def close_run(run_dir: str, record: RunRecord, status: str) -> None:
+    record.status = status
+    write_record(run_dir, record)
+    tracking.end_run(record.tracking_uri, record.mlflow_run_id, "KILLED" if status == "stopped" else "FAILED")
+
+
+def finish_run(cfg: ExperimentConfig, run_dir: str, record: RunRecord, result: Any, storage: str) -> TrainResult:
+    """Log and register the final model from the last checkpoint; mark the run finished."""
+    metrics = dict(result.metrics or {})
+    record.epochs_done = int(metrics.get("epoch", record.epochs_done - 1)) + 1
     if result.checkpoint is not None:
+        record.checkpoint = checkpoint_uri(result.checkpoint.path, storage)
         with result.checkpoint.as_directory() as model_dir:
-            record.model_uri = tracking.log_final_model(tracking_uri, mlflow_run_id, model_dir, cfg.mlflow.registered_model)
+            record.model_uri = tracking.log_final_model(record.tracking_uri, record.mlflow_run_id, model_dir,
+                                                        cfg.mlflow.registered_model)
     record.status = "finished"
     write_record(run_dir, record)
-    tracking.end_run(tracking_uri, mlflow_run_id, "FINISHED")
-    log.info("run %s finished: checkpoint %s, model %s", cfg.name, checkpoint, record.model_uri)
-    return TrainResult(cfg.name, run_dir, checkpoint, mlflow_run_id, record.model_uri, dict(result.metrics or {}))
+    tracking.end_run(record.tracking_uri, record.mlflow_run_id, "FINISHED")
+    log.info("run %s finished: checkpoint %s, model %s", cfg.name, record.checkpoint, record.model_uri)
+    return TrainResult(cfg.name, run_dir, record.checkpoint, record.mlflow_run_id, record.model_uri, metrics)
 
 
 def fit(cfg: ExperimentConfig, storage: str, context: RunContext) -> Any:

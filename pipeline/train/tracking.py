@@ -8,7 +8,6 @@ checkpoint, which is itself a model folder (weights + card).
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -20,21 +19,11 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from pipeline.common.config import ExperimentConfig, flatten, save_config
+from pipeline.common.tracking import ensure_experiment
 
 log = logging.getLogger(__name__)
 
 History = list[dict[str, float]]
-
-
-def resolve_tracking_uri(configured: str | None) -> str:
-    """Config value, else MLFLOW_TRACKING_URI, else `sqlite:///<cwd>/mlflow.db` (absolute, so
-    Ray workers with another working directory write to the same file)."""
-    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
-    if "://" not in uri and not uri.startswith(("databricks", "file:")):
-        return str(Path(uri).resolve())
-    return uri
 
 
 def start_run(cfg: ExperimentConfig, tracking_uri: str, run_id: str | None = None) -> str:
@@ -44,8 +33,8 @@ def start_run(cfg: ExperimentConfig, tracking_uri: str, run_id: str | None = Non
         with mlflow.start_run(run_id=run_id):
             _log_config(cfg, "config/resumed.yaml")
         return run_id
-    experiment = mlflow.set_experiment(cfg.mlflow.experiment)
-    with mlflow.start_run(run_name=cfg.name, experiment_id=experiment.experiment_id) as run:
+    experiment_id = ensure_experiment(cfg.mlflow.experiment, tracking_uri)
+    with mlflow.start_run(run_name=cfg.name, experiment_id=experiment_id) as run:
         mlflow.log_params({k: _param(v) for k, v in flatten(cfg).items()})
         mlflow.set_tag("stage", "train")
         _log_config(cfg, "config/config.yaml")

@@ -1,0 +1,90 @@
+"""A real one-node Ray cluster for tests: `ray start --head` on 127.0.0.1 with its dashboard
+(the job API) and token authentication, in its own temp dir and process session. Teardown kills
+that session only (never `ray stop`, which would stop every Ray on the machine)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+VENV_BIN = Path(sys.executable).parent
+START_TIMEOUT_S = 180
+
+
+@dataclass(frozen=True)
+class RayHead:
+    url: str  # dashboard / job API
+    env: dict[str, str]  # environment for `ray` commands (venv first on PATH, auth token)
+
+    def submit(self, entrypoint: Sequence[str], cwd: Path, working_dir: bool = True, timeout: float = 540) -> subprocess.CompletedProcess:
+        """`ray job submit` (waits for the job); retried while the job agent is still starting."""
+        command = [str(VENV_BIN / "ray"), "job", "submit", "--address", self.url]
+        command += ["--working-dir", "."] if working_dir else []
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            job = subprocess.run([*command, "--", *entrypoint], cwd=cwd, env=self.env, capture_output=True,
+                                 text=True, timeout=timeout)
+            if "No available agent" not in job.stderr or time.monotonic() > deadline:
+                return job
+            time.sleep(2)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def ray_head(num_cpus: int = 2, extra_env: dict[str, str] | None = None) -> Iterator[RayHead]:
+    port, dashboard = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="ray-test-", dir="/tmp")  # Ray's socket paths must stay short
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env |= {"PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": secrets.token_hex(32), "OMP_NUM_THREADS": "1", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    env |= extra_env or {}
+    command = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--port", str(port), "--node-ip-address",
+               "127.0.0.1", "--include-dashboard=true", "--dashboard-host", "127.0.0.1", "--dashboard-port",
+               str(dashboard), "--num-cpus", str(num_cpus), "--temp-dir", temp_dir, "--disable-usage-stats"]
+    log_path = Path(temp_dir) / "ray-start.log"
+    with open(log_path, "w") as log:
+        head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dashboard}"
+    try:
+        _wait_for_dashboard(url, head, log_path)
+        yield RayHead(url, env)
+    finally:
+        try:
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_for_dashboard(url: str, head: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start exited with {head.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(f"{url}/api/version", timeout=2)
+            return
+        except urllib.error.HTTPError:  # it answers (401 without the token): it is up
+            return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"Ray dashboard at {url} not up after {START_TIMEOUT_S} s")
