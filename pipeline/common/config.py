@@ -142,6 +142,93 @@ class MLflowConfig:
 
 
 @dataclass(frozen=True, config=_STRICT)
+class FinetuneConfig:
+    """Transfer a trained universal model to the task of `data.stores` (one store) and fine-tune.
+
+    `pretrained` is a model URI (models:/NAME@ALIAS, runs:/ID/model or a model folder); None
+    trains the usual network. `from_scratch` keeps the pretrained model's architecture but not
+    its weights (the baseline at equal iterations). The encoder is frozen for the first
+    `freeze_encoder_epochs`; the learning rate rises linearly over `warmup_epochs`; each layer
+    (counted back from the heads) gets `layer_decay` times the rate of the one after it.
+    """
+
+    pretrained: str | None = None
+    from_scratch: bool = False
+    freeze_encoder_epochs: NonNegativeInt = 0
+    warmup_epochs: NonNegativeInt = 0
+    layer_decay: PositiveFloat = 1.0  # 1.0 = off
+
+    @field_validator("layer_decay")
+    @classmethod
+    def _decay_at_most_one(cls, decay: float) -> float:
+        if decay > 1:
+            raise ValueError(f"must be in (0, 1], got {decay}")
+        return decay
+
+
+@dataclass(frozen=True, config=_STRICT)
+class SearchParam:
+    """One search dimension: `choice` takes `values`; uniform/loguniform/randint take low/high."""
+
+    type: Literal["choice", "uniform", "loguniform", "randint"]
+    values: tuple[Any, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.type == "choice":
+            if not self.values:
+                raise ValueError("choice needs a non-empty `values` list")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"{self.type} needs low < high, got low={self.low}, high={self.high}")
+        elif self.type == "loguniform" and self.low <= 0:
+            raise ValueError(f"loguniform needs low > 0, got {self.low}")
+
+
+@dataclass(frozen=True, config=_STRICT)
+class TuneConfig:
+    """A Ray Tune search (`python -m pipeline.tune`): dotted config keys -> search dimension.
+
+    Every trial is a short training run of this config with the sampled values; ASHA stops weak
+    trials at epochs grace_period * reduction_factor**k; the best config is written to
+    `best_config` (relative paths: the working directory).
+    """
+
+    space: dict[str, SearchParam] = dataclasses.field(default_factory=dict)
+    num_samples: PositiveInt = 8
+    max_concurrent_trials: PositiveInt = 2
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: PositiveInt = 1
+    reduction_factor: PositiveFloat = 2.0
+    searcher: Literal["optuna", "random"] = "optuna"
+    metric: str = "dice/mean"
+    mode: Literal["max", "min"] = "max"
+    seed: int = 0
+    trial_cpus: NonNegativeFloat = 0.0  # for each trial's driver; its Train workers reserve their own
+    best_config: str = "best-config.yaml"
+
+    @field_validator("space")
+    @classmethod
+    def _known_keys(cls, space: dict[str, SearchParam]) -> dict[str, SearchParam]:
+        sections = {f.name: f.type for f in dataclasses.fields(ExperimentConfig)}
+        for key in space:
+            section, _, leaf = key.partition(".")
+            if section in ("name", "tune") or section not in sections or not leaf:
+                raise ValueError(f"unknown search key {key!r}: use section.key, e.g. train.learning_rate")
+            leaves = {f.name for f in dataclasses.fields(_SECTION_TYPES[section])}
+            if leaf not in leaves:
+                raise ValueError(f"unknown search key {key!r}: {section} has no key {leaf!r}")
+        return space
+
+    @field_validator("reduction_factor")
+    @classmethod
+    def _above_one(cls, factor: float) -> float:
+        if factor <= 1:
+            raise ValueError(f"must be > 1, got {factor}")
+        return factor
+
+
+@dataclass(frozen=True, config=_STRICT)
 class ExperimentConfig:
     name: str = "uniseg"
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -150,6 +237,14 @@ class ExperimentConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     ray: RayConfig = dataclasses.field(default_factory=RayConfig)
     mlflow: MLflowConfig = dataclasses.field(default_factory=MLflowConfig)
+    finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
+    tune: TuneConfig = dataclasses.field(default_factory=TuneConfig)
+
+
+_SECTION_TYPES: dict[str, type] = {
+    "data": DataConfig, "ingest": IngestConfig, "model": ModelConfig, "train": TrainConfig,
+    "ray": RayConfig, "mlflow": MLflowConfig, "finetune": FinetuneConfig,
+}
 
 
 _ADAPTER = TypeAdapter(ExperimentConfig)

@@ -66,5 +66,7 @@ def model_card(cfg: ExperimentConfig, spec: NetworkSpec, manifests: Sequence[Sto
         spec=spec,
         tasks=tuple(task_card(m) for m in manifests),
         metadata={"run": cfg.name, "epochs_trained": epoch, "stores": list(cfg.data.stores),
-                  "patch_size": list(spec.patch_size)},
+                  "patch_size": list(spec.patch_size)}
+        | ({"pretrained": cfg.finetune.pretrained, "from_scratch": cfg.finetune.from_scratch}
+           if cfg.finetune.pretrained else {}),
     )

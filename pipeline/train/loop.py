@@ -31,6 +31,7 @@ from pipeline.common.config import ExperimentConfig, config_from_dict
 from pipeline.common.logs import setup_logging
 from pipeline.common.model_card import unwrap
 from pipeline.common.store import StoreManifest, TaskStore
+from pipeline.train import finetune
 from pipeline.train.build import model_card, network_spec, open_stores, task_specs
 from pipeline.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from pipeline.train.data import Batch, BatchStream, make_loader
@@ -89,14 +90,20 @@ def build_parts(cfg: ExperimentConfig, rank: int, device: torch.device) -> Parts
     amp = cfg.train.amp and device.type == "cuda"
     stores = open_stores(cfg.data.stores)
     manifests = [s.manifest for s in stores]
-    spec = network_spec(cfg.model, manifests)
-    network = build_network(spec, task_specs(manifests)).to(device)
+    if cfg.finetune.pretrained:
+        spec, network = finetune.transferred_network(cfg, manifests)
+    else:
+        spec = network_spec(cfg.model, manifests)
+        network = build_network(spec, task_specs(manifests))
+    network = network.to(device)
     sampler = build_sampler(
         cfg.train.sampling, [len(s.case_ids("train")) for s in stores], batches=cfg.train.iterations_per_epoch,
         batch_size=cfg.train.batch_size, mixed=cfg.train.mixed_task_batches,
         temperature=cfg.train.sampling_temperature, seed=cfg.train.seed, rank=rank,
     )
-    return Parts(cfg, stores, spec, network, build_optimizer(network.parameters(), cfg.train),
+    optimizer = (finetune.build_finetune_optimizer(network, cfg.train, cfg.finetune) if cfg.finetune.pretrained
+                 else build_optimizer(network.parameters(), cfg.train))
+    return Parts(cfg, stores, spec, network, optimizer,
                  torch.amp.GradScaler(device.type, enabled=amp), sampler, device, amp)
 
 
@@ -138,6 +145,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     run_started = time.perf_counter()
     for epoch in range(state.epoch, cfg.train.epochs):
         lr = set_learning_rate(parts.optimizer, cfg.train, epoch)
+        if cfg.finetune.pretrained:
+            lr = finetune.apply_schedule(parts.optimizer, model, cfg.finetune, epoch, lr)
         stats = train_epoch(model, batches, parts, epoch, context, rank)
         metrics = epoch_metrics(stats, lr, world, [m.task_name for m in parts.manifests])
         if rank == 0:

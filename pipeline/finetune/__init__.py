@@ -1,0 +1,1 @@
+"""Fine-tune a trained universal model on a new task (`python -m pipeline.finetune`)."""

@@ -1,0 +1,67 @@
+"""Fine-tune a universal model on a new task: `python -m pipeline.finetune --pretrained URI --store STORE`.
+
+`python -m pipeline.finetune --pretrained models:/NAME@ALIAS --store NEW_STORE [--config FILE]
+[--from-scratch] [--name RUN] [--register NAME] [--set key=value ...] [--resume]`.
+
+The config (default: all defaults) gives the recipe; `--set finetune.freeze_encoder_epochs=N`,
+`finetune.warmup_epochs`, `finetune.layer_decay`, `train.learning_rate` set the schedule.
+`--from-scratch` trains the same architecture from random weights (the baseline). The result is
+registered as `--register` (default: `<mlflow.registered_model>-finetuned`).
+Exit status 1 when training failed, 2 for a bad config or command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.common.config import ConfigError, config_from_dict, load_config, to_dict
+from pipeline.common.logs import setup_logging
+from pipeline.finetune.run import run
+from pipeline.train.run import RunExistsError
+
+log = logging.getLogger("pipeline.finetune")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline.finetune", description=__doc__.split("\n")[0])
+    p.add_argument("--pretrained", required=True, metavar="URI",
+                   help="source model: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a folder")
+    p.add_argument("--store", required=True, metavar="STORE", help="Zarr store of the new task (pipeline.ingest)")
+    p.add_argument("--config", metavar="YAML", help="experiment config for the recipe (configs/*.yaml)")
+    p.add_argument("--from-scratch", action="store_true", help="same architecture, random weights (baseline)")
+    p.add_argument("--name", metavar="RUN", help="run name (default: <config name>-finetune[-scratch])")
+    p.add_argument("--register", metavar="NAME", help="registered model name of the result")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set finetune.freeze_encoder_epochs=2 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run --name")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides) if args.config else config_from_dict({})
+        raw = to_dict(cfg)
+        raw["data"]["stores"] = [str(Path(args.store).resolve()) if "://" not in args.store else args.store]
+        raw["finetune"]["pretrained"] = args.pretrained
+        raw["finetune"]["from_scratch"] = args.from_scratch or raw["finetune"]["from_scratch"]
+        suffix = "-finetune-scratch" if raw["finetune"]["from_scratch"] else "-finetune"
+        raw["name"] = args.name or f"{raw['name']}{suffix}"
+        raw["mlflow"]["registered_model"] = args.register or f"{raw['mlflow']['registered_model'] or 'uniseg'}{suffix}"
+        result = run(config_from_dict(raw, source=args.config or "<command line>"), resume=args.resume)
+    except (ConfigError, RunExistsError, FileNotFoundError) as err:
+        log.error("%s", err)
+        return 2
+    except Exception:
+        log.exception("fine-tuning failed")
+        return 1
+    log.info("done: %s", result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The fine-tuning driver: pin the pretrained model, then train with `pipeline.train`.
+
+`models:/NAME@ALIAS` is resolved once to `models:/NAME/VERSION`, so every worker (and a resumed
+run) loads the same weights, and the source model is loaded here first so a wrong URI fails
+before Ray starts. Training, checkpoints, MLflow and registration are `pipeline.train.run`'s.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from mlflow.tracking import MlflowClient
+
+from pipeline.common.config import ConfigError, ExperimentConfig, config_from_dict, to_dict
+from pipeline.common.mlflow_model import load_model
+from pipeline.common.tracking import resolve_tracking_uri
+from pipeline.train.run import TrainResult
+from pipeline.train.run import run as train_run
+
+log = logging.getLogger(__name__)
+
+
+def pin_model_uri(uri: str, tracking_uri: str) -> str:
+    """`models:/NAME@ALIAS` -> `models:/NAME/VERSION`; other URIs as given."""
+    if not uri.startswith("models:/") or "@" not in uri:
+        return uri
+    name, alias = uri.removeprefix("models:/").split("@", 1)
+    try:
+        version = MlflowClient(tracking_uri).get_model_version_by_alias(name, alias).version
+    except Exception as err:  # MlflowException for unknown names/aliases
+        raise FileNotFoundError(f"{uri}: no such registered model alias ({str(err).splitlines()[0]})") from None
+    return f"models:/{name}/{version}"
+
+
+def prepare(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The config with an absolute tracking URI and the pretrained URI pinned; checks the model."""
+    if not cfg.finetune.pretrained:
+        raise ConfigError("finetune.pretrained: give the model to start from (--pretrained models:/NAME@ALIAS)")
+    if len(cfg.data.stores) != 1:
+        raise ConfigError(f"data.stores: fine-tuning trains one new task, got {len(cfg.data.stores)} stores")
+    tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    pinned = pin_model_uri(cfg.finetune.pretrained, tracking_uri)
+    _, card = load_model(pinned)
+    log.info("pretrained %s (%s): %s, tasks %s", cfg.finetune.pretrained, pinned, card.spec.architecture,
+             ", ".join(t.name for t in card.tasks))
+    raw = to_dict(cfg)
+    raw["mlflow"]["tracking_uri"] = tracking_uri
+    raw["finetune"]["pretrained"] = pinned
+    return config_from_dict(raw, source="finetune")
+
+
+def run(cfg: ExperimentConfig, resume: bool = False) -> TrainResult:
+    """Fine-tune (or, with finetune.from_scratch, train the same architecture from scratch)."""
+    cfg = prepare(cfg)
+    return train_run(cfg, resume=resume)
+
+

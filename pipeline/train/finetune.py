@@ -1,0 +1,107 @@
+"""Fine-tuning a trained universal model on a new task: transfer, parameter groups, schedule.
+
+`finetune.pretrained` names the source model. Every worker builds the same network: a plain
+U-Net with the source's encoder-decoder (`model.transfer`), the matching weights loaded (or none
+with `finetune.from_scratch`, the baseline with the same architecture). Parameters are grouped
+by depth for layer-wise learning-rate decay: the heads get the full rate, each layer towards the
+input `layer_decay` times the rate of the one after it. Each epoch `apply_schedule` sets every
+group's rate (schedule x warm-up x depth scale) and freezes the encoder during the first
+`freeze_encoder_epochs` (no gradients, rate 0, so momentum and weight decay leave it alone).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+
+import mlflow
+import torch
+from torch import nn
+
+from model.spec import NetworkSpec
+from model.transfer import transfer_to_single_task
+from model.unet import PlainUNet
+from pipeline.common.config import ExperimentConfig, FinetuneConfig, TrainConfig
+from pipeline.common.mlflow_model import load_model
+from pipeline.common.store import StoreManifest
+from pipeline.train.optim import OPTIMIZERS
+
+log = logging.getLogger(__name__)
+
+ENCODER_PREFIX = "encoder."
+
+
+def transferred_network(cfg: ExperimentConfig, manifests: Sequence[StoreManifest]) -> tuple[NetworkSpec, PlainUNet]:
+    """The spec and network for fine-tuning `cfg.finetune.pretrained` on the one task of the stores."""
+    if len(manifests) != 1:
+        raise ValueError(f"fine-tuning trains one new task, got {len(manifests)} stores in data.stores")
+    task = manifests[0]
+    if cfg.mlflow.tracking_uri:
+        mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    source, card = load_model(cfg.finetune.pretrained)  # type: ignore[arg-type]
+    spec = card.spec.replace(architecture="plain")
+    if cfg.finetune.from_scratch:
+        network = PlainUNet(spec, task.num_channels, task.num_classes)
+        log.info("from scratch: %s architecture of %s, random weights", spec.architecture, cfg.finetune.pretrained)
+        return spec, network
+    network, report = transfer_to_single_task(source.state_dict(), card.spec, task.num_channels, task.num_classes)
+    log.info("%s from %s", report.summary(), cfg.finetune.pretrained)
+    return spec, network
+
+
+def layer_ids(names: Sequence[str]) -> dict[str, int]:
+    """Depth of each parameter from the input: stem 0, encoder stage i -> i+1, then the decoder
+    levels from the bottleneck up, then the heads (the deepest id)."""
+    encoder_stages = 1 + max((int(m.group(1)) for n in names if (m := re.match(r"encoder\.stages\.(\d+)\.", n))),
+                             default=-1)
+    decoder_levels = 1 + max((int(m.group(1)) for n in names
+                              if (m := re.match(r"decoder\.(?:upsample|stages)\.(\d+)", n))), default=-1)
+    ids = {}
+    for name in names:
+        if m := re.match(r"encoder\.stages\.(\d+)\.", name):
+            ids[name] = int(m.group(1)) + 1
+        elif name.startswith(ENCODER_PREFIX):
+            ids[name] = 0
+        elif m := re.match(r"decoder\.(?:upsample|stages)\.(\d+)", name):
+            ids[name] = encoder_stages + 1 + int(m.group(1))
+        else:  # heads and anything task-specific: trained at the full rate
+            ids[name] = encoder_stages + 1 + decoder_levels
+    return ids
+
+
+def build_finetune_optimizer(network: nn.Module, train: TrainConfig, finetune: FinetuneConfig) -> torch.optim.Optimizer:
+    """The configured optimizer over one parameter group per depth, each with its `lr_scale`."""
+    named = list(network.named_parameters())
+    ids = layer_ids([n for n, _ in named])
+    top = max(ids.values())
+    groups: dict[int, list[tuple[str, nn.Parameter]]] = {}
+    for name, param in named:
+        groups.setdefault(ids[name], []).append((name, param))
+    param_groups = [
+        {"params": [p for _, p in members], "lr_scale": finetune.layer_decay ** (top - depth),
+         "encoder": all(n.startswith(ENCODER_PREFIX) for n, _ in members)}
+        for depth, members in sorted(groups.items())
+    ]
+    return OPTIMIZERS[train.optimizer](param_groups, train)
+
+
+def warmup_factor(finetune: FinetuneConfig, epoch: int) -> float:
+    """Linear warm-up: (epoch + 1) / (warmup_epochs + 1) for the first warmup_epochs epochs."""
+    if epoch >= finetune.warmup_epochs:
+        return 1.0
+    return (epoch + 1) / (finetune.warmup_epochs + 1)
+
+
+def apply_schedule(optimizer: torch.optim.Optimizer, network: nn.Module, finetune: FinetuneConfig, epoch: int,
+                   lr: float) -> float:
+    """Set each group's rate for `epoch` (schedule `lr` x warm-up x depth scale) and freeze or
+    unfreeze the encoder; returns the heads' rate."""
+    frozen = epoch < finetune.freeze_encoder_epochs
+    factor = warmup_factor(finetune, epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0 if frozen and group.get("encoder") else lr * factor * group.get("lr_scale", 1.0)
+    for name, param in network.named_parameters():
+        if name.removeprefix("module.").startswith(ENCODER_PREFIX):
+            param.requires_grad_(not frozen)
+    return lr * factor

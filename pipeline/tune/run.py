@@ -1,0 +1,270 @@
+"""The search driver: a Ray Tune Tuner over trial drivers that each run a short Ray Train job.
+
+Layout under `<ray.storage_path>/<name>`: Tune's experiment state (so `Tuner.restore` resumes
+an interrupted search), `uniseg_tune.json` (the MLflow parent run id), and `trials/`, where each
+trial's TorchTrainer keeps its checkpoints under the trial's name `<name>-<trial id>` (so a
+trial restarted by a resumed search continues its Train run). MLflow: one parent run (search
+space, best metric, best config) and one child run per trial (tag mlflow.parentRunId), into
+which the trial's rank 0 logs its epoch metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from pipeline.common.config import ExperimentConfig, config_from_dict, flatten, save_config, to_dict
+from pipeline.common.tracking import ensure_experiment, resolve_tracking_uri
+from pipeline.train.loop import RunContext, train_fn_per_worker
+from pipeline.train.run import connect_ray, resolve_storage
+from pipeline.tune.space import apply_values, sampled_values, search_space, trial_config
+
+log = logging.getLogger(__name__)
+
+RECORD_FILE = "uniseg_tune.json"
+TRIAL_TAG = "tune.trial_id"
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    name: str
+    search_dir: str
+    parent_run_id: str
+    best_config_path: str
+    best_metric: float
+    best_values: dict[str, Any]
+    trials: int
+    stopped_early: int
+
+
+def run(cfg: ExperimentConfig, resume: bool | None = None) -> TuneResult:
+    """Search `cfg.tune.space` around `cfg`; resume=None resumes when the search folder has state."""
+    from ray import tune
+
+    if not cfg.tune.space:
+        raise ValueError("tune.space is empty: give at least one dotted key to search, e.g. train.learning_rate")
+    storage = resolve_storage(cfg.ray.storage_path)
+    search_dir = f"{storage.rstrip('/')}/{cfg.name}"
+    tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    connect(cfg.ray.address)
+    restorable = tune.Tuner.can_restore(search_dir)
+    if resume and not restorable:
+        raise FileNotFoundError(f"{search_dir}: no search {cfg.name!r} to resume")
+    if resume is False and restorable:
+        raise FileExistsError(f"{search_dir}: search {cfg.name!r} exists; resume it or choose another name")
+    record = _read_record(search_dir) if restorable else None
+    parent_id = record["parent_run_id"] if record else _start_parent(cfg, tracking_uri)
+    _write_record(search_dir, {"parent_run_id": parent_id, "tracking_uri": tracking_uri, "config": to_dict(cfg)})
+    trainable = tune.with_resources(
+        tune.with_parameters(train_driver_fn, base=to_dict(cfg), parent_run_id=parent_id, tracking_uri=tracking_uri,
+                             trial_storage=f"{search_dir}/trials"),
+        trial_resources(cfg),
+    )
+    if restorable:
+        log.info("resuming search %s from %s", cfg.name, search_dir)
+        tuner = tune.Tuner.restore(search_dir, trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=search_space(cfg.tune),
+            tune_config=tune.TuneConfig(num_samples=cfg.tune.num_samples, max_concurrent_trials=cfg.tune.max_concurrent_trials,
+                                        scheduler=_scheduler(cfg), search_alg=_searcher(cfg)),
+            run_config=tune.RunConfig(name=cfg.name, storage_path=storage, verbose=0),
+        )
+    try:
+        results = tuner.fit()
+    except BaseException:
+        MlflowClient(tracking_uri).set_terminated(parent_id, "KILLED")
+        raise
+    return _finish(cfg, results, search_dir, parent_id, tracking_uri)
+
+
+def train_driver_fn(trial_params: dict[str, Any], base: dict[str, Any], parent_run_id: str, tracking_uri: str,
+                    trial_storage: str) -> None:
+    """One trial: a TorchTrainer over the sampled config whose worker reports reach Tune."""
+    import ray.train
+    from ray import tune
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    base_cfg = config_from_dict(base, source="tune base")
+    trial_id = tune.get_context().get_trial_id()
+    values = sampled_values(trial_params, base_cfg.tune)
+    cfg = trial_config(base_cfg, values, f"{base_cfg.name}-{trial_id}", source=f"trial {trial_id}")
+    run_id = _child_run(cfg, values, trial_id, parent_run_id, tracking_uri)
+    context = RunContext(tracking_uri=tracking_uri, mlflow_run_id=run_id)
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"experiment": to_dict(cfg), "context": asdict(context)},
+        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+            resources_per_worker={"CPU": cfg.ray.cpus_per_worker} | ({"GPU": 1} if cfg.ray.use_gpu else {}),
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.name, storage_path=trial_storage, callbacks=[TuneReportCallback()],
+            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.ray.checkpoints_to_keep),
+        ),
+    )
+    trainer.fit()
+    MlflowClient(tracking_uri).set_terminated(run_id, "FINISHED")
+
+
+def connect(address: str | None) -> None:
+    """Join `address` (or RAY_ADDRESS); else start a local Ray whose processes know its address.
+
+    Ray Train removes the placement group of a trial that ASHA stops (its driver is killed) from
+    a helper actor that finds the cluster by address; with several Ray instances on one machine
+    and no RAY_ADDRESS it finds none, and the stopped trial's CPUs stay reserved. So a local
+    Ray started here gets a fixed GCS port and RAY_ADDRESS in the environment it inherits.
+    """
+    import os
+    import socket
+
+    import ray
+
+    if ray.is_initialized() or (address not in (None, "local")) or (address is None and os.environ.get("RAY_ADDRESS")):
+        connect_ray(address)
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    os.environ.update(RAY_ADDRESS=f"127.0.0.1:{port}", RAY_GCS_SERVER_PORT=str(port))
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    try:
+        log.info("starting a local Ray (GCS port %d)", port)
+        ray.init(address="local", _node_ip_address="127.0.0.1")
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
+    """What a trial's driver reserves. Its Train workers reserve their own CPUs; with
+    `tune.trial_cpus: 0` the driver holds 1 MiB of Ray's `memory` resource instead (Tune
+    refuses an empty request), so N one-CPU trials fit on N cores."""
+    if cfg.tune.trial_cpus > 0:
+        return {"CPU": cfg.tune.trial_cpus}
+    return {"CPU": 0, "memory": float(2**20)}
+
+
+def _scheduler(cfg: ExperimentConfig) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if cfg.tune.scheduler == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="training_iteration", metric=cfg.tune.metric, mode=cfg.tune.mode,
+                         max_t=cfg.train.epochs, grace_period=cfg.tune.grace_period,
+                         reduction_factor=cfg.tune.reduction_factor)
+
+
+def _searcher(cfg: ExperimentConfig) -> Any:
+    if cfg.tune.searcher == "random":
+        return None  # Tune's random / grid variant generator
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(metric=cfg.tune.metric, mode=cfg.tune.mode, seed=cfg.tune.seed)
+
+
+def _start_parent(cfg: ExperimentConfig, tracking_uri: str) -> str:
+    client = MlflowClient(tracking_uri)
+    experiment_id = ensure_experiment(cfg.mlflow.experiment, tracking_uri)
+    parent = client.create_run(experiment_id, run_name=cfg.name, tags={"stage": "tune"})
+    run_id = parent.info.run_id
+    for key, param in cfg.tune.space.items():
+        client.log_param(run_id, f"space.{key}", json.dumps({k: v for k, v in asdict(param).items() if v is not None}))
+    for key in ("num_samples", "max_concurrent_trials", "scheduler", "grace_period", "reduction_factor", "searcher",
+                "metric", "mode", "seed"):
+        client.log_param(run_id, f"tune.{key}", getattr(cfg.tune, key))
+    client.log_dict(run_id, to_dict(cfg), "config/base.json")
+    return run_id
+
+
+def _child_run(cfg: ExperimentConfig, values: dict[str, Any], trial_id: str, parent_id: str, tracking_uri: str) -> str:
+    """The trial's MLflow run (reopened when a resumed search restarts the trial)."""
+    client = MlflowClient(tracking_uri)
+    parent = client.get_run(parent_id)
+    found = client.search_runs([parent.info.experiment_id],
+                               f"tags.mlflow.parentRunId = '{parent_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'")
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    child = client.create_run(parent.info.experiment_id, run_name=cfg.name,
+                              tags={"mlflow.parentRunId": parent_id, TRIAL_TAG: trial_id, "stage": "tune-trial"})
+    params = {k: str(list(v) if isinstance(v, tuple) else v)[:6000] for k, v in flatten(cfg).items()
+              if not k.startswith("tune.")}
+    mlflow.set_tracking_uri(tracking_uri)
+    client.log_batch(child.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in params.items()])
+    client.log_dict(child.info.run_id, {k: v for k, v in values.items()}, "trial/values.json")
+    return child.info.run_id
+
+
+def _finish(cfg: ExperimentConfig, results: Any, search_dir: str, parent_id: str, tracking_uri: str) -> TuneResult:
+    """Close the child runs, pick the best trial, write its config, log it to the parent run."""
+    client = MlflowClient(tracking_uri)
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    children = {r.data.tags[TRIAL_TAG]: r for r in client.search_runs([experiment_id],
+                                                                    f"tags.mlflow.parentRunId = '{parent_id}'")}
+    scored, stopped = [], 0
+    for result in results:
+        trial_id = Path(result.path).name.split("_")[1] if result.path else None
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id", trial_id)
+        epochs = int(metrics.get("training_iteration", 0))
+        early = result.error is None and epochs < cfg.train.epochs
+        stopped += early
+        child = children.get(trial_id)
+        if child is not None:
+            client.set_tag(child.info.run_id, "tune.stopped_early", str(early).lower())
+            client.set_tag(child.info.run_id, "tune.epochs", str(epochs))
+            status = "FAILED" if result.error is not None else ("KILLED" if early else "FINISHED")
+            client.set_terminated(child.info.run_id, status)
+        value = metrics.get(cfg.tune.metric)
+        if value is not None and math.isfinite(value):
+            scored.append((not early, value if cfg.tune.mode == "max" else -value, result))
+    if not scored:
+        client.set_terminated(parent_id, "FAILED")
+        raise RuntimeError(f"{search_dir}: no trial reported {cfg.tune.metric}")
+    # Trials that ran every epoch first (a stopped trial's metric is from fewer epochs).
+    _, _, best = max(scored, key=lambda s: (s[0], s[1]))
+    values = sampled_values(best.config, cfg.tune)
+    best_cfg = config_from_dict(apply_values(cfg, values) | {"name": f"{cfg.name}-best"}, source="best trial")
+    path = Path(cfg.tune.best_config).expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_config(best_cfg, path)
+    best_metric = float(best.metrics[cfg.tune.metric])
+    client.log_metric(parent_id, f"best/{cfg.tune.metric}", best_metric)
+    client.log_artifact(parent_id, str(path), "best")
+    client.set_tag(parent_id, "tune.best_trial", str(best.metrics.get("trial_id")))
+    client.set_terminated(parent_id, "FINISHED")
+    log.info("search %s: %d trials (%d stopped early), best %s = %.4f with %s; config: %s", cfg.name, len(results),
+             stopped, cfg.tune.metric, best_metric, values, path)
+    return TuneResult(cfg.name, search_dir, parent_id, str(path), best_metric, values, len(results), stopped)
+
+
+def _read_record(search_dir: str) -> dict[str, Any] | None:
+    fs, path = fsspec.core.url_to_fs(f"{search_dir}/{RECORD_FILE}")
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
+def _write_record(search_dir: str, record: dict[str, Any]) -> None:
+    fs, path = fsspec.core.url_to_fs(f"{search_dir}/{RECORD_FILE}")
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    with fs.open(path, "w") as f:
+        json.dump(record, f, indent=2)
