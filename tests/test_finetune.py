@@ -1,0 +1,139 @@
+"""Fine-tuning: parameter depths, layer-wise decay, freezing and warm-up (unit); and on CPU, a
+registered tiny universal model transferred to a new task, trained and registered (slow)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+import ray
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from model.presets import preset_spec
+from model.unet import PlainUNet
+from pipeline.common.config import FinetuneConfig, TrainConfig, load_config
+from pipeline.common.mlflow_model import load_model
+from pipeline.datasets.synthetic import SyntheticTask, write_task
+from pipeline.finetune.__main__ import main
+from pipeline.train.finetune import apply_schedule, build_finetune_optimizer, layer_ids, warmup_factor
+from pipeline.train.run import run as train_run
+
+ROOT = Path(__file__).resolve().parents[1]
+UPSTREAM = (
+    SyntheticTask("Task01_FtLiver", ("CT",), ("background", "liver", "tumour"), spacing=(1.5, 1.5, 4.0),
+                  shape=(32, 32, 16), num_cases=4),
+    SyntheticTask("Task02_FtProstate", ("T2",), ("background", "prostate"), spacing=(1.0, 1.0, 3.0),
+                  shape=(32, 32, 16), num_cases=4),
+)
+NEW = SyntheticTask("Task05_FtSpleen", ("CT",), ("background", "spleen"), spacing=(1.5, 1.5, 4.0),
+                    shape=(32, 32, 16), num_cases=4)
+
+
+def _plain() -> PlainUNet:
+    return PlainUNet(preset_spec("tiny", patch_size=(16, 32, 32), spacing=(4.0, 1.5, 1.5), architecture="plain"), 1, 2)
+
+
+def test_layer_ids_run_from_stem_to_heads() -> None:
+    names = [n for n, _ in _plain().named_parameters()]
+    ids = layer_ids(names)
+    stem = ids["encoder.stems.1.weight"]
+    heads = max(ids[n] for n in names if n.startswith("heads."))
+    assert stem == 0 and heads == max(ids.values())
+    assert ids["encoder.stages.0.0.conv.weight" if "encoder.stages.0.0.conv.weight" in ids else
+               next(n for n in names if n.startswith("encoder.stages.0."))] == 1
+    deepest_decoder = next(n for n in names if n.startswith("decoder.upsample.0"))
+    last_encoder = max(ids[n] for n in names if n.startswith("encoder."))
+    assert ids[deepest_decoder] == last_encoder + 1
+
+
+def test_decay_freeze_and_warmup() -> None:
+    network = _plain()
+    finetune = FinetuneConfig(pretrained="x", freeze_encoder_epochs=1, warmup_epochs=2, layer_decay=0.5)
+    optimizer = build_finetune_optimizer(network, TrainConfig(learning_rate=0.1), finetune)
+    scales = [g["lr_scale"] for g in optimizer.param_groups]
+    assert scales[-1] == 1.0 and scales == sorted(scales) and scales[0] == 0.5 ** (len(scales) - 1)
+    assert [warmup_factor(finetune, e) for e in range(3)] == [1 / 3, 2 / 3, 1.0]
+
+    apply_schedule(optimizer, network, finetune, 0, 0.1)  # frozen and warming up
+    assert all(g["lr"] == 0 for g in optimizer.param_groups if g["encoder"])
+    assert optimizer.param_groups[-1]["lr"] == pytest.approx(0.1 / 3)
+    assert not any(p.requires_grad for n, p in network.named_parameters() if n.startswith("encoder."))
+    before = {n: p.detach().clone() for n, p in network.named_parameters()}
+    network(torch.randn(1, 1, 16, 32, 32))[0].sum().backward()
+    optimizer.step()
+    assert all(torch.equal(before[n], p) for n, p in network.named_parameters() if n.startswith("encoder."))
+
+    apply_schedule(optimizer, network, finetune, 2, 0.1)  # unfrozen, warm
+    assert all(p.requires_grad for p in network.parameters())
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * scales[0])
+    assert optimizer.param_groups[-1]["lr"] == pytest.approx(0.1)
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
+    root = tmp_path_factory.mktemp("finetune_data")
+    command = [sys.executable, "-m", "pipeline.ingest", "--out", str(root / "stores"), "--num-workers", "1"]
+    for task in (*UPSTREAM, NEW):
+        command += ["--source", str(write_task(root / "raw", task))]
+    subprocess.run(command, check=True, capture_output=True, cwd=ROOT)
+    return {"upstream": [str(root / "stores" / f"{t.name}.zarr") for t in UPSTREAM],
+            "new": [str(root / "stores" / f"{NEW.name}.zarr")]}
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def write_config(tmp: Path, stores: list[str], name: str, **train: object) -> Path:
+    raw = {
+        "name": name,
+        "data": {"stores": stores},
+        "model": {"preset": "tiny", "patch_size": [16, 32, 32]},
+        "train": {"epochs": 2, "iterations_per_epoch": 3, "batch_size": 2, "validate_every": 1,
+                  "checkpoint_every": 1, "loader_workers": 0, "amp": False, **train},
+        "ray": {"num_workers": 1, "cpus_per_worker": 1, "storage_path": str(tmp / "ray")},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "finetune-tests",
+                   "registered_model": "ft-universal"},
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.slow
+def test_finetune_from_registered_model(stores: dict[str, list[str]], tmp_path: Path, local_ray: None) -> None:
+    cfg = load_config(write_config(tmp_path, stores["upstream"], "universal"))
+    universal = train_run(cfg)
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    client.set_registered_model_alias("ft-universal", "champion", "1")
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    source, _ = load_model("models:/ft-universal@champion")
+
+    config = write_config(tmp_path, stores["upstream"], "recipe")
+    code = main(["--pretrained", "models:/ft-universal@champion", "--store", stores["new"][0], "--config", str(config),
+                 "--name", "spleen", "--register", "ft-spleen", "--set", "finetune.freeze_encoder_epochs=2",
+                 "--set", "finetune.layer_decay=0.8", "--set", "finetune.warmup_epochs=1"])
+    assert code == 0
+    tuned, card = load_model("models:/ft-spleen/1")
+    assert card.spec.architecture == "plain" and [t.name for t in card.tasks] == [NEW.name]
+    assert card.metadata["pretrained"] == "models:/ft-universal/1"
+    source_state, tuned_state = source.state_dict(), tuned.state_dict()
+    encoder = [n for n in tuned_state if n.startswith("encoder.") and n in source_state]
+    assert encoder and all(torch.equal(tuned_state[n], source_state[n]) for n in encoder), "frozen encoder changed"
+    decoder = [n for n in tuned_state if n.startswith("decoder.stages.") and n.endswith("weight")]
+    assert any(not torch.equal(tuned_state[n], source_state[n]) for n in decoder), "decoder did not train"
+    run = client.search_runs([client.get_experiment_by_name("finetune-tests").experiment_id],
+                             "attributes.run_name = 'spleen'")[0]
+    assert "dice/mean" in run.data.metrics and run.data.params["finetune.pretrained"] == "models:/ft-universal/1"
+    assert universal.model_uri == "models:/ft-universal/1"
