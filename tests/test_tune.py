@@ -105,7 +105,7 @@ def test_search_asha_mlflow_best_config(stores: list[str], tmp_path: Path) -> No
 
 @pytest.mark.slow
 def test_interrupted_search_resumes(stores: list[str], tmp_path: Path) -> None:
-    config = tune_config(tmp_path, stores, "resumable", searcher="random", scheduler="fifo", num_samples=3,
+    config = tune_config(tmp_path, stores, "resumable", searcher="random", scheduler="fifo", num_samples=2,
                          max_concurrent_trials=1)
     command = [sys.executable, "-m", "pipeline.tune", "--config", str(config)]
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
@@ -117,11 +117,10 @@ def test_interrupted_search_resumes(stores: list[str], tmp_path: Path) -> None:
     finished = []
     while time.monotonic() < deadline and first.poll() is None:
         time.sleep(2)
-        try:
-            finished = client.search_runs(
-                [e.experiment_id for e in client.search_experiments()], "attributes.status = 'FINISHED'")
-        except Exception:  # the database may not exist yet
+        if not Path(cfg.mlflow.tracking_uri.removeprefix("sqlite:///")).exists():
             continue
+        finished = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                      "attributes.status = 'FINISHED'")
         if any(r.data.tags.get("stage") == "tune-trial" for r in finished):
             break
     assert first.poll() is None, first.communicate()[0][-3000:]
@@ -130,12 +129,12 @@ def test_interrupted_search_resumes(stores: list[str], tmp_path: Path) -> None:
     done_before = {r.data.tags["tune.trial_id"] for r in finished if r.data.tags.get("stage") == "tune-trial"}
     assert done_before, output[-3000:]
 
-    resumed = subprocess.run(command + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(command + ["--resume"], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     children = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                   "tags.stage = 'tune-trial'")
     ids = [c.data.tags["tune.trial_id"] for c in children]
-    assert len(ids) == len(set(ids)) == 3, ids
+    assert len(ids) == len(set(ids)) == 2, ids
     assert done_before <= set(ids)
     assert all(c.info.status == "FINISHED" for c in children)
     assert Path(cfg.tune.best_config).is_file()

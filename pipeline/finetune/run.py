@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.common.config import ConfigError, ExperimentConfig, config_from_dict, to_dict
@@ -27,7 +28,7 @@ def pin_model_uri(uri: str, tracking_uri: str) -> str:
     name, alias = uri.removeprefix("models:/").split("@", 1)
     try:
         version = MlflowClient(tracking_uri).get_model_version_by_alias(name, alias).version
-    except Exception as err:  # MlflowException for unknown names/aliases
+    except MlflowException as err:  # unknown name or alias
         raise FileNotFoundError(f"{uri}: no such registered model alias ({str(err).splitlines()[0]})") from None
     return f"models:/{name}/{version}"
 
