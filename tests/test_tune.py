@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,15 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
         command += ["--source", str(write_task(root / "raw", task))]
     subprocess.run(command, check=True, capture_output=True, cwd=ROOT)
     return [str(root / "stores" / f"{t.name}.zarr") for t in TASKS]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def own_ray() -> Iterator[None]:
+    """The search starts its own local Ray in this process; shut it down after the module."""
+    yield
+    import ray
+
+    ray.shutdown()
 
 
 def tune_config(tmp: Path, stores: list[str], name: str, **tune: object) -> Path:
