@@ -55,7 +55,8 @@ def train(args: argparse.Namespace, name: str, architecture: str, stores: list[s
     cfg = config_from_dict({
         "name": name,
         "data": {"stores": stores},
-        "model": {"preset": "tiny", "architecture": architecture, "patch_size": list(args.patch)},
+        "model": {"preset": "tiny", "architecture": architecture, "patch_size": list(args.patch),
+                  "prompt_channels": args.prompt_channels},
         "train": {"epochs": args.epochs, "iterations_per_epoch": args.iterations, "batch_size": args.batch_size,
                   "validate_every": args.epochs, "checkpoint_every": args.epochs, "loader_workers": 1,
                   "log_every": 10_000, "seed": args.seed},
@@ -84,7 +85,9 @@ def table(results: list[dict[str, Any]], tasks: list[str], args: argparse.Namesp
     ]
     for r in (r for r in results if r["task"] is None):
         cells = [r["dice"].get(f"dice/{t}/mean", float("nan")) for t in tasks]
-        lines.append(f"| {r['architecture']} | " + " | ".join(f"{c:.3f}" for c in cells)
+        label = r["architecture"] + (f" ({args.prompt_channels} prompt ch)" if r["architecture"] == "uniseg"
+                                     and args.prompt_channels != 1 else "")
+        lines.append(f"| {label} | " + " | ".join(f"{c:.3f}" for c in cells)
                      + f" | {r['dice']['dice/mean']:.3f} | {r['seconds'] / 60:.1f} |")
     singles = {r["task"]: r for r in results if r["task"] is not None}
     if singles:
@@ -105,6 +108,7 @@ def main() -> None:
     p.add_argument("--patch", type=int, nargs=3, default=[32, 64, 64])
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt-channels", type=int, default=1, help="UniSeg prompt maps per task (paper: 1)")
     p.add_argument("--models", nargs="+", default=[*UNIVERSAL, "single"])
     p.add_argument("--out", type=Path, help="JSON with every figure (default: <work>/results.json)")
     args = p.parse_args()

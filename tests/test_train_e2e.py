@@ -229,21 +229,29 @@ def test_ray_job_submit_against_a_started_cluster(stores: list[str], workdir: Pa
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
     env.pop("RAY_ADDRESS", None)
     port, dashboard = _free_port(), _free_port()
+    # Every port Ray would otherwise take from a fixed default, so other Ray clusters on this
+    # machine (other test runs) cannot take the job agent's port.
+    ports = [f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                      "runtime-env-agent-port", "metrics-export-port",
+                                                      "ray-client-server-port")]
     temp_dir = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")  # Ray's socket paths must stay short
     head_log = open(workdir / "ray-head.log", "w")
     head = subprocess.Popen(
         [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--include-dashboard", "true",
-         "--num-cpus", "2", "--temp-dir", temp_dir],
+         "--num-cpus", "2", "--temp-dir", temp_dir, *ports],
         env=env, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
         _wait_for(f"http://127.0.0.1:{dashboard}/api/version", head, workdir / "ray-head.log", timeout=120)
-        submitted = subprocess.run(
-            [str(VENV_BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", ".",
-             "--", "python", "-m", "pipeline.train", "--config", str(config)],
-            cwd=ROOT, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=400,
-        )
+        command = [str(VENV_BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
+                   "--working-dir", ".", "--", "python", "-m", "pipeline.train", "--config", str(config)]
+        for _ in range(30):  # the dashboard answers before the node's job agent has registered
+            submitted = subprocess.run(command, cwd=ROOT, env={**env, "RAY_AUTH_MODE": "token"},
+                                       capture_output=True, text=True, timeout=400)
+            if "No available agent" not in submitted.stderr + submitted.stdout:
+                break
+            time.sleep(2)
         assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
         assert "succeeded" in submitted.stdout + submitted.stderr
     finally:
