@@ -22,6 +22,7 @@ from pathlib import Path
 
 VENV_BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 180
+AGENT_TIMEOUT_S = 420  # the job agent can start minutes after the dashboard on a loaded machine
 
 
 @dataclass(frozen=True)
@@ -33,13 +34,13 @@ class RayHead:
         """`ray job submit` (waits for the job); retried while the job agent is still starting."""
         command = [str(VENV_BIN / "ray"), "job", "submit", "--address", self.url]
         command += ["--working-dir", "."] if working_dir else []
-        deadline = time.monotonic() + START_TIMEOUT_S
+        deadline = time.monotonic() + AGENT_TIMEOUT_S
         while True:
             job = subprocess.run([*command, "--", *entrypoint], cwd=cwd, env=self.env, capture_output=True,
                                  text=True, timeout=timeout)
-            if "No available agent" not in job.stderr or time.monotonic() > deadline:
+            if "No available agent" not in job.stdout + job.stderr or time.monotonic() > deadline:
                 return job
-            time.sleep(2)
+            time.sleep(5)
 
 
 def free_port() -> int:
