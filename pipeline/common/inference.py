@@ -130,7 +130,7 @@ def predict_probabilities(
     batches = [windows[i : i + options.window_batch_size] for i in range(0, len(windows), options.window_batch_size)]
     for batch_windows in tqdm(batches, desc="windows", leave=False, disable=None if options.progress else True):
         batch = torch.stack([padded[(slice(None), *w)] for w in batch_windows]).to(device, non_blocking=True)
-        weighted = (_mirrored_softmax(network, batch, task_id, num_classes, options) * importance).to(out_device)
+        weighted = _mirrored_softmax(network, batch, task_id, num_classes, options).mul_(importance).to(out_device)
         for probabilities, window in zip(weighted, batch_windows):
             summed[(slice(None), *window)] += probabilities
             weights[window] += importance_out
@@ -164,14 +164,15 @@ def _mirrored_softmax(
 ) -> torch.Tensor:
     """Softmax of a window batch averaged over every mirroring of `options.mirror_axes`."""
     flips = _mirror_combinations(options.mirror_axes)
-    total = torch.zeros((batch.shape[0], num_classes, *batch.shape[2:]), dtype=torch.float32, device=batch.device)
+    total = None
     for dims in flips:
         flipped = torch.flip(batch, dims) if dims else batch
         with torch.autocast(batch.device.type, enabled=options.amp and batch.device.type == "cuda"):
             logits = network(flipped, task_id)[0][:, :num_classes]
         probabilities = torch.softmax(logits.float(), dim=1)
-        total += torch.flip(probabilities, dims) if dims else probabilities
-    return total / len(flips)
+        probabilities = torch.flip(probabilities, dims) if dims else probabilities
+        total = probabilities if total is None else total.add_(probabilities)
+    return total if len(flips) == 1 else total.div_(len(flips))
 
 
 def _mirror_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
