@@ -59,7 +59,7 @@ def ray_head(num_cpus: int = 2, extra_env: dict[str, str] | None = None) -> Iter
     env |= extra_env or {}
     command = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--port", str(port), "--node-ip-address",
                "127.0.0.1", "--include-dashboard=true", "--dashboard-host", "127.0.0.1", "--dashboard-port",
-               str(dashboard), "--num-cpus", str(num_cpus), "--temp-dir", temp_dir, "--disable-usage-stats"]
+               str(dashboard), "--dashboard-agent-listen-port", str(free_port()), "--num-cpus", str(num_cpus), "--temp-dir", temp_dir, "--disable-usage-stats"]
     log_path = Path(temp_dir) / "ray-start.log"
     with open(log_path, "w") as log:
         head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
