@@ -5,6 +5,7 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from model.presets import PRESETS
+from pipeline.common import inference
 from pipeline.common.inference import (
     InferenceOptions,
     predict_probabilities,
@@ -122,3 +123,20 @@ def test_predict_scan_returns_the_input_grid() -> None:
     np.testing.assert_allclose(prediction.foreground, 1 - prediction.probabilities[0], atol=1e-6)
     with pytest.raises(ValueError, match="2 channel"):
         predict_scan(network, card, 0, np.zeros((2, 30, 26, 9), np.float32), affine)
+
+
+@pytest.mark.parametrize("order", [1, 3])
+def test_predict_scan_resamples_with_the_cards_image_order(order: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The raw image is resampled as ingest resampled the task's training images."""
+    seen = []
+    real = inference.preprocess_image
+
+    def recording(*args):
+        seen.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(inference, "preprocess_image", recording)
+    task = TaskCard("t", {0: "bg", 1: "a"}, ("MR",), (2.0, 2.0, 2.0), ({"scheme": "zscore"},), image_order=order)
+    card = ModelCard(PRESETS["tiny"].replace(patch_size=(16, 32, 32)), (task,))
+    predict_scan(build_from_card(card).eval(), card, 0, np.ones((1, 20, 20, 10), np.float32), np.eye(4))
+    assert seen == [order]

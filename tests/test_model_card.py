@@ -14,7 +14,7 @@ from pipeline.common.model_card import WEIGHTS_FILE, ModelCard, TaskCard, build_
 CT = TaskCard("liver", {0: "background", 1: "liver", 2: "tumour"}, ("CT",), (2.0, 1.0, 1.0),
               ({"scheme": "ct-window", "lower": -325.0, "upper": 325.0},))
 MR = TaskCard("brain", {0: "background", 1: "edema", 2: "core", 3: "enhancing"}, ("T1", "T1c", "T2", "FLAIR"),
-              (1.0, 1.0, 1.0), ({"scheme": "zscore"},) * 4)
+              (1.0, 1.0, 1.0), ({"scheme": "zscore"},) * 4, image_order=1)
 CARD = ModelCard(PRESETS["tiny"].replace(patch_size=(16, 32, 32)), (CT, MR), metadata={"run": "test"})
 
 
@@ -28,7 +28,14 @@ def test_model_folder_round_trip(tmp_path: Path) -> None:
     save_model_dir(network, CARD, tmp_path)
     loaded, card = load_model_dir(tmp_path)
     assert card == CARD and card.tasks[1].in_channels == 4 and card.tasks[0].num_classes == 3
+    assert card.tasks[1].image_order == 1
     assert _same_weights(network, loaded)
+
+
+def test_card_without_image_order_reads_ingest_default() -> None:
+    raw = json.loads(CARD.to_json())
+    del raw["tasks"][1]["image_order"]
+    assert ModelCard.from_json(json.dumps(raw)).tasks[1].image_order == 3
 
 
 def test_model_folder_errors(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from model.presets import PRESETS
 from pipeline.common.config import IngestConfig
 from pipeline.common.mlflow_model import log_model
 from pipeline.common.model_card import ModelCard, TaskCard, build_from_card, save_model_dir
-from pipeline.common.store import StoreManifest, TaskStore
+from pipeline.common.store import TaskStore
 from pipeline.datasets.synthetic import DEFAULT_TASKS, write_task
 from pipeline.ingest.run import run as ingest
 
@@ -61,17 +61,12 @@ def build_world(root: Path) -> World:
     stores = {d.source.split("/")[-1]: d.store for d in report.datasets}
     opened = [TaskStore.open(stores[name]) for name in raw]
     card = ModelCard(PRESETS["tiny"].replace(patch_size=PATCH),
-                     tuple(_task_card(s.manifest) for s in opened) + (PROSTATE,))
+                     tuple(TaskCard.from_manifest(s.manifest) for s in opened) + (PROSTATE,))
     network = train(card, opened)
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     model_dir = save_model_dir(network, card, root / "model")
     _register(network, card, tracking_uri, root / "artifacts")
     return World(raw, stores, tracking_uri, f"models:/{MODEL_NAME}@champion", model_dir, card)
-
-
-def _task_card(manifest: StoreManifest) -> TaskCard:
-    return TaskCard(manifest.task_name, dict(manifest.labels), manifest.modalities, manifest.target_spacing,
-                    tuple(n.to_dict() for n in manifest.normalization))
 
 
 def train(card: ModelCard, stores: list[TaskStore]) -> torch.nn.Module:

@@ -203,7 +203,6 @@ def predict_scan(
     *,
     probabilities: bool = False,
     foreground: bool = False,
-    image_order: int = 3,
 ) -> ScanPrediction:
     """Preprocess a raw (C, x, y, z) image as the card's task says, segment it, map it back.
 
@@ -214,7 +213,7 @@ def predict_scan(
     if image_cxyz.shape[0] != task.in_channels:
         raise ValueError(f"image has {image_cxyz.shape[0]} channel(s) but task {task.name} needs {task.in_channels}")
     norms = tuple(ChannelNormalization.from_dict(n) for n in task.normalization)
-    image, meta = preprocess_image(image_cxyz, affine, task.target_spacing, norms, image_order)
+    image, meta = preprocess_image(image_cxyz, affine, task.target_spacing, norms, task.image_order)
     volume = torch.from_numpy(image)
     stored = predict_probabilities(network, volume, task_id, task.num_classes, card.spec.patch_size, options)
     labels = restore_array(stored.argmax(0).to(torch.uint8).numpy(), meta, order=0)

@@ -20,6 +20,7 @@ from torch import nn
 from model.presets import build_network
 from model.spec import NetworkSpec
 from model.tasks import TaskSpec
+from pipeline.common.store import StoreManifest
 
 CARD_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -35,6 +36,7 @@ class TaskCard:
     modalities: tuple[str, ...]
     target_spacing: tuple[float, float, float]
     normalization: tuple[dict[str, Any], ...]
+    image_order: int = 3  # spline order the store's images were resampled with; predict uses the same
 
     @property
     def num_classes(self) -> int:
@@ -48,6 +50,18 @@ class TaskCard:
         return TaskSpec(self.name, self.num_classes, self.in_channels)
 
     @classmethod
+    def from_manifest(cls, manifest: StoreManifest) -> TaskCard:
+        """The task as its Zarr store describes it (what ingest did to its images)."""
+        return cls(
+            name=manifest.task_name,
+            labels=dict(manifest.labels),
+            modalities=tuple(manifest.modalities),
+            target_spacing=tuple(float(s) for s in manifest.target_spacing),  # type: ignore[arg-type]
+            normalization=tuple(n.to_dict() for n in manifest.normalization),
+            image_order=manifest.image_order,
+        )
+
+    @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> TaskCard:
         return cls(
             name=raw["name"],
@@ -55,6 +69,7 @@ class TaskCard:
             modalities=tuple(raw["modalities"]),
             target_spacing=tuple(raw["target_spacing"]),  # type: ignore[arg-type]
             normalization=tuple(raw["normalization"]),
+            image_order=int(raw.get("image_order", 3)),  # cards written before the field: ingest's default
         )
 
 

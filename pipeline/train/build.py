@@ -50,21 +50,11 @@ def network_spec(model: ModelConfig, manifests: Sequence[StoreManifest]) -> Netw
     )
 
 
-def task_card(manifest: StoreManifest) -> TaskCard:
-    return TaskCard(
-        name=manifest.task_name,
-        labels=dict(manifest.labels),
-        modalities=tuple(manifest.modalities),
-        target_spacing=tuple(float(s) for s in manifest.target_spacing),  # type: ignore[arg-type]
-        normalization=tuple(n.to_dict() for n in manifest.normalization),
-    )
-
-
 def model_card(cfg: ExperimentConfig, spec: NetworkSpec, manifests: Sequence[StoreManifest], epoch: int) -> ModelCard:
     """Everything `predict` needs: network spec (patch size included) and the task table."""
     return ModelCard(
         spec=spec,
-        tasks=tuple(task_card(m) for m in manifests),
+        tasks=tuple(TaskCard.from_manifest(m) for m in manifests),
         metadata={"run": cfg.name, "epochs_trained": epoch, "stores": list(cfg.data.stores),
                   "patch_size": list(spec.patch_size)}
         | ({"pretrained": cfg.finetune.pretrained, "from_scratch": cfg.finetune.from_scratch}

@@ -1,8 +1,7 @@
 """Validation during training: per-task, per-class Dice on each store's validation split.
 
-Dice rule (as nnU-Net's evaluation): for one case and class, 2|P & G| / (|P| + |G|); when the
-class is absent from both prediction and ground truth the value is NaN and left out of the
-means. Cases are spread over ranks round-robin and the per-case values gathered, so every rank
+Dice rule: the evaluate stage's (`pipeline.common.metrics.dice`, MONAI's): per case and class,
+NaN when the reference has none of the class, and NaN values are left out of the means. Cases are spread over ranks round-robin and the per-case values gathered, so every rank
 returns the same summary.
 """
 
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from pipeline.common.inference import InferenceOptions, segment
+from pipeline.common.metrics import dice
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +34,8 @@ class ValidationTask:
 
 
 def dice_per_class(prediction: np.ndarray, truth: np.ndarray, num_classes: int) -> list[float]:
-    """Dice of classes 1..num_classes-1; NaN where a class is in neither volume."""
-    values = []
-    for c in range(1, num_classes):
-        p, g = prediction == c, truth == c
-        denominator = int(p.sum()) + int(g.sum())
-        values.append(float("nan") if denominator == 0 else 2.0 * int((p & g).sum()) / denominator)
-    return values
+    """Dice of classes 1..num_classes-1; NaN where the reference has none of a class."""
+    return [dice(prediction, truth, c) for c in range(1, num_classes)]
 
 
 def metric_name(text: str) -> str:
