@@ -46,7 +46,10 @@ def store_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
                                         (zscore(), zscore()))
     locations = case.class_locations(label, 3, 5, np.random.default_rng(0))
     for case_id, arrays in (("c0", (image, label)), ("c1", (image, label)), ("t0", (image, None))):
-        attrs = {"meta": meta.to_dict(), "class_locations": locations if arrays[1] is not None else {}}
+        sources = [f"imagesTr/{case_id}_0000.nii.gz", f"imagesTr/{case_id}_0001.nii.gz"]
+        sources += [f"labelsTr/{case_id}.nii.gz"] if arrays[1] is not None else []
+        attrs = {"meta": meta.to_dict(), "class_locations": locations if arrays[1] is not None else {},
+                 "source": sources}
         writer.write_case(uri, None, case_id, arrays, attrs, chunk_size=(4, 4, 4))
     writer.write_manifest(root, _manifest())
     return uri
@@ -81,6 +84,7 @@ def test_read_case_and_meta(store_uri: str) -> None:
     np.testing.assert_array_equal(label, _arrays()[1])
     assert store.read_case("t0")[1] is None
     assert store.case_meta("c0").shape == SHAPE
+    assert store.case_sources("c1")[-1] == "labelsTr/c1.nii.gz" and len(store.case_sources("t0")) == 2
     locations = store.class_locations("c0")
     assert locations[1].shape == (0, 3) and locations[2].shape == (5, 3)
     assert all(label[tuple(v)] == 2 for v in locations[2])

@@ -303,6 +303,10 @@ class TaskStore:
         """Geometry to map this case's (z, y, x) arrays back to its source file."""
         return CaseMeta.from_dict(self._case(case_id).group.attrs["meta"])
 
+    def case_sources(self, case_id: str) -> list[str]:
+        """The case's source files (images, then label if any), relative to `manifest.source_root`."""
+        return list(self._case(case_id).group.attrs["source"])
+
     def class_locations(self, case_id: str) -> dict[int, np.ndarray]:
         """Per foreground class, an (N, 3) int array of stored (z, y, x) voxel indices (N may be 0);
         empty for a test case."""

@@ -26,7 +26,7 @@ from pipeline.common.geometry import restore_array
 from pipeline.common.inference import InferenceOptions, segment
 from pipeline.common.metrics import ClassMetrics, class_metrics
 from pipeline.common.model_card import ModelCard
-from pipeline.common.store import CASES, TaskStore, open_group
+from pipeline.common.store import TaskStore
 
 Space = Literal["original", "store"]
 
@@ -84,6 +84,6 @@ def source_label_path(store: TaskStore, case_id: str, has_label: bool, raw_root:
     manifest = store.manifest
     if not has_label:
         raise EvaluateError(f"{store.uri}: case {case_id} has no ground truth (test cases of a store have no labels)")
-    source = open_group(store.uri, store.storage_options)[f"{CASES}/{case_id}"].attrs["source"]
+    source = store.case_sources(case_id)
     root = raw_root / manifest.dataset if raw_root is not None else Path(manifest.source_root)
     return root / source[-1]
