@@ -175,9 +175,9 @@ def test_a_bad_scan_in_a_folder_stops_before_any_output(world: World, tmp_path: 
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_logs_one_line_and_exits_1(world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_cli_logs_one_line_and_exits_2(world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     argv = ["--model", str(world.model_dir), "--task", "lungs", "-i", str(_image(world)), "-o", str(tmp_path)]
-    assert main(argv) == 1
+    assert main(argv) == 2
     (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert "\n" not in error and "unknown task 'lungs'" in error
 

@@ -1,7 +1,8 @@
 """`python -m pipeline.evaluate --model models:/NAME@ALIAS --store STORE [--store STORE ...] [--split val|test]`.
 
 Writes metrics.csv (per case and class), summary.md and boxplot_<task>.png into --output and
-logs them, with the summary metrics, to the MLflow run of the model.
+logs them, with the summary metrics, to the MLflow run of the model. Exit status 1 when the
+evaluation failed, 2 for bad input (model, store, options).
 
 Examples:
     python -m pipeline.evaluate --model models:/uniseg@champion --store stores/Task01_Liver.zarr --split val
@@ -17,6 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
+from pipeline.common.cli import run_stage
 from pipeline.common.inference import add_inference_arguments, inference_options
 from pipeline.common.logs import setup_logging
 from pipeline.evaluate.cases import EvaluateError
@@ -60,12 +62,7 @@ def parse_args(argv: list[str] | None = None) -> EvaluateOptions:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     options = parse_args(argv)
-    try:
-        run(options)
-    except EvaluateError as err:
-        log.error("%s", err)
-        return 1
-    return 0
+    return run_stage(lambda: run(options), log, "evaluation", (EvaluateError,))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
+from pipeline.common.cli import run_stage
 from pipeline.common.config import ConfigError, config_from_dict, load_config, to_dict
 from pipeline.common.logs import setup_logging
 from pipeline.finetune.run import run
@@ -40,27 +41,22 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _finetune(args: argparse.Namespace) -> None:
+    cfg = load_config(args.config, args.overrides) if args.config else config_from_dict({})
+    raw = to_dict(cfg)
+    raw["data"]["stores"] = [str(Path(args.store).resolve()) if "://" not in args.store else args.store]
+    raw["finetune"]["pretrained"] = args.pretrained
+    raw["finetune"]["from_scratch"] = args.from_scratch or raw["finetune"]["from_scratch"]
+    suffix = "-finetune-scratch" if raw["finetune"]["from_scratch"] else "-finetune"
+    raw["name"] = args.name or f"{raw['name']}{suffix}"
+    raw["mlflow"]["registered_model"] = args.register or f"{raw['mlflow']['registered_model'] or 'uniseg'}{suffix}"
+    log.info("done: %s", run(config_from_dict(raw, source=args.config or "<command line>"), resume=args.resume))
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = _parser().parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides) if args.config else config_from_dict({})
-        raw = to_dict(cfg)
-        raw["data"]["stores"] = [str(Path(args.store).resolve()) if "://" not in args.store else args.store]
-        raw["finetune"]["pretrained"] = args.pretrained
-        raw["finetune"]["from_scratch"] = args.from_scratch or raw["finetune"]["from_scratch"]
-        suffix = "-finetune-scratch" if raw["finetune"]["from_scratch"] else "-finetune"
-        raw["name"] = args.name or f"{raw['name']}{suffix}"
-        raw["mlflow"]["registered_model"] = args.register or f"{raw['mlflow']['registered_model'] or 'uniseg'}{suffix}"
-        result = run(config_from_dict(raw, source=args.config or "<command line>"), resume=args.resume)
-    except (ConfigError, RunExistsError, FileNotFoundError) as err:
-        log.error("%s", err)
-        return 2
-    except Exception:
-        log.exception("fine-tuning failed")
-        return 1
-    log.info("done: %s", result)
-    return 0
+    return run_stage(lambda: _finetune(args), log, "fine-tuning", (ConfigError, RunExistsError, FileNotFoundError))
 
 
 if __name__ == "__main__":

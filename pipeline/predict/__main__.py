@@ -5,6 +5,8 @@ Examples:
     python -m pipeline.predict --model runs:/<run_id>/model --task all -i scans/ -o out/ --tta off
     ray job submit --address http://HEAD:8265 -- python -m pipeline.predict --model ... -i /shared/scans \\
         -o /shared/out --task all --ray --num-workers 8
+
+Exit status 1 when prediction failed, 2 for bad input (model, scans, options).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
+from pipeline.common.cli import run_stage
 from pipeline.common.inference import add_inference_arguments, inference_options
 from pipeline.common.logs import setup_logging
 from pipeline.predict.distributed import RayOptions
@@ -67,12 +70,7 @@ def parse_args(argv: list[str] | None = None) -> PredictOptions:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     options = parse_args(argv)
-    try:
-        run(options)
-    except PredictError as err:
-        log.error("%s", err)
-        return 1
-    return 0
+    return run_stage(lambda: run(options), log, "prediction", (PredictError,))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import argparse
 import logging
 import sys
 
+from pipeline.common.cli import run_stage
 from pipeline.common.config import ConfigError, load_config
 from pipeline.common.logs import setup_logging
 from pipeline.train.run import RunExistsError, config_for_resume, run
@@ -30,26 +31,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _train(args: argparse.Namespace) -> None:
+    if args.config:
+        overrides = args.overrides + ([f"name={args.resume}"] if args.resume else [])
+        cfg = load_config(args.config, overrides)
+    elif args.resume:
+        cfg = config_for_resume(args.resume, args.overrides)
+    else:
+        raise ConfigError("give --config FILE (or --resume RUN to continue a run)")
+    log.info("done: %s", run(cfg, resume=args.resume is not None))
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = _parser().parse_args(argv)
-    try:
-        if args.config:
-            overrides = args.overrides + ([f"name={args.resume}"] if args.resume else [])
-            cfg = load_config(args.config, overrides)
-        elif args.resume:
-            cfg = config_for_resume(args.resume, args.overrides)
-        else:
-            raise ConfigError("give --config FILE (or --resume RUN to continue a run)")
-        result = run(cfg, resume=args.resume is not None)
-    except (ConfigError, RunExistsError, FileNotFoundError) as err:
-        log.error("%s", err)
-        return 2
-    except Exception:
-        log.exception("training failed")
-        return 1
-    log.info("done: %s", result)
-    return 0
+    return run_stage(lambda: _train(args), log, "training", (ConfigError, RunExistsError, FileNotFoundError))
 
 
 if __name__ == "__main__":

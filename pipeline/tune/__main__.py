@@ -15,6 +15,7 @@ import argparse
 import logging
 import sys
 
+from pipeline.common.cli import run_stage
 from pipeline.common.config import ConfigError, load_config
 from pipeline.common.logs import setup_logging
 from pipeline.tune.run import run
@@ -36,17 +37,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = _parser().parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        result = run(cfg, resume=True if args.resume else (False if args.new else None))
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
-        log.error("%s", err)
-        return 2
-    except Exception:
-        log.exception("search failed")
-        return 1
-    log.info("done: %s", result)
-    return 0
+    return run_stage(lambda: _search(args), log, "search", (ConfigError, FileNotFoundError, FileExistsError, ValueError))
+
+
+def _search(args: argparse.Namespace) -> None:
+    resume = True if args.resume else (False if args.new else None)
+    log.info("done: %s", run(load_config(args.config, args.overrides), resume=resume))
 
 
 if __name__ == "__main__":
