@@ -1,4 +1,5 @@
-"""Every stage's exit status: 0 done, 2 bad input as one line, 1 failure with a traceback."""
+"""What every stage shares at its edges: exit status (0 done, 2 bad input as one line, 1 failure with
+a traceback) and a job log without Ray Train's per-report dumps."""
 
 from __future__ import annotations
 
@@ -29,3 +30,12 @@ def test_failure_is_logged_with_traceback_and_1(caplog: pytest.LogCaptureFixture
     assert run_stage(lambda: _raise(RuntimeError("worker died")), log, "testing", (ValueError,)) == 1
     (record,) = caplog.records
     assert record.getMessage() == "testing failed" and record.exc_info[1].args == ("worker died",)
+
+
+def test_ray_train_report_lines_are_quieted() -> None:
+    from ray.train.v2._internal.execution import context
+
+    from pipeline.common.logs import quiet_ray_train_reports
+
+    quiet_ray_train_reports()
+    assert not context.logger.isEnabledFor(logging.INFO) and context.logger.isEnabledFor(logging.WARNING)

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from model.presets import build_network
 from model.spec import NetworkSpec
 from pipeline.common.config import ExperimentConfig, config_from_dict
-from pipeline.common.logs import setup_logging
+from pipeline.common.logs import quiet_ray_train_reports, setup_logging
 from pipeline.common.model_card import unwrap
 from pipeline.common.store import StoreManifest, TaskStore
 from pipeline.train import finetune
@@ -121,6 +121,7 @@ def batch_loader(parts: Parts) -> DataLoader:
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point; `config` = {"experiment": to_dict(cfg), "context": RunContext fields}."""
     setup_logging()
+    quiet_ray_train_reports()
     started = time.perf_counter()
     cfg = config_from_dict(config["experiment"], source="train_loop_config")
     context = RunContext(**config.get("context", {}))
