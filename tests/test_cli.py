@@ -39,3 +39,27 @@ def test_ray_train_report_lines_are_quieted() -> None:
 
     quiet_ray_train_reports()
     assert not context.logger.isEnabledFor(logging.INFO) and context.logger.isEnabledFor(logging.WARNING)
+
+
+STAGES = ["ingest", "train", "evaluate", "tune", "finetune", "predict", "datasets"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_help_documents_every_option(stage: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import argparse
+    import importlib
+
+    parsers: list[argparse.ArgumentParser] = []
+    real = argparse.ArgumentParser.print_help
+    monkeypatch.setattr(argparse.ArgumentParser, "print_help",
+                        lambda self, file=None: (parsers.append(self), real(self, file))[1])
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(f"pipeline.{stage}.__main__").main(["--help"])
+    assert exit_info.value.code == 0
+    (parser,) = parsers
+    undocumented = [a.dest for a in parser._actions if not a.help and a.dest != "help"]
+    assert undocumented == [], f"pipeline.{stage} --help: no help text for {undocumented}"
+    text = capsys.readouterr().out
+    assert f"python -m pipeline.{stage}" in text and "xit status" in text or stage == "datasets"
+    if stage in ("train", "tune", "finetune"):
+        assert "train.learning_rate: PositiveFloat = 0.01" in text and "ray.num_workers" in text

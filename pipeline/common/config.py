@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -324,3 +325,16 @@ def _format_errors(err: ValidationError, source: str) -> str:
             message = "unknown key"
         lines.append(f"{source}: {key}: {message}")
     return "\n".join(lines)
+
+
+def describe_keys(sections: Sequence[str]) -> str:
+    """Every key of the given config sections with its type and default, one per line (for --help)."""
+    def lines(prefix: str, holder: Any, field: dataclasses.Field) -> list[str]:
+        value = getattr(holder, field.name)
+        if dataclasses.is_dataclass(value):
+            return [line for sub in dataclasses.fields(value) for line in lines(f"{prefix}{field.name}.", value, sub)]
+        return [f"  {prefix}{field.name}: {field.type} = {value!r}"]
+
+    defaults = ExperimentConfig()
+    fields = {f.name: f for f in dataclasses.fields(defaults)}
+    return "\n".join(line for section in sections for line in lines("", defaults, fields[section]))

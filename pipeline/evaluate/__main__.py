@@ -12,13 +12,12 @@ Examples:
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 from pathlib import Path
 
-from pipeline.common.cli import run_stage
+from pipeline.common.cli import run_stage, stage_parser
 from pipeline.common.inference import add_inference_arguments, inference_options
 from pipeline.common.logs import setup_logging
 from pipeline.evaluate.cases import EvaluateError
@@ -29,11 +28,12 @@ MODEL_HELP = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a mode
 
 
 def parse_args(argv: list[str] | None = None) -> EvaluateOptions:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.splitlines()[0])
+    parser = stage_parser("pipeline.evaluate", __doc__)
     parser.add_argument("--model", required=True, help=MODEL_HELP)
     parser.add_argument("--store", action="append", required=True,
                         help="a Zarr task store (local or s3://); repeatable")
-    parser.add_argument("--split", choices=("val", "validation", "test", "train"), default="val")
+    parser.add_argument("--split", choices=("val", "validation", "test", "train"), default="val",
+                        help="which cases of each store to score (default val; test cases need labels)")
     parser.add_argument("--space", choices=("original", "store"), default="original",
                         help="score on the source files' grids (default) or on the stores' resampled grids")
     parser.add_argument("--raw-root", type=Path, help="folder holding the raw dataset folders, if moved since ingest")

@@ -17,7 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.common.cli import run_stage
+from pipeline.common.cli import run_stage, stage_parser
 from pipeline.common.config import ConfigError, config_from_dict, load_config, to_dict
 from pipeline.common.logs import setup_logging
 from pipeline.finetune.run import run
@@ -27,7 +27,7 @@ log = logging.getLogger("pipeline.finetune")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline.finetune", description=__doc__.split("\n")[0])
+    p = stage_parser("pipeline.finetune", __doc__, ["model", "train", "ray", "mlflow", "finetune"])
     p.add_argument("--pretrained", required=True, metavar="URI",
                    help="source model: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a folder")
     p.add_argument("--store", required=True, metavar="STORE", help="Zarr store of the new task (pipeline.ingest)")

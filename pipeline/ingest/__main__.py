@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.common.cli import stage_parser
 from pipeline.common.config import ConfigError, IngestConfig, config_from_dict
 from pipeline.common.logs import setup_logging
 from pipeline.ingest.run import run
@@ -24,20 +25,30 @@ from pipeline.ingest.run import run
 log = logging.getLogger("pipeline.ingest")
 
 
+_DEFAULT = IngestConfig()
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline.ingest", description=__doc__.split("\n")[0])
+    p = stage_parser("pipeline.ingest", __doc__)
     p.add_argument("--source", action="append", required=True, metavar="DIR",
                    help="raw dataset folder with dataset.json (MSD or nnU-Net v2); repeatable")
     p.add_argument("--out", required=True, metavar="ROOT", help="local folder or s3://bucket/prefix")
     p.add_argument("--config", metavar="YAML", help="experiment config whose `ingest` section is the base")
     p.add_argument("--target-spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), help="mm; default: planned")
-    p.add_argument("--ct-normalization", choices=["nnunet", "uniseg-window"])
-    p.add_argument("--image-order", type=int, choices=[1, 3])
-    p.add_argument("--label-resampling", choices=["nearest", "per-class-linear"])
-    p.add_argument("--validation-fraction", type=float)
-    p.add_argument("--split-seed", type=int)
-    p.add_argument("--chunk-size", type=int, nargs=3, metavar=("Z", "Y", "X"))
-    p.add_argument("--max-class-locations", type=int)
+    p.add_argument("--ct-normalization", choices=["nnunet", "uniseg-window"],
+                   help="CT intensities: nnU-Net's clip to the foreground 0.5-99.5 percentiles + z-score, or "
+                        f"UniSeg's fixed window (default {_DEFAULT.ct_normalization})")
+    p.add_argument("--image-order", type=int, choices=[1, 3],
+                   help=f"spline order when resampling images (default {_DEFAULT.image_order})")
+    p.add_argument("--label-resampling", choices=["nearest", "per-class-linear"],
+                   help=f"how label maps are resampled (default {_DEFAULT.label_resampling})")
+    p.add_argument("--validation-fraction", type=float,
+                   help=f"share of labelled cases held out for validation (default {_DEFAULT.validation_fraction})")
+    p.add_argument("--split-seed", type=int, help=f"seed of the train/validation split (default {_DEFAULT.split_seed})")
+    p.add_argument("--chunk-size", type=int, nargs=3, metavar=("Z", "Y", "X"),
+                   help=f"voxels per Zarr chunk (default {' '.join(map(str, _DEFAULT.chunk_size))})")
+    p.add_argument("--max-class-locations", type=int,
+                   help=f"voxels kept per class for foreground oversampling (default {_DEFAULT.max_class_locations})")
     p.add_argument("--overwrite", action="store_true", default=None, help="delete existing stores first")
     p.add_argument("--scheduler", metavar="ADDR",
                    help="address of an existing Dask scheduler, or synchronous|threads (in-process)")

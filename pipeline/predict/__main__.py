@@ -11,12 +11,11 @@ Exit status 1 when prediction failed, 2 for bad input (model, scans, options).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
 
-from pipeline.common.cli import run_stage
+from pipeline.common.cli import run_stage, stage_parser
 from pipeline.common.inference import add_inference_arguments, inference_options
 from pipeline.common.logs import setup_logging
 from pipeline.predict.distributed import RayOptions
@@ -28,7 +27,7 @@ MODEL_HELP = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a mode
 
 
 def parse_args(argv: list[str] | None = None) -> PredictOptions:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__.splitlines()[0])
+    parser = stage_parser("pipeline.predict", __doc__)
     parser.add_argument("--model", required=True, help=MODEL_HELP)
     parser.add_argument("--task", required=True,
                         help="a task name of the model, or 'all' (every task matching the input, merged)")
@@ -46,8 +45,9 @@ def parse_args(argv: list[str] | None = None) -> PredictOptions:
                        help="Ray workers (implies --ray; default: as many as the cluster fits)")
     batch.add_argument("--ray-address",
                        help="Ray cluster address (default: RAY_ADDRESS, the job's cluster, or a local one)")
-    batch.add_argument("--cpus-per-worker", type=float, default=1.0)
-    batch.add_argument("--gpus-per-worker", type=float, default=0.0)
+    batch.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per Ray worker (1)")
+    batch.add_argument("--gpus-per-worker", type=float, default=0.0,
+                       help="GPUs reserved per Ray worker (0; fractions share a GPU)")
     args = parser.parse_args(argv)
     use_ray = args.ray or args.num_workers is not None or args.ray_address is not None
     return PredictOptions(

@@ -14,7 +14,7 @@ import argparse
 import logging
 import sys
 
-from pipeline.common.cli import run_stage
+from pipeline.common.cli import run_stage, stage_parser
 from pipeline.common.config import ConfigError, load_config
 from pipeline.common.logs import setup_logging
 from pipeline.train.run import RunExistsError, config_for_resume, run
@@ -23,7 +23,7 @@ log = logging.getLogger("pipeline.train")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__.split("\n")[0])
+    p = stage_parser("pipeline.train", __doc__, ["data", "model", "train", "ray", "mlflow"])
     p.add_argument("--config", metavar="YAML", help="experiment config (configs/*.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.epochs=10 (repeatable)")

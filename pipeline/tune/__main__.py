@@ -15,7 +15,7 @@ import argparse
 import logging
 import sys
 
-from pipeline.common.cli import run_stage
+from pipeline.common.cli import run_stage, stage_parser
 from pipeline.common.config import ConfigError, load_config
 from pipeline.common.logs import setup_logging
 from pipeline.tune.run import run
@@ -24,7 +24,7 @@ log = logging.getLogger("pipeline.tune")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline.tune", description=__doc__.split("\n")[0])
+    p = stage_parser("pipeline.tune", __doc__, ["data", "model", "train", "ray", "mlflow", "tune"])
     p.add_argument("--config", required=True, metavar="YAML", help="experiment config with a tune section")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set tune.num_samples=16 (repeatable)")
