@@ -41,10 +41,14 @@ for store in "$OUT"/stores/*.zarr; do eval_stores+=(--store "$store"); done
 "$PY" -m pipeline.evaluate --model "models:/$MODEL/1" "${eval_stores[@]}" --split val --tta off -o "$OUT/evaluate"
 
 step "5/6 registry: set alias @demo and predict from models:/$MODEL@demo on a raw NIfTI"
-"$PY" - <<PYEOF
+run_url=$("$PY" - <<PYEOF
 from mlflow import MlflowClient
-MlflowClient().set_registered_model_alias("$MODEL", "demo", "1")
+client = MlflowClient()
+client.set_registered_model_alias("$MODEL", "demo", "1")
+run = client.get_run(client.get_model_version("$MODEL", "1").run_id)
+print(f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}")
 PYEOF
+)
 scan=$(ls "$OUT"/raw/Task01_SynthLiver/imagesTs/*.nii.gz 2>/dev/null | head -1 || true)
 scan=${scan:-$(ls "$OUT"/raw/Task01_SynthLiver/imagesTr/*.nii.gz | head -1)}
 "$PY" -m pipeline.predict --model "models:/$MODEL@demo" --task Task01_SynthLiver -i "$scan" -o "$OUT/predictions"
@@ -54,8 +58,10 @@ cat <<INFO
   raw datasets      $OUT/raw
   Zarr stores       $OUT/stores
   Ray checkpoints   $OUT/ray/demo
-  MLflow store      $OUT/mlflow.db  (run, per-task Dice, plots/loss.png, plots/dice.png, model)
-  evaluation        $OUT/evaluate   (metrics.csv, summary.md, box plots)
+  MLflow store      $OUT/mlflow.db
+  MLflow run        http://127.0.0.1:5000/$run_url
+                    (params, losses, per-task Dice, plots/loss.png, plots/dice.png, evaluation report)
+  evaluation        $OUT/evaluate   (metrics.csv, summary.md, box plots, example slices)
   predictions       $OUT/predictions (label map of $scan in its original grid)
   registered model  models:/$MODEL@demo
 

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
@@ -18,6 +19,7 @@ from pipeline.evaluate.__main__ import parse_args
 from pipeline.evaluate.cases import EvaluateError
 from pipeline.evaluate.report import CaseRow, markdown, mlflow_metrics, summarize, write_report
 from pipeline.evaluate.run import EvaluateOptions, run
+from pipeline.evaluate.slices import pick_slice, write_slices
 from pipeline.evaluate.tracking import model_run_id
 from test_predict_world import LIVER, SPLEEN, World, build_world, one_thread
 
@@ -91,6 +93,7 @@ def test_store_space_on_two_stores(world: World, tmp_path: Path) -> None:
     assert result.metrics[f"eval/validation/{LIVER.name}/liver/dice"] > 0.7
     assert result.metrics[f"eval/validation/{SPLEEN.name}/dice"] > 0.7
     assert (tmp_path / "summary.md").is_file() and (tmp_path / f"boxplot_{SPLEEN.name}.png").is_file()
+    assert {tmp_path / f"slices_{t.name}.png" for t in (LIVER, SPLEEN)} <= set(result.files)
 
 
 def test_raw_root_finds_moved_source_labels(world: World, tmp_path: Path) -> None:
@@ -124,3 +127,18 @@ def test_cli_options() -> None:
     options = parse_args(["--model", "m", "--store", "a.zarr", "--store", "b.zarr", "--tta", "off", "--no-mlflow"])
     assert options.stores == ("a.zarr", "b.zarr") and options.split == "val" and options.space == "original"
     assert options.inference.mirror_axes == () and not options.log_to_mlflow
+
+
+def test_example_slice_is_the_one_with_most_reference_foreground(tmp_path: Path) -> None:
+    image = np.random.default_rng(0).normal(size=(2, 5, 8, 8)).astype(np.float32)
+    reference = np.zeros((5, 8, 8), np.uint8)
+    reference[1, :2, :2] = 1
+    reference[3, 2:6, 2:6] = 2  # the most foreground
+    prediction = np.roll(reference, 1, axis=2)
+    example = pick_slice("case_a", image, reference, prediction)
+    assert example.z == 3
+    np.testing.assert_array_equal(example.image, image[0, 3])
+    np.testing.assert_array_equal(example.prediction, prediction[3])
+    assert pick_slice("empty", image, np.zeros_like(reference), prediction).z == 2  # middle when no foreground
+    (path,) = write_slices({"Task 1": [example, example]}, {"Task 1": {0: "bg", 1: "a", 2: "b"}}, tmp_path)
+    assert path.name == "slices_Task_1.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

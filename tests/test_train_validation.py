@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.train.validation import ValidationTask, dice_per_class, format_summary, metric_name, summarise, validate
+from pipeline.common.metrics import metric_name
+from pipeline.train.validation import ValidationTask, dice_per_class, format_summary, summarise, validate
 
 
 @pytest.fixture(autouse=True)

@@ -12,6 +12,7 @@ Empty masks (MONAI's `ignore_empty=True` semantics, written down):
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,11 @@ def _masks(prediction: np.ndarray, reference: np.ndarray, class_id: int) -> tupl
 
 def _mask(labels: np.ndarray, class_id: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(labels) == class_id)[None, None].float()
+
+
+def metric_name(text: str) -> str:
+    """A task or class name as an MLflow metric path component (and a file name part)."""
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "_", text.strip()) or "_"
 
 
 def dice(prediction: np.ndarray, reference: np.ndarray, class_id: int) -> float:

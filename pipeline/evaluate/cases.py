@@ -27,12 +27,19 @@ from pipeline.common.inference import InferenceOptions, segment
 from pipeline.common.metrics import ClassMetrics, class_metrics
 from pipeline.common.model_card import ModelCard
 from pipeline.common.store import TaskStore
+from pipeline.evaluate.slices import SliceExample, pick_slice
 
 Space = Literal["original", "store"]
 
 
 class EvaluateError(ValueError):
     """A model, store or case that cannot be evaluated; one line naming it."""
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    metrics: list[ClassMetrics]
+    example: SliceExample | None  # on the store grid; None for a case without a stored label
 
 
 @dataclass(frozen=True)
@@ -50,24 +57,26 @@ def evaluate_case(
     options: InferenceOptions,
     space: Space = "original",
     raw_root: Path | None = None,
-) -> list[ClassMetrics]:
-    """Per-class Dice and HD95 of one case (see the module docstring for the space)."""
+) -> CaseResult:
+    """Per-class Dice and HD95 of one case (see the module docstring for the space) and its
+    example slice."""
     image, stored_label = store.read_case(case_id)
     task = card.tasks[task_id]
     volume = torch.from_numpy(np.asarray(image, np.float32))
-    predicted = segment(network, volume, task_id, task.num_classes, card.spec.patch_size, options)
+    predicted = segment(network, volume, task_id, task.num_classes, card.spec.patch_size, options).numpy()
+    example = None if stored_label is None else pick_slice(case_id, image, stored_label, predicted)
     meta = store.case_meta(case_id)
     if space == "store":
         if stored_label is None:
             raise EvaluateError(f"{store.uri}: case {case_id} has no label (test cases have none)")
-        return class_metrics(predicted.numpy(), stored_label, task.labels, meta.spacing)
+        return CaseResult(class_metrics(predicted, stored_label, task.labels, meta.spacing), example)
     reference = original_reference(store, case_id, stored_label is not None, raw_root)
-    restored = restore_array(predicted.numpy(), meta, order=0)
+    restored = restore_array(predicted, meta, order=0)
     if restored.shape != reference.labels.shape:
         raise EvaluateError(
             f"{store.uri}: case {case_id}: restored prediction {restored.shape} != label {reference.labels.shape}"
         )
-    return class_metrics(restored, reference.labels, task.labels, reference.spacing)
+    return CaseResult(class_metrics(restored, reference.labels, task.labels, reference.spacing), example)
 
 
 def original_reference(store: TaskStore, case_id: str, has_label: bool, raw_root: Path | None) -> Reference:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from pipeline.common.metrics import ClassMetrics
+from pipeline.common.metrics import ClassMetrics, metric_name
 
 CSV_FILE = "metrics.csv"
 MARKDOWN_FILE = "summary.md"
@@ -109,11 +108,6 @@ def _fmt(value: float, digits: int) -> str:
 
 def overall_dice(summaries: Sequence[ClassSummary]) -> float:
     return _stat(np.mean, _finite([s.dice_mean for s in summaries if s.class_id is None]))
-
-
-def metric_name(text: str) -> str:
-    """A task or class name as an MLflow metric path component."""
-    return re.sub(r"[^A-Za-z0-9_.\-]+", "_", text.strip()) or "_"
 
 
 def mlflow_metrics(summaries: Sequence[ClassSummary], split: str) -> dict[str, float]:

@@ -24,10 +24,12 @@ from pipeline.common.model_card import ModelCard
 from pipeline.common.store import StoreError, TaskStore
 from pipeline.evaluate.cases import EvaluateError, Space, evaluate_case
 from pipeline.evaluate.report import CaseRow, mlflow_metrics, overall_dice, write_report
+from pipeline.evaluate.slices import SliceExample, write_slices
 from pipeline.evaluate.tracking import log_evaluation, model_run_id
 
 log = logging.getLogger(__name__)
 SPLIT_ALIASES = {"val": "validation"}
+EXAMPLES_PER_TASK = 3  # cases shown in each task's slices_<task>.png
 
 
 @dataclass(frozen=True)
@@ -60,11 +62,15 @@ def run(options: EvaluateOptions) -> Evaluation:
     network, card = _load(options.model, options.device)
     stores = [_open(uri, options.storage_options) for uri in options.stores]
     plan = [(store, _task_id(card, store), _cases(store, split)) for store in stores]
-    rows = []
+    rows, examples = [], {}
     for store, task_id, case_ids in plan:
-        rows += _evaluate_store(network, card, task_id, store, case_ids, options)
+        task_rows, task_examples = _evaluate_store(network, card, task_id, store, case_ids, options)
+        rows += task_rows
+        examples[card.tasks[task_id].name] = task_examples
     title = f"Evaluation of {options.model} on the {split} split ({options.space} space)"
     summaries, files = write_report(rows, options.output, title)
+    files += write_slices({t: e for t, e in examples.items() if e}, {t.name: t.labels for t in card.tasks},
+                          options.output)
     metrics = mlflow_metrics(summaries, split)
     log.info("mean Dice over %d task(s): %.4f; report in %s", len(stores), overall_dice(summaries), options.output)
     run_id = _log(options, metrics, split)
@@ -73,15 +79,17 @@ def run(options: EvaluateOptions) -> Evaluation:
 
 def _evaluate_store(
     network: nn.Module, card: ModelCard, task_id: int, store: TaskStore, case_ids: list[str], options: EvaluateOptions
-) -> list[CaseRow]:
+) -> tuple[list[CaseRow], list[SliceExample]]:
     task = card.tasks[task_id].name
-    rows = []
+    rows, examples = [], []
     for case_id in tqdm(case_ids, desc=task, disable=None):
-        metrics = evaluate_case(
+        result = evaluate_case(
             network, card, task_id, store, case_id, options.inference, options.space, options.raw_root
         )
-        rows += [CaseRow(task, case_id, m) for m in metrics]
-    return rows
+        rows += [CaseRow(task, case_id, m) for m in result.metrics]
+        if result.example is not None and len(examples) < EXAMPLES_PER_TASK:
+            examples.append(result.example)
+    return rows, examples
 
 
 def _load(uri: str, device: str) -> tuple[nn.Module, ModelCard]:

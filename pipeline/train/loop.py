@@ -29,6 +29,7 @@ from model.presets import build_network
 from model.spec import NetworkSpec
 from pipeline.common.config import ExperimentConfig, config_from_dict
 from pipeline.common.logs import quiet_ray_train_reports, setup_logging
+from pipeline.common.metrics import metric_name
 from pipeline.common.model_card import unwrap
 from pipeline.common.store import StoreManifest, TaskStore
 from pipeline.train import finetune
@@ -39,7 +40,7 @@ from pipeline.train.loss import deep_supervision_loss
 from pipeline.train.optim import build_optimizer, set_learning_rate
 from pipeline.train.sampling import TaskSampler, build_sampler
 from pipeline.train.tracking import EpochLogger
-from pipeline.train.validation import ValidationTask, format_summary, metric_name, validate
+from pipeline.train.validation import ValidationTask, format_summary, validate
 
 log = logging.getLogger(__name__)
 

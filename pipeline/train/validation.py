@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from pipeline.common.inference import InferenceOptions, segment
-from pipeline.common.metrics import dice
+from pipeline.common.metrics import dice, metric_name
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +35,6 @@ class ValidationTask:
 def dice_per_class(prediction: np.ndarray, truth: np.ndarray, num_classes: int) -> list[float]:
     """Dice of classes 1..num_classes-1; NaN where the reference has none of a class."""
     return [dice(prediction, truth, c) for c in range(1, num_classes)]
-
-
-def metric_name(text: str) -> str:
-    """A label or task name as an MLflow metric path component."""
-    return re.sub(r"[^A-Za-z0-9_.\-]+", "_", text.strip()) or "_"
 
 
 def summarise(per_case: Mapping[str, Sequence[Sequence[float]]], tasks: Sequence[ValidationTask]) -> dict[str, float]:
