@@ -1,9 +1,9 @@
 """`python -m pipeline.evaluate --model models:/NAME@ALIAS --store STORE [--store STORE ...] [--split val|test]`.
 
 Writes metrics.csv (per case and class), summary.md, boxplot_<task>.png and slices_<task>.png
-(example slices: image, reference, prediction) into --output and
-logs them, with the summary metrics, to the MLflow run of the model. Exit status 1 when the
-evaluation failed, 2 for bad input (model, store, options).
+(example slices: image, reference, prediction) into --output and logs them, with the summary
+metrics, to the MLflow run of the model. Exit status 1 when the evaluation failed, 2 for bad
+input (model, store, options).
 
 Examples:
     python -m pipeline.evaluate --model models:/uniseg@champion --store stores/Task01_Liver.zarr --split val
