@@ -46,8 +46,7 @@ def test_layer_ids_run_from_stem_to_heads() -> None:
     stem = ids["encoder.stems.1.weight"]
     heads = max(ids[n] for n in names if n.startswith("heads."))
     assert stem == 0 and heads == max(ids.values())
-    assert ids["encoder.stages.0.0.conv.weight" if "encoder.stages.0.0.conv.weight" in ids else
-               next(n for n in names if n.startswith("encoder.stages.0."))] == 1
+    assert ids[next(n for n in names if n.startswith("encoder.stages.0."))] == 1
     deepest_decoder = next(n for n in names if n.startswith("decoder.upsample.0"))
     last_encoder = max(ids[n] for n in names if n.startswith("encoder."))
     assert ids[deepest_decoder] == last_encoder + 1

@@ -128,13 +128,13 @@ def test_resume_after_a_run_killed_mid_case(raw_msd: Path, tmp_path: Path, monke
     real_write = writer.write_case
     calls = []
 
-    def dies_on_third_case(uri, storage_options, case_id, arrays, attrs, chunk_size):  # noqa: ANN001
+    def dies_on_third_case(uri, storage_options, case_id, arrays, attrs, chunk_size, **kwargs):  # noqa: ANN001
         calls.append(case_id)
         if len(calls) == 3:  # the image lands, then the process "dies" before the commit marker
             group = zarr.open_group(uri, mode="a")["cases"].create_group(case_id, overwrite=True)
             group.create_array("image", data=arrays[0])
             raise KeyboardInterrupt
-        real_write(uri, storage_options, case_id, arrays, attrs, chunk_size)
+        real_write(uri, storage_options, case_id, arrays, attrs, chunk_size, **kwargs)
 
     monkeypatch.setattr(writer, "write_case", dies_on_third_case)
     with pytest.raises(KeyboardInterrupt):

@@ -48,9 +48,9 @@ def store_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     for case_id, arrays in (("c0", (image, label)), ("c1", (image, label)), ("t0", (image, None))):
         sources = [f"imagesTr/{case_id}_0000.nii.gz", f"imagesTr/{case_id}_0001.nii.gz"]
         sources += [f"labelsTr/{case_id}.nii.gz"] if arrays[1] is not None else []
-        attrs = {"meta": meta.to_dict(), "class_locations": locations if arrays[1] is not None else {},
-                 "source": sources}
-        writer.write_case(uri, None, case_id, arrays, attrs, chunk_size=(4, 4, 4))
+        attrs = {"meta": meta.to_dict(), "source": sources}
+        writer.write_case(uri, None, case_id, arrays, attrs, chunk_size=(4, 4, 4),
+                          class_locations=locations if arrays[1] is not None else None)
     writer.write_manifest(root, _manifest())
     return uri
 
@@ -152,7 +152,7 @@ def test_all_background_label_has_no_shard_and_reads_as_zeros(tmp_path: Path) ->
     image, label = _arrays()
     locations = case.class_locations(np.zeros_like(label), 3, 5, np.random.default_rng(0))
     for case_id in ("c0", "c1"):
-        writer.write_case(uri, None, case_id, (image, np.zeros_like(label)), {"class_locations": locations}, (4, 4, 4))
+        writer.write_case(uri, None, case_id, (image, np.zeros_like(label)), {}, (4, 4, 4), class_locations=locations)
     writer.write_case(uri, None, "t0", (image, None), {}, (4, 4, 4))
     writer.write_manifest(root, _manifest())
     assert not Path(uri, "cases/c0/label/c").exists()

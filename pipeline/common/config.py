@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -211,12 +212,12 @@ class TuneConfig:
     @field_validator("space")
     @classmethod
     def _known_keys(cls, space: dict[str, SearchParam]) -> dict[str, SearchParam]:
-        sections = {f.name: f.type for f in dataclasses.fields(ExperimentConfig)}
+        sections = typing.get_type_hints(ExperimentConfig)
         for key in space:
             section, _, leaf = key.partition(".")
             if section in ("name", "tune") or section not in sections or not leaf:
                 raise ValueError(f"unknown search key {key!r}: use section.key, e.g. train.learning_rate")
-            leaves = {f.name for f in dataclasses.fields(_SECTION_TYPES[section])}
+            leaves = {f.name for f in dataclasses.fields(sections[section])}
             if leaf not in leaves:
                 raise ValueError(f"unknown search key {key!r}: {section} has no key {leaf!r}")
         return space
@@ -240,12 +241,6 @@ class ExperimentConfig:
     mlflow: MLflowConfig = dataclasses.field(default_factory=MLflowConfig)
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
     tune: TuneConfig = dataclasses.field(default_factory=TuneConfig)
-
-
-_SECTION_TYPES: dict[str, type] = {
-    "data": DataConfig, "ingest": IngestConfig, "model": ModelConfig, "train": TrainConfig,
-    "ray": RayConfig, "mlflow": MLflowConfig, "finetune": FinetuneConfig,
-}
 
 
 _ADAPTER = TypeAdapter(ExperimentConfig)

@@ -66,11 +66,11 @@ def run(options: EvaluateOptions) -> Evaluation:
     for store, task_id, case_ids in plan:
         task_rows, task_examples = _evaluate_store(network, card, task_id, store, case_ids, options)
         rows += task_rows
-        examples[card.tasks[task_id].name] = task_examples
+        if task_examples:
+            examples[card.tasks[task_id].name] = task_examples
     title = f"Evaluation of {options.model} on the {split} split ({options.space} space)"
     summaries, files = write_report(rows, options.output, title)
-    files += write_slices({t: e for t, e in examples.items() if e}, {t.name: t.labels for t in card.tasks},
-                          options.output)
+    files += write_slices(examples, {t.name: t.labels for t in card.tasks}, options.output)
     metrics = mlflow_metrics(summaries, split)
     log.info("mean Dice over %d task(s): %.4f; report in %s", len(stores), overall_dice(summaries), options.output)
     run_id = _log(options, metrics, split)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -40,8 +41,6 @@ def prepare(cfg: ExperimentConfig) -> ExperimentConfig:
     if len(cfg.data.stores) != 1:
         raise ConfigError(f"data.stores: fine-tuning trains one new task, got {len(cfg.data.stores)} stores")
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
-    import mlflow
-
     mlflow.set_tracking_uri(tracking_uri)
     pinned = pin_model_uri(cfg.finetune.pretrained, tracking_uri)
     _, card = load_model(pinned)
@@ -57,5 +56,3 @@ def run(cfg: ExperimentConfig, resume: bool = False) -> TrainResult:
     """Fine-tune (or, with finetune.from_scratch, train the same architecture from scratch)."""
     cfg = prepare(cfg)
     return train_run(cfg, resume=resume)
-
-

@@ -69,28 +69,29 @@ def ingest_step(case: CaseSource, spec: DatasetSpec, plan: Plan, target: WriteTa
         loaded.image, loaded.affine, loaded.label, plan.target_spacing, plan.normalization,
         plan.image_order, plan.label_resampling,
     )
-    locations = {} if label is None else class_locations(
+    locations = None if label is None else class_locations(
         label, len(spec.labels), target.max_class_locations, case_rng(case.case_id)
     )
     attrs = {
         "meta": meta.to_dict(),
         "spacing": list(meta.spacing),
-        "class_locations": locations,
         "source": [os.path.relpath(p, spec.root) for p in case.files],
         "source_fingerprint": fingerprint,
         "recipe": target.recipe,
         "warnings": list(loaded.warnings),
     }
-    writer.write_case(target.uri, target.storage_options, case.case_id, (image, label), attrs, target.chunk_size)
+    writer.write_case(target.uri, target.storage_options, case.case_id, (image, label), attrs, target.chunk_size,
+                      class_locations=locations)
     return CaseOutcome(case.case_id, warnings=loaded.warnings)
 
 
-def class_locations(label: np.ndarray, num_classes: int, cap: int, rng: np.random.Generator) -> dict[str, list]:
-    """Per foreground class, up to `cap` random (z, y, x) voxel indices, as JSON-ready lists."""
-    locations = {}
+def class_locations(label: np.ndarray, num_classes: int, cap: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to `cap` random voxels of each foreground class, as (N, 4) int32 rows (class, z, y, x)
+    sorted by class (the store's `class_locations` array)."""
+    rows = [np.zeros((0, 4), dtype=np.int32)]
     for c in range(1, num_classes):
         voxels = np.argwhere(label == c)
         if len(voxels) > cap:
             voxels = voxels[np.sort(rng.choice(len(voxels), size=cap, replace=False))]
-        locations[str(c)] = voxels.tolist()
-    return locations
+        rows.append(np.column_stack([np.full(len(voxels), c), voxels]).astype(np.int32))
+    return np.concatenate(rows)

@@ -73,15 +73,14 @@ def write_case(
     arrays: tuple[np.ndarray, np.ndarray | None],
     attrs: dict[str, Any],
     chunk_size: tuple[int, int, int],
+    class_locations: np.ndarray | None = None,
 ) -> None:
     """Replace case `case_id` by image (C,z,y,x), label (z,y,x) or None, and attrs; commit last.
 
-    `attrs["class_locations"]` ({"<class>": [[z, y, x], ...]}) is stored as the (N, 4) array
-    `class_locations`, not as an attribute (as JSON it would be most of the case's zarr.json).
+    With a label, `class_locations` ((N, 4) int32 rows (class, z, y, x) sorted by class, as
+    `pipeline.ingest.case.class_locations` samples them; none when omitted) is stored as an array.
     """
     image, label = arrays
-    attrs = dict(attrs)
-    locations = attrs.pop(CLASS_LOCATIONS, {})
     cases = store.open_group(uri, storage_options, mode="a")[CASES]
     group = cases.create_group(case_id, overwrite=True, attributes={COMPLETE: False})
     chunks = tuple(min(c, n) for c, n in zip(chunk_size, image.shape[1:]))
@@ -91,16 +90,9 @@ def write_case(
     if label is not None:
         group.create_array(LABEL, data=label, chunks=chunks, compressors=_LABEL_CODEC,
                            shards={"shape": shard, "index_location": "start"})
-        rows = location_rows(locations)
+        rows = np.zeros((0, 4), dtype=np.int32) if class_locations is None else class_locations
         group.create_array(CLASS_LOCATIONS, data=rows, chunks=(max(len(rows), 1), 4), compressors=_LOCATIONS_CODEC)
     group.attrs.put({**attrs, COMPLETE: True})
-
-
-def location_rows(locations: dict[str, list]) -> np.ndarray:
-    """{"<class>": [[z, y, x], ...]} as (N, 4) int32 rows (class, z, y, x), sorted by class."""
-    rows = [np.column_stack([np.full(len(v), int(c)), np.asarray(v, dtype=np.int64).reshape(-1, 3)])
-            for c, v in sorted(locations.items(), key=lambda item: int(item[0]))]
-    return np.concatenate([np.zeros((0, 4), dtype=np.int64), *rows]).astype(np.int32)
 
 
 def stale_cases(root: zarr.Group, keep: set[str]) -> list[str]:

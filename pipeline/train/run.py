@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -124,8 +125,9 @@ def finish_run(cfg: ExperimentConfig, run_dir: str, record: RunRecord, result: A
     return TrainResult(cfg.name, run_dir, record.checkpoint, record.mlflow_run_id, record.model_uri, metrics)
 
 
-def fit(cfg: ExperimentConfig, storage: str, context: RunContext) -> Any:
-    """Build the TorchTrainer for the config and run it to the end (a ray.train.Result)."""
+def fit(cfg: ExperimentConfig, storage: str, context: RunContext, callbacks: Sequence[Any] = ()) -> Any:
+    """Build the TorchTrainer for the config and run it to the end (a ray.train.Result);
+    `callbacks` go to its RunConfig (a Tune trial passes its report callback)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -142,6 +144,7 @@ def fit(cfg: ExperimentConfig, storage: str, context: RunContext) -> Any:
         run_config=ray.train.RunConfig(
             name=cfg.name,
             storage_path=storage,
+            callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.ray.checkpoints_to_keep),
         ),
@@ -188,18 +191,28 @@ def resolve_storage(storage_path: str) -> str:
 
 
 def read_record(run_dir: str) -> RunRecord | None:
-    fs, path = fsspec.core.url_to_fs(f"{run_dir}/{RECORD_FILE}")
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "r") as f:
-        return RunRecord(**json.load(f))
+    raw = read_json(f"{run_dir}/{RECORD_FILE}")
+    return None if raw is None else RunRecord(**raw)
 
 
 def write_record(run_dir: str, record: RunRecord) -> None:
-    fs, path = fsspec.core.url_to_fs(f"{run_dir}/{RECORD_FILE}")
+    write_json(f"{run_dir}/{RECORD_FILE}", asdict(record))
+
+
+def read_json(uri: str) -> Any:
+    """A JSON file, local or on any fsspec filesystem; None when it does not exist."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
+def write_json(uri: str, data: Any) -> None:
+    fs, path = fsspec.core.url_to_fs(uri)
     fs.makedirs(fs._parent(path), exist_ok=True)
     with fs.open(path, "w") as f:
-        json.dump(asdict(record), f, indent=2)
+        json.dump(data, f, indent=2)
 
 
 def _exists(run_dir: str) -> bool:

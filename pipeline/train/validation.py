@@ -1,8 +1,9 @@
 """Validation during training: per-task, per-class Dice on each store's validation split.
 
 Dice rule: the evaluate stage's (`pipeline.common.metrics.dice`, MONAI's): per case and class,
-NaN when the reference has none of the class, and NaN values are left out of the means. Cases are spread over ranks round-robin and the per-case values gathered, so every rank
-returns the same summary.
+NaN when the reference has none of the class, and NaN values are left out of the means. Cases
+are spread over ranks round-robin and the per-case values gathered, so every rank returns the
+same summary.
 """
 
 from __future__ import annotations

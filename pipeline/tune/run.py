@@ -17,14 +17,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import mlflow
 from mlflow.tracking import MlflowClient
 
 from pipeline.common.config import ExperimentConfig, config_from_dict, flatten, save_config, to_dict
 from pipeline.common.tracking import ensure_experiment, resolve_tracking_uri
-from pipeline.train.loop import RunContext, train_fn_per_worker
-from pipeline.train.run import connect_ray, resolve_storage
+from pipeline.train.loop import RunContext
+from pipeline.train.run import connect_ray, fit, read_json, resolve_storage, write_json
 from pipeline.tune.space import apply_values, sampled_values, search_space, trial_config
 
 log = logging.getLogger(__name__)
@@ -60,9 +59,9 @@ def run(cfg: ExperimentConfig, resume: bool | None = None) -> TuneResult:
         raise FileNotFoundError(f"{search_dir}: no search {cfg.name!r} to resume")
     if resume is False and restorable:
         raise FileExistsError(f"{search_dir}: search {cfg.name!r} exists; resume it or choose another name")
-    record = _read_record(search_dir) if restorable else None
+    record = read_json(f"{search_dir}/{RECORD_FILE}") if restorable else None
     parent_id = record["parent_run_id"] if record else _start_parent(cfg, tracking_uri)
-    _write_record(search_dir, {"parent_run_id": parent_id, "tracking_uri": tracking_uri, "config": to_dict(cfg)})
+    write_json(f"{search_dir}/{RECORD_FILE}", {"parent_run_id": parent_id, "tracking_uri": tracking_uri, "config": to_dict(cfg)})
     trainable = tune.with_resources(
         tune.with_parameters(train_driver_fn, base=to_dict(cfg), parent_run_id=parent_id, tracking_uri=tracking_uri,
                              trial_storage=f"{search_dir}/trials"),
@@ -90,9 +89,7 @@ def run(cfg: ExperimentConfig, resume: bool | None = None) -> TuneResult:
 def train_driver_fn(trial_params: dict[str, Any], base: dict[str, Any], parent_run_id: str, tracking_uri: str,
                     trial_storage: str) -> None:
     """One trial: a TorchTrainer over the sampled config whose worker reports reach Tune."""
-    import ray.train
     from ray import tune
-    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     base_cfg = config_from_dict(base, source="tune base")
@@ -101,21 +98,7 @@ def train_driver_fn(trial_params: dict[str, Any], base: dict[str, Any], parent_r
     cfg = trial_config(base_cfg, values, f"{base_cfg.name}-{trial_id}", source=f"trial {trial_id}")
     run_id = _child_run(cfg, values, trial_id, parent_run_id, tracking_uri)
     context = RunContext(tracking_uri=tracking_uri, mlflow_run_id=run_id)
-    trainer = TorchTrainer(
-        train_fn_per_worker,
-        train_loop_config={"experiment": to_dict(cfg), "context": asdict(context)},
-        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-            resources_per_worker={"CPU": cfg.ray.cpus_per_worker} | ({"GPU": 1} if cfg.ray.use_gpu else {}),
-        ),
-        run_config=ray.train.RunConfig(
-            name=cfg.name, storage_path=trial_storage, callbacks=[TuneReportCallback()],
-            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.ray.checkpoints_to_keep),
-        ),
-    )
-    trainer.fit()
+    fit(cfg, trial_storage, context, callbacks=[TuneReportCallback()])
     MlflowClient(tracking_uri).set_terminated(run_id, "FINISHED")
 
 
@@ -208,7 +191,7 @@ def _child_run(cfg: ExperimentConfig, values: dict[str, Any], trial_id: str, par
               if not k.startswith("tune.")}
     mlflow.set_tracking_uri(tracking_uri)
     client.log_batch(child.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in params.items()])
-    client.log_dict(child.info.run_id, {k: v for k, v in values.items()}, "trial/values.json")
+    client.log_dict(child.info.run_id, values, "trial/values.json")
     return child.info.run_id
 
 
@@ -254,17 +237,3 @@ def _finish(cfg: ExperimentConfig, results: Any, search_dir: str, parent_id: str
              stopped, cfg.tune.metric, best_metric, values, path)
     return TuneResult(cfg.name, search_dir, parent_id, str(path), best_metric, values, len(results), stopped)
 
-
-def _read_record(search_dir: str) -> dict[str, Any] | None:
-    fs, path = fsspec.core.url_to_fs(f"{search_dir}/{RECORD_FILE}")
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "r") as f:
-        return json.load(f)
-
-
-def _write_record(search_dir: str, record: dict[str, Any]) -> None:
-    fs, path = fsspec.core.url_to_fs(f"{search_dir}/{RECORD_FILE}")
-    fs.makedirs(fs._parent(path), exist_ok=True)
-    with fs.open(path, "w") as f:
-        json.dump(record, f, indent=2)
