@@ -126,12 +126,27 @@ class RayConfig:
     """Where and how wide training runs; `address=None` starts or joins a local Ray."""
 
     address: str | None = None
-    num_workers: PositiveInt = 1
+    num_workers: PositiveInt | tuple[PositiveInt, PositiveInt] = 1  # N, or [min, max]: elastic (docs/cluster.md)
     use_gpu: bool = False
     cpus_per_worker: PositiveFloat = 1.0
+    resources_per_worker: dict[str, PositiveFloat] = dataclasses.field(default_factory=dict)  # custom, e.g. {trainer: 1}
     storage_path: str = "outputs/ray"
     max_failures: NonNegativeInt = 2
     checkpoints_to_keep: PositiveInt = 2
+    elastic_resize_interval_s: PositiveFloat = 60.0  # how often an elastic run looks for room to grow
+    shared_filesystem: bool = False  # local paths are on a file system every node mounts at the same path
+
+    @field_validator("num_workers")
+    @classmethod
+    def _range_ordered(cls, workers: int | tuple[int, int]) -> int | tuple[int, int]:
+        if isinstance(workers, tuple) and workers[0] > workers[1]:
+            raise ValueError(f"[min, max] needs min <= max, got {list(workers)}")
+        return workers
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) workers; equal for a fixed-size run."""
+        return self.num_workers if isinstance(self.num_workers, tuple) else (self.num_workers, self.num_workers)
 
 
 @dataclass(frozen=True, config=_STRICT)
