@@ -58,7 +58,7 @@ def store_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
 def test_manifest_round_trip_and_properties(store_uri: str) -> None:
     store = TaskStore.open(store_uri)
     assert store.manifest == _manifest()
-    assert (store.manifest.num_classes, store.manifest.num_channels, store.manifest.format_version) == (3, 2, 2)
+    assert (store.manifest.num_classes, store.manifest.num_channels, store.manifest.format_version) == (3, 2, 3)
     assert store.case_ids("train") == ["c0"] and store.case_ids("validation") == ["c1"]
     assert store.case_ids("test") == ["t0"] and store.case_ids() == ["c0", "c1", "t0"]
     with pytest.raises(ValueError, match="split must be one of"):
@@ -142,7 +142,7 @@ def test_damaged_shard_index_is_refused(store_uri: str, tmp_path: Path) -> None:
     data = bytearray(shard.read_bytes())
     data[3] ^= 0xFF  # inside the index, which comes first
     shard.write_bytes(bytes(data))
-    with pytest.raises(StoreError, match="cases/c0/label/c/0/0/0: damaged shard index"):
+    with pytest.raises(StoreError, match="case 'c0', array 'label': damaged shard index of cases/c0/label/c/0/0/0"):
         TaskStore.open(uri).read_patch("c0", (0, 0, 0), (2, 2, 2))
 
 
@@ -195,11 +195,11 @@ def test_open_errors(store_uri: str, tmp_path: Path) -> None:
         TaskStore.open(unfinished)
     newer = str(tmp_path / "newer.zarr")
     writer.write_manifest(writer.open_store(newer, None, False), _manifest(format_version=FORMAT_VERSION + 1))
-    with pytest.raises(StoreError, match=f"format version {FORMAT_VERSION + 1} is not supported"):
+    with pytest.raises(StoreError, match=f"format version {FORMAT_VERSION + 1} .manifest.* is not supported"):
         TaskStore.open(newer)
     older = str(tmp_path / "older.zarr")
-    writer.write_manifest(writer.open_store(older, None, False), _manifest(format_version=1))
-    with pytest.raises(StoreError, match="format version 1 is not supported .*re-ingest it with --overwrite"):
+    writer.write_manifest(writer.open_store(older, None, False), _manifest(format_version=2))
+    with pytest.raises(StoreError, match="format version 2 .manifest format_version. is not supported .*--overwrite"):
         TaskStore.open(older)
     with pytest.raises(StoreError, match="no case 'nope'"):
         TaskStore.open(store_uri).read_case("nope")
@@ -212,3 +212,81 @@ def test_incomplete_case_is_refused(store_uri: str, tmp_path: Path) -> None:
     writer.write_manifest(root, _manifest())
     with pytest.raises(StoreError, match="case 'c0' is incomplete"):
         TaskStore.open(uri).read_case("c0")
+
+
+def _copy(store_uri: str, tmp_path: Path, name: str) -> str:
+    uri = str(tmp_path / name)
+    shutil.copytree(store_uri, uri)
+    return uri
+
+
+def test_root_format_version_is_checked_too(store_uri: str, tmp_path: Path) -> None:
+    """A store whose root says another version is refused by readers and by ingest, with the hint."""
+    uri = _copy(store_uri, tmp_path, "root99.zarr")
+    zarr.open_group(uri, mode="a").attrs["format_version"] = 99
+    with pytest.raises(StoreError, match="root99.zarr: store format version 99 .root attribute.*--overwrite"):
+        TaskStore.open(uri)
+    with pytest.raises(StoreError, match="format version 99 .root attribute.*re-ingest it"):
+        writer.open_store(uri, None, overwrite=False)
+
+
+def test_every_chunk_carries_a_crc32c(store_uri: str) -> None:
+    case = zarr.open_group(store_uri, mode="r")["cases/c0"]
+    for name in ("image", "label", "class_locations"):
+        codecs = case[name].metadata.codecs
+        inner = codecs[0].codecs if len(codecs) == 1 else codecs
+        assert type(inner[-1]).__name__ == "Crc32cCodec", name
+
+
+def _flip(path: Path, position: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[position] ^= 1 << (position % 8)
+    path.write_bytes(bytes(data))
+
+
+def test_any_single_bit_flip_in_a_shard_is_an_error_naming_store_case_and_array(store_uri: str,
+                                                                                 tmp_path: Path) -> None:
+    """Before per-chunk checksums, flips in chunk bytes read back silently wrong or as a bare
+    blosc error. Now every flipped byte of the image shard fails both readers, naming the array."""
+    shard = Path(store_uri, "cases/c1/image/c/0/0/0/0")
+    for position in range(0, shard.stat().st_size, max(1, shard.stat().st_size // 30)):
+        uri = _copy(store_uri, tmp_path, f"flip{position}.zarr")
+        _flip(Path(uri, "cases/c1/image/c/0/0/0/0"), position)
+        with pytest.raises(StoreError, match=f"flip{position}.zarr: case 'c1', array 'image': .*(CRC32C|checksum)"):
+            TaskStore.open(uri).read_case("c1")
+        with pytest.raises(ValueError, match="checksum"):  # zarr-python's own read sees it too
+            zarr.open_group(uri, mode="r")["cases/c1/image"][...]
+        shutil.rmtree(uri)
+
+
+def test_corrupt_class_locations_and_zarr_read_arrays_name_the_array(store_uri: str, tmp_path: Path) -> None:
+    uri = _copy(store_uri, tmp_path, "locations.zarr")
+    _flip(Path(uri, "cases/c0/class_locations/c/0/0"), 20)
+    with pytest.raises(StoreError, match="locations.zarr: case 'c0', array 'class_locations': cannot read"):
+        TaskStore.open(uri).class_locations("c0")
+
+
+def test_verify_lists_each_corrupt_array(store_uri: str, tmp_path: Path) -> None:
+    assert TaskStore.open(store_uri).verify() == []
+    uri = _copy(store_uri, tmp_path, "verify.zarr")
+    _flip(Path(uri, "cases/c0/image/c/0/0/0/0"), 200)
+    _flip(Path(uri, "cases/c1/label/c/0/0/0"), 3)  # in the shard index
+    _flip(Path(uri, "cases/t0/image/c/0/0/0/0"), 250)
+    problems = TaskStore.open(uri).verify()
+    assert len(problems) == 3, problems
+    assert [p.split(",")[0] for p in problems] == [f"{uri}: case '{c}'" for c in ("c0", "c1", "t0")]
+    assert "array 'label': damaged shard index" in problems[1]
+
+
+def test_incomplete_store_warns_or_is_refused(store_uri: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    uri = _copy(store_uri, tmp_path, "incomplete.zarr")
+    root = zarr.open_group(uri, mode="a")
+    writer.write_manifest(root, _manifest(failed={"c9": ["x/c9.nii.gz: missing label"]}, stale={"c1": "gone"}))
+    store = TaskStore.open(uri)
+    assert store.manifest.failed == {"c9": ["x/c9.nii.gz: missing label"]} and store.manifest.stale == {"c1": "gone"}
+    assert "its last ingest did not finish cleanly: 1 failed case(s) (c9), 1 stale case(s) (c1)" in caplog.text
+    with pytest.raises(StoreError, match="did not finish cleanly.*data.allow_incomplete_stores"):
+        TaskStore.open(uri, allow_incomplete=False)
+    caplog.clear()
+    TaskStore.open(store_uri, allow_incomplete=False)
+    assert "did not finish" not in caplog.text

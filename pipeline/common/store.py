@@ -12,23 +12,31 @@ One store per dataset, a Zarr v3 group at `<ROOT>/<dataset>.zarr`, local or any 
                               random sample of the voxels of each foreground class; absent
                               for test cases
     cases/<case_id> attrs     "meta" (geometry.CaseMeta.to_dict()), "spacing" (z, y, x),
-                              "source", "source_fingerprint", "recipe", "warnings", and
-                              "complete": true, written last; a case without it is not a case.
+                              "source", "source_fingerprint" (content hash), "source_stat"
+                              (names, sizes, mtimes), "recipe", "warnings", and "complete":
+                              true, written last; a case without it is not a case.
 
 Image and label are each one shard (`sharding_indexed`, index at the start) holding the whole
 volume in chunks of the ingest's chunk size (full channel depth for the image), Blosc inside
-(LZ4 for images, LZ4HC for labels): a patch read decodes only the chunks it touches, from one
-object per array. Chunks equal to the fill value are not written (nor is an all-zero shard).
+(LZ4 for images, LZ4HC for labels), then a CRC32C per chunk (the `crc32c` codec): a patch read
+decodes only the chunks it touches, from one object per array, and checks each one's checksum.
+Chunks equal to the fill value are not written (nor is an all-zero shard).
 
-A store without a manifest is an unfinished ingest and does not open. Version 1 stores (plain
-64^3 chunks, class locations as a JSON attribute) are refused: re-ingest them with --overwrite.
+A store without a manifest is an unfinished ingest and does not open. The root attrs and the
+manifest both carry the format version; every reader checks both. Older stores (1: plain 64^3
+chunks; 2: no per-chunk checksums) are refused: re-ingest them with --overwrite. The manifest
+records the cases the last ingest could not write (`failed`) and the stored cases it kept
+although their source now fails or is missing (`stale`); such a store opens with a warning,
+and training refuses it unless told (`data.allow_incomplete_stores`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -45,7 +53,9 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, Endian, ShardingCod
 from pipeline.common.geometry import CaseMeta
 from pipeline.common.intensity import ChannelNormalization
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+REINGEST_HINT = "re-ingest it: python -m pipeline.ingest --source DIR --out ROOT --overwrite"
+FORMAT_VERSION_KEY = "format_version"
 CASES = "cases"
 IMAGE = "image"
 LABEL = "label"
@@ -54,6 +64,7 @@ MANIFEST = "manifest"
 COMPLETE = "complete"
 SPLITS = ("train", "validation", "test", "all")
 _ABSENT = 2**64 - 1  # shard index entry of a chunk that was never written
+log = logging.getLogger(__name__)
 
 # Blosc decodes on the calling thread. numcodecs would otherwise use blosc's thread pool when
 # called from a main thread (zarr-python always calls it from worker threads, where it does
@@ -76,13 +87,16 @@ class StoreManifest:
     target_spacing: tuple[float, float, float]  # (z, y, x) mm
     normalization: tuple[ChannelNormalization, ...]  # one per channel
     cases: dict[str, str]  # case id -> source fingerprint, every case in the store
-    split: dict[str, list[str]]  # {"train": [...], "validation": [...]}, labelled cases
-    test_cases: tuple[str, ...] = ()  # imagesTs cases, no label
+    split: dict[str, list[str]]  # {"train": [...], "validation": [...]}, labelled cases; fold 0 held out
+    test_cases: tuple[str, ...] = ()  # imagesTs cases (with a label when labelsTs had one)
     image_order: int = 3
     label_resampling: str = "nearest"
     dataset: str = ""  # source folder name, the store's name
     source_root: str = ""  # absolute path of the source folder at ingest time (case attrs "source" are relative)
+    failed: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # not in the store: id -> problems
+    stale: dict[str, str] = dataclasses.field(default_factory=dict)  # kept from an earlier ingest: id -> why
     format_version: int = FORMAT_VERSION
+    folds: list[list[str]] = dataclasses.field(default_factory=list)  # held-out cases per fold (ingest.split)
 
     @property
     def num_classes(self) -> int:
@@ -91,6 +105,23 @@ class StoreManifest:
     @property
     def num_channels(self) -> int:
         return len(self.modalities)
+
+    def with_fold(self, fold: int) -> StoreManifest:
+        """This manifest with `folds[fold]` as the validation split and the other labelled cases as
+        the train split; a store with fewer folds holds nothing out there (all its cases train)."""
+        if fold < 0:
+            raise ValueError(f"fold must be >= 0, got {fold}")
+        labelled = sorted(self.split["train"] + self.split["validation"])
+        held_out = set(self.folds[fold]) if fold < len(self.folds) else set()
+        return dataclasses.replace(
+            self, split={"train": [c for c in labelled if c not in held_out], "validation": sorted(held_out)}
+        )
+
+    def incomplete(self) -> str | None:
+        """Why the last ingest did not end cleanly (failed or stale cases), or None."""
+        parts = [f"{len(cases)} {kind} case(s) ({', '.join(sorted(cases)[:5])}{', ...' if len(cases) > 5 else ''})"
+                 for kind, cases in (("failed", self.failed), ("stale", self.stale)) if cases]
+        return "its last ingest did not finish cleanly: " + ", ".join(parts) if parts else None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (lists, string keys), equal to what the store's attrs read back."""
@@ -114,7 +145,10 @@ class StoreManifest:
             label_resampling=raw["label_resampling"],
             dataset=raw["dataset"],
             source_root=raw["source_root"],
+            failed={k: list(v) for k, v in raw["failed"].items()},
+            stale=dict(raw["stale"]),
             format_version=raw["format_version"],
+            folds=[list(f) for f in raw.get("folds", [])],
         )
 
 
@@ -128,6 +162,13 @@ def open_group(uri: str, storage_options: dict[str, Any] | None = None, mode: st
     return zarr.open_group(store, mode=mode, zarr_format=3)
 
 
+def check_format_version(uri: str, version: Any, where: str) -> None:
+    """Raise StoreError (with the re-ingest hint) unless `version` is this code's FORMAT_VERSION."""
+    if version != FORMAT_VERSION:
+        raise StoreError(f"{uri}: store format version {version} ({where}) is not supported (this code reads "
+                         f"{FORMAT_VERSION}); {REINGEST_HINT}")
+
+
 class _Bytes:
     """Byte ranges of one store's objects: `os.pread` on a local path, fsspec's `cat_ranges`
     (concurrent requests on S3 and other async filesystems) for a URL. Ranges less than a gap
@@ -139,7 +180,8 @@ class _Bytes:
         # bytes worth reading through rather than asking again: about a syscall locally, a request remotely
         self._gap = 4096 if self._fs is None else 1 << 20
 
-    def ranges(self, key: str, spans: list[tuple[int, int]]) -> list[bytes | memoryview]:
+    def ranges(self, key: str, spans: list[tuple[int, int]]) -> list[np.ndarray]:
+        """The bytes of each span, as uint8 views (google_crc32c and blosc read them without a copy)."""
         merged: list[list] = []  # [start, stop, indexes of the spans inside]
         for n in sorted(range(len(spans)), key=lambda n: spans[n][0]):
             start, stop = spans[n]
@@ -148,12 +190,12 @@ class _Bytes:
                 merged[-1][2].append(n)
             else:
                 merged.append([start, stop, [n]])
-        out: list[bytes | memoryview] = [b""] * len(spans)
+        out: dict[int, np.ndarray] = {}
         for (start, _, members), blob in zip(merged, self._read(f"{self._root}/{key}", merged)):
-            view = memoryview(blob)
+            view = np.frombuffer(blob, dtype=np.uint8)
             for n in members:
                 out[n] = view[spans[n][0] - start:spans[n][1] - start]
-        return out
+        return [out[n] for n in range(len(spans))]
 
     def _read(self, path: str, spans: list[list]) -> list[bytes]:
         if self._fs is not None:
@@ -167,30 +209,34 @@ class _Bytes:
 
 
 class _ShardReader:
-    """Windows of an array written as one shard of Blosc chunks (the writer's layout): reads and
-    decodes just the chunks a window touches, without zarr-python's per-chunk machinery."""
+    """Windows of an array written as one shard of checksummed Blosc chunks (the writer's
+    layout): reads, checks (CRC32C) and decodes just the chunks a window touches, without
+    zarr-python's per-chunk machinery. `where` names the store, case and array in errors."""
 
-    def __init__(self, array: zarr.Array, data: _Bytes, uri: str):
+    def __init__(self, array: zarr.Array, data: _Bytes, where: str):
         self.shape, self.dtype, self.fill_value = array.shape, array.dtype, array.fill_value
         self.chunks: tuple[int, ...] = array.metadata.codecs[0].chunk_shape
         self.key = f"{array.path}/{array.metadata.encode_chunk_key((0,) * array.ndim)}"
+        self.where = where
         self._data = data
-        grid = tuple(-(-s // c) for s, c in zip(array.metadata.chunk_grid.chunk_shape, self.chunks))
-        size = 16 * int(np.prod(grid))
+        self._grid = tuple(-(-s // c) for s, c in zip(array.metadata.chunk_grid.chunk_shape, self.chunks))
+        self._strides = [int(np.prod(self._grid[d + 1:])) for d in range(len(self._grid))]
+        self._index: np.ndarray | None = None  # (chunks, 2) offsets and lengths, read on first use
+
+    def _read_index(self) -> np.ndarray:
+        size = 16 * int(np.prod(self._grid))
         try:
-            raw = bytes(data.ranges(self.key, [(0, size + 4)])[0])
+            raw = self._data.ranges(self.key, [(0, size + 4)])[0]
         except FileNotFoundError:  # every chunk equals the fill value (an all-background label): none written
-            index = np.full((size // 16, 2), _ABSENT, dtype=np.uint64)
-        else:
-            if len(raw) != size + 4 or google_crc32c.value(raw[:size]) != int.from_bytes(raw[size:], "little"):
-                raise StoreError(f"{uri}/{self.key}: damaged shard index (checksum mismatch or truncated)")
-            index = np.frombuffer(raw[:size], dtype="<u8").reshape(-1, 2)
-        self._offsets, self._lengths = index[:, 0], index[:, 1]
-        self._strides = [int(np.prod(grid[d + 1:])) for d in range(len(grid))]
+            return np.full((size // 16, 2), _ABSENT, dtype=np.uint64)
+        if len(raw) != size + 4 or not _checksum_ok(raw):
+            raise StoreError(f"{self.where}: damaged shard index of {self.key} (CRC32C mismatch or truncated); "
+                             f"{REINGEST_HINT}")
+        return np.frombuffer(raw[:size].tobytes(), dtype="<u8").reshape(-1, 2)
 
     @staticmethod
     def supports(array: zarr.Array) -> bool:
-        """Whether `array` is one shard, index first, of little-endian Blosc chunks."""
+        """Whether `array` is one shard, index first, of little-endian Blosc chunks with CRC32C."""
         codecs = array.metadata.codecs
         if (len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec) or sys.byteorder != "little"
                 or array.dtype.kind not in "biuf"):
@@ -200,10 +246,9 @@ class _ShardReader:
         return (
             all(s >= n for s, n in zip(array.metadata.chunk_grid.chunk_shape, array.shape))
             and shard.index_location == ShardingCodecIndexLocation.start
-            and len(inner) == 2 and isinstance(inner[0], BytesCodec) and isinstance(inner[1], BloscCodec)
+            and [type(c) for c in inner] == [BytesCodec, BloscCodec, Crc32cCodec]
             and inner[0].endian in (None, Endian.little)
-            and len(index) == 2 and isinstance(index[0], BytesCodec) and isinstance(index[1], Crc32cCodec)
-            and index[0].endian == Endian.little
+            and [type(c) for c in index] == [BytesCodec, Crc32cCodec] and index[0].endian == Endian.little
         )
 
     def read(self, source: tuple[slice, ...], out: np.ndarray) -> None:
@@ -216,27 +261,57 @@ class _ShardReader:
         ]
         cells = list(itertools.product(*axes))
         positions = [sum(cell[d][0] for d in range(len(cell))) for cell in cells]
-        offsets, lengths = self._offsets[positions].tolist(), self._lengths[positions].tolist()
+        if self._index is None:
+            self._index = self._read_index()
+        offsets, lengths = self._index[positions, 0].tolist(), self._index[positions, 1].tolist()
         present = [n for n, offset in enumerate(offsets) if offset != _ABSENT]
         spans = [(offsets[n], offsets[n] + lengths[n]) for n in present]
         blobs = self._data.ranges(self.key, spans) if spans else []
         chunk = np.empty(self.chunks, dtype=self.dtype)
         for n, blob in zip(present, blobs):
-            blosc.decompress(blob, chunk)
+            self._decode(blob, chunk, positions[n])
             out[tuple(a[1] for a in cells[n])] = chunk[tuple(a[2] for a in cells[n])]
         if len(present) < len(cells):
             for n in set(range(len(cells))) - set(present):
                 out[tuple(a[1] for a in cells[n])] = self.fill_value
 
+    def _decode(self, blob: np.ndarray, chunk: np.ndarray, position: int) -> None:
+        """Check a chunk's trailing CRC32C, then decompress it into `chunk`."""
+        problem = None if len(blob) > 4 and _checksum_ok(blob) else "CRC32C mismatch"
+        if problem is None:
+            try:
+                blosc.decompress(blob[:-4], chunk)
+            except RuntimeError as err:  # a checksum collision, or a writer bug
+                problem = str(err)
+        if problem is not None:
+            coords = tuple(int(i) for i in np.unravel_index(position, self._grid))
+            raise StoreError(f"{self.where}: chunk {coords} of {self.key} is corrupt ({problem}); {REINGEST_HINT}")
+
+
+def _checksum_ok(data: np.ndarray) -> bool:
+    """Whether the last 4 bytes of `data` are the CRC32C (little endian) of the rest, as the
+    Zarr v3 `crc32c` codec writes them."""
+    return google_crc32c.value(data[:-4]) == int.from_bytes(data[-4:].tobytes(), "little")
+
 
 class _ZarrReader:
-    """Windows of any other Zarr array (stores written by hand), through zarr-python: slower."""
+    """Windows of any other Zarr array (stores written by hand), through zarr-python: slower.
+    zarr-python checks the `crc32c` codec if the array has one."""
 
-    def __init__(self, array: zarr.Array):
-        self.shape, self.dtype, self._array = array.shape, array.dtype, array
+    def __init__(self, array: zarr.Array, where: str):
+        self.shape, self.dtype, self.where, self._array = array.shape, array.dtype, where, array
 
     def read(self, source: tuple[slice, ...], out: np.ndarray) -> None:
-        out[...] = self._array[source]
+        out[...] = _zarr_read(self._array, source, self.where)
+
+
+def _zarr_read(array: zarr.Array, selection: Any, where: str) -> np.ndarray:
+    """`array[selection]`; a corrupt or unreadable chunk becomes a StoreError naming `where`."""
+    try:
+        return array[selection]
+    except (ValueError, RuntimeError, OSError) as err:
+        raise StoreError(f"{where}: cannot read ({type(err).__name__}: {' '.join(str(err).split())}); "
+                         f"{REINGEST_HINT}") from None
 
 
 @dataclass(frozen=True)
@@ -266,20 +341,31 @@ class TaskStore:
         self._locations: dict[str, dict[int, np.ndarray]] = {}
 
     @classmethod
-    def open(cls, uri: str, storage_options: dict[str, Any] | None = None) -> TaskStore:
-        """Open a finished store; raises StoreError when it is missing, unfinished or of another version."""
+    def open(
+        cls, uri: str, storage_options: dict[str, Any] | None = None, allow_incomplete: bool = True,
+        fold: int | None = None,
+    ) -> TaskStore:
+        """Open a finished store; raises StoreError when it is missing, unfinished or of another
+        format version. A store whose last ingest left failed or stale cases opens with a warning,
+        or raises when `allow_incomplete` is False (training's default). With `fold`, that
+        cross-validation fold is the validation split (`StoreManifest.with_fold`)."""
         try:
             root = open_group(uri, storage_options)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as err:
             raise StoreError(f"{uri}: not a Zarr group ({err})") from None
+        check_format_version(uri, root.attrs.get(FORMAT_VERSION_KEY), "root attribute format_version")
         raw = root.attrs.get(MANIFEST)
         if raw is None:
             raise StoreError(f"{uri}: no manifest: not a task store, or its ingest has not finished")
-        version = raw.get("format_version")
-        if version != FORMAT_VERSION:
-            raise StoreError(f"{uri}: store format version {version} is not supported (this code reads "
-                             f"{FORMAT_VERSION}); re-ingest it with --overwrite")
-        store = cls(uri, StoreManifest.from_dict(raw), storage_options)
+        check_format_version(uri, raw.get(FORMAT_VERSION_KEY), "manifest format_version")
+        manifest = StoreManifest.from_dict(raw)
+        store = cls(uri, manifest if fold is None else manifest.with_fold(fold), storage_options)
+        incomplete = store.manifest.incomplete()
+        if incomplete is not None and not allow_incomplete:
+            raise StoreError(f"{uri}: {incomplete}; fix the sources and re-run pipeline.ingest, or set "
+                             "data.allow_incomplete_stores: true to use it as it is")
+        if incomplete is not None:
+            log.warning("%s: %s; re-run pipeline.ingest", uri, incomplete)
         store._root = root
         return store
 
@@ -314,7 +400,7 @@ class TaskStore:
             case = self._case(case_id)
             locations: dict[int, np.ndarray] = {}
             if case.label is not None:
-                rows = case.group[CLASS_LOCATIONS][...]
+                rows = _zarr_read(case.group[CLASS_LOCATIONS], ..., self._where(case_id, CLASS_LOCATIONS))
                 bounds = np.searchsorted(rows[:, 0], np.arange(1, self.manifest.num_classes + 1))
                 locations = {c: rows[bounds[c - 1]:bounds[c], 1:] for c in range(1, self.manifest.num_classes)}
             self._locations[case_id] = locations
@@ -389,23 +475,51 @@ class TaskStore:
         reader.read(tuple(slice(0, n) for n in reader.shape), out)
         return out
 
+    def verify(self) -> list[str]:
+        """Read every array of every case, checking each chunk's checksum: one line per array
+        that is corrupt or unreadable (empty when the store is sound)."""
+        problems = []
+        for case_id in self.case_ids():
+            try:
+                case = self._case(case_id)
+            except StoreError as err:
+                problems.append(str(err))
+                continue
+            reads = [functools.partial(self._read, r) for r in (case.image, case.label) if r is not None]
+            for read in [*reads, functools.partial(self.class_locations, case_id)]:
+                try:
+                    read()
+                except StoreError as err:
+                    problems.append(str(err))
+            self._cases.pop(case_id, None)  # one case's readers at a time
+            self._locations.pop(case_id, None)
+        return problems
+
+    def _where(self, case_id: str, array: str) -> str:
+        return f"{self.uri}: case {case_id!r}, array {array!r}"
+
     def _case(self, case_id: str) -> _Case:
         if case_id not in self._cases:
             if case_id not in self.manifest.cases:
                 raise StoreError(f"{self.uri}: no case {case_id!r}")
             if self._root is None:
                 self._root = open_group(self.uri, self.storage_options)
-            group = self._root[f"{CASES}/{case_id}"]
+            try:
+                group = self._root[f"{CASES}/{case_id}"]
+            except KeyError:
+                raise StoreError(f"{self.uri}: case {case_id!r} is in the manifest but not in the store; "
+                                 f"{REINGEST_HINT}") from None
             if group.attrs.get(COMPLETE) is not True:
                 raise StoreError(f"{self.uri}: case {case_id!r} is incomplete")
             label = group.get(LABEL)
-            image = self._reader(group[IMAGE])
-            self._cases[case_id] = _Case(group, image, None if label is None else self._reader(label))
+            image = self._reader(group[IMAGE], case_id, IMAGE)
+            self._cases[case_id] = _Case(group, image, None if label is None else self._reader(label, case_id, LABEL))
         return self._cases[case_id]
 
-    def _reader(self, array: zarr.Array) -> _ShardReader | _ZarrReader:
+    def _reader(self, array: zarr.Array, case_id: str, name: str) -> _ShardReader | _ZarrReader:
+        where = self._where(case_id, name)
         if not _ShardReader.supports(array):
-            return _ZarrReader(array)
+            return _ZarrReader(array, where)
         if self._data is None:
             self._data = _Bytes(self.uri, self.storage_options)
-        return _ShardReader(array, self._data, self.uri)
+        return _ShardReader(array, self._data, where)
