@@ -1,4 +1,4 @@
-"""nnU-Net building blocks: Conv3d -> InstanceNorm3d(affine) -> LeakyReLU(0.01)."""
+"""nnU-Net building blocks: Conv3d -> InstanceNorm3d(affine) -> LeakyReLU(0.01), and its He init."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 Triple = tuple[int, int, int]
+NEGATIVE_SLOPE = 0.01
 
 
 def same_padding(kernel: Sequence[int]) -> Triple:
@@ -15,7 +16,7 @@ def same_padding(kernel: Sequence[int]) -> Triple:
 
 
 def norm_act(channels: int) -> nn.Sequential:
-    return nn.Sequential(nn.InstanceNorm3d(channels, affine=True), nn.LeakyReLU(0.01, inplace=True))
+    return nn.Sequential(nn.InstanceNorm3d(channels, affine=True), nn.LeakyReLU(NEGATIVE_SLOPE, inplace=True))
 
 
 class ConvNormAct(nn.Module):
@@ -42,3 +43,15 @@ class ConvStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x)
+
+
+def he_init(network: nn.Module) -> nn.Module:
+    """nnU-Net's InitWeights_He: every (transposed) convolution gets kaiming-normal weights for
+    leaky ReLU 0.01 (std = sqrt(2 / (1 + 0.01^2) / fan_in)) and zero biases; norms and the
+    prompt keep their own init. Returns `network`, changed in place."""
+    for module in network.modules():
+        if isinstance(module, nn.Conv3d | nn.ConvTranspose3d):
+            nn.init.kaiming_normal_(module.weight, a=NEGATIVE_SLOPE)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    return network

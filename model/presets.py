@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from model.blocks import he_init
 from model.spec import NetworkSpec
 from model.tasks import TaskSpec
 from model.topology import plan_topology
@@ -79,7 +80,7 @@ def preset_spec(
 
 
 def build_network(spec: NetworkSpec, tasks: Sequence[TaskSpec]) -> nn.Module:
-    """Build the network `spec.architecture` names for a task table.
+    """Build the network `spec.architecture` names for a task table, with nnU-Net's He init.
 
     `plain` builds a single-task U-Net and needs exactly one task.
     """
@@ -88,4 +89,4 @@ def build_network(spec: NetworkSpec, tasks: Sequence[TaskSpec]) -> nn.Module:
             raise ValueError(f"a plain U-Net is single-task, got {len(tasks)} tasks")
         return PlainUNet(spec, tasks[0].in_channels, tasks[0].num_classes)
     networks = {"uniseg": UniSeg, "multihead": MultiHeadUNet, "dodnet": DoDNet}
-    return networks[spec.architecture](spec, tasks)
+    return he_init(networks[spec.architecture](spec, tasks))

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from model.blocks import ConvNormAct, ConvStage, norm_act, same_padding
+from model.blocks import ConvNormAct, ConvStage, he_init, norm_act, same_padding
 from model.spec import NetworkSpec
 
 
@@ -106,6 +106,7 @@ class PlainUNet(nn.Module):
         self.encoder = Encoder([in_channels], spec.features, spec.strides, spec.kernels)
         self.decoder = Decoder(spec.features, spec.strides, spec.kernels)
         self.heads = SegmentationHeads(spec.features, num_classes, spec.deep_supervision)
+        he_init(self)
 
     def forward(self, x: torch.Tensor, task_ids: torch.Tensor | Sequence[int] | int | None = None) -> list[torch.Tensor]:
         """Logits per deep-supervision level, highest resolution first.

@@ -62,7 +62,9 @@ def test_mixed_task_batch_equals_per_sample_runs(architecture: str) -> None:
         for i, (x, task) in enumerate(samples):
             alone = net(x, task)
             for level_mixed, level_alone in zip(mixed, alone):
-                torch.testing.assert_close(level_mixed[i : i + 1], level_alone, atol=1e-5, rtol=1e-4)
+                # He init makes logits of order 1-10: float32 summation order (batched vs alone) moves
+                # single values by ~1e-5.
+                torch.testing.assert_close(level_mixed[i : i + 1], level_alone, atol=1e-4, rtol=1e-4)
 
 
 def test_wrong_channel_count_is_a_clear_error() -> None:
