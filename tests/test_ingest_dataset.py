@@ -10,7 +10,6 @@ import pytest
 
 from pipeline.common.config import IngestConfig
 from pipeline.ingest.dataset import DatasetError, read_dataset, source_fingerprint
-from pipeline.ingest.manifest import split_cases
 from pipeline.ingest.plan import CaseSummary, make_plan, target_spacing
 
 
@@ -103,14 +102,3 @@ def test_make_plan_pools_ct_foreground(raw_msd: Path) -> None:
     assert given.target_spacing == (1.0, 2.0, 3.0) and given.normalization[0].scheme == "ct-window"
     with pytest.raises(ValueError, match="no valid training case"):
         make_plan([], spec, IngestConfig())
-
-
-def test_split_is_seeded_disjoint_and_never_empty() -> None:
-    ids = [f"c{i}" for i in range(10)]
-    split = split_cases(ids, 0.2, seed=3)
-    assert split == split_cases(list(reversed(ids)), 0.2, seed=3)
-    assert len(split["validation"]) == 2 and sorted(split["train"] + split["validation"]) == ids
-    assert split != split_cases(ids, 0.2, seed=4)
-    assert len(split_cases(ids[:2], 0.01, 0)["validation"]) == 1
-    assert split_cases(ids, 0.0, 0) == {"train": ids, "validation": []}
-

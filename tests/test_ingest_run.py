@@ -111,8 +111,8 @@ def test_changed_source_case_and_split_options(raw_msd: Path, tmp_path: Path) ->
     shutil.move(tmp_path / "copy.nii.gz", raw / "imagesTs" / "tinyliver_004.nii.gz")
     report = run([raw], str(tmp_path / "out"), SYNC).datasets[0]
     assert report.ingested == ["tinyliver_004"] and len(report.skipped) == 4
-    # A new split only rewrites the manifest.
-    half = IngestConfig(scheduler="synchronous", validation_fraction=0.5)
+    # New folds only rewrite the manifest.
+    half = IngestConfig(scheduler="synchronous", folds=2)
     report = run([raw], str(tmp_path / "out"), half).datasets[0]
     assert report.ingested == []
     assert len(TaskStore.open(str(tmp_path / "out" / f"{raw.name}.zarr")).manifest.split["validation"]) == 2
@@ -198,8 +198,8 @@ def test_cli_local_cluster_and_exit_status(raw_msd: Path, tmp_path: Path) -> Non
 
 
 def test_cli_rejects_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    status = main(["--source", "x", "--out", str(tmp_path), "--validation-fraction", "1.5"])
-    assert status == 2 and "ingest.validation_fraction: must be < 1" in capsys.readouterr().err
+    status = main(["--source", "x", "--out", str(tmp_path), "--folds", "1"])
+    assert status == 2 and "ingest.folds: must be >= 2" in capsys.readouterr().err
 
 
 def test_cli_flags_override_the_config_file(raw_msd: Path, tmp_path: Path) -> None:

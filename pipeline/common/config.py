@@ -43,6 +43,7 @@ class DataConfig:
     """Zarr stores written by `pipeline.ingest`, one per task (local paths or s3:// URIs)."""
 
     stores: tuple[str, ...] = ()
+    fold: NonNegativeInt | None = None  # cross-validation fold held out for validation (None: the stores' split, fold 0)
 
     @field_validator("stores")
     @classmethod
@@ -62,21 +63,22 @@ class IngestConfig:
     ct_normalization: Literal["nnunet", "uniseg-window"] = "nnunet"
     image_order: Literal[1, 3] = 3
     label_resampling: Literal["nearest", "per-class-linear"] = "nearest"
-    validation_fraction: NonNegativeFloat = 0.2
-    split_seed: int = 0
+    folds: int = 5  # cross-validation folds per store, stable per case (pipeline/ingest/split.py); fold 0 validates
+    split_seed: int = 0  # seed of the fold draw
     overwrite: bool = False
     scheduler: str | None = None
     on_ray: bool = False
+    host: str = "127.0.0.1"  # interface the local Dask cluster, its dashboard and a local Ray listen on
     num_workers: PositiveInt | None = None
     chunk_size: tuple[PositiveInt, PositiveInt, PositiveInt] = (32, 32, 32)  # (z, y, x); 32^3 reads faster than 64^3
     max_class_locations: PositiveInt = 10_000  # stored voxel samples per class (foreground oversampling)
 
-    @field_validator("validation_fraction")
+    @field_validator("folds")
     @classmethod
-    def _fraction_below_one(cls, fraction: float) -> float:
-        if fraction >= 1:
-            raise ValueError(f"must be < 1, got {fraction}")
-        return fraction
+    def _at_least_two_folds(cls, folds: int) -> int:
+        if folds < 2:
+            raise ValueError(f"must be >= 2, got {folds}")
+        return folds
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -123,9 +125,12 @@ class TrainConfig:
 
 @dataclass(frozen=True, config=_STRICT)
 class RayConfig:
-    """Where and how wide training runs; `address=None` starts or joins a local Ray."""
+    """Where and how wide training runs. `address`: None (or RAY_ADDRESS, as `ray job submit` sets
+    it) or "local" starts a local Ray listening on `host` only (pipeline/common/services.py);
+    "auto" joins the cluster `ray start` runs on this machine; HOST:PORT joins that cluster."""
 
     address: str | None = None
+    host: str = "127.0.0.1"  # interface a local Ray started here listens on (0.0.0.0: all of them)
     num_workers: PositiveInt | tuple[PositiveInt, PositiveInt] = 1  # N, or [min, max]: elastic (docs/cluster.md)
     use_gpu: bool = False
     cpus_per_worker: PositiveFloat = 1.0

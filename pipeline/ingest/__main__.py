@@ -42,9 +42,10 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"spline order when resampling images (default {_DEFAULT.image_order})")
     p.add_argument("--label-resampling", choices=["nearest", "per-class-linear"],
                    help=f"how label maps are resampled (default {_DEFAULT.label_resampling})")
-    p.add_argument("--validation-fraction", type=float,
-                   help=f"share of labelled cases held out for validation (default {_DEFAULT.validation_fraction})")
-    p.add_argument("--split-seed", type=int, help=f"seed of the train/validation split (default {_DEFAULT.split_seed})")
+    p.add_argument("--folds", type=int,
+                   help=f"cross-validation folds per store, stable per case; fold 0 is the validation split "
+                        f"(default {_DEFAULT.folds})")
+    p.add_argument("--split-seed", type=int, help=f"seed of the fold draw (default {_DEFAULT.split_seed})")
     p.add_argument("--chunk-size", type=int, nargs=3, metavar=("Z", "Y", "X"),
                    help=f"voxels per Zarr chunk (default {' '.join(map(str, _DEFAULT.chunk_size))})")
     p.add_argument("--max-class-locations", type=int,

@@ -27,6 +27,7 @@ from pipeline.ingest.case import CaseOutcome, WriteTarget, guarded, ingest_step,
 from pipeline.ingest.dataset import CaseSource, DatasetError, DatasetSpec, read_dataset, source_fingerprint
 from pipeline.ingest.executor import Compute, executor
 from pipeline.ingest.manifest import build_manifest
+from pipeline.ingest.split import store_folds, with_test_labels
 from pipeline.ingest.plan import Plan, make_plan, needs_statistics
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def ingest_dataset(
 ) -> DatasetReport:
     report = DatasetReport(str(source))
     try:
-        spec = read_dataset(source)
+        spec = with_test_labels(read_dataset(source))
         report.store = store_uri(out, spec.name)
         root = writer.open_store(report.store, storage_options, cfg.overwrite)
     except (DatasetError, StoreError) as err:
@@ -104,7 +105,8 @@ def ingest_dataset(
         writer.clear_manifest(root)
         _ingest_cases(spec, plan, target, todo, fingerprints, compute, report)
     done = [c for c in spec.cases if c.case_id not in report.failed]
-    _commit(root, build_manifest(spec, plan, done, fingerprints, cfg.validation_fraction, cfg.split_seed), report.store)
+    folds = store_folds(root, spec.name, [c.case_id for c in done if not c.is_test], cfg.folds, cfg.split_seed)
+    _commit(root, build_manifest(spec, plan, done, fingerprints, folds), report.store)
     return report
 
 
