@@ -22,7 +22,7 @@ from pipeline.common.config import FinetuneConfig, TrainConfig, load_config
 from pipeline.common.mlflow_model import load_model
 from pipeline.datasets.synthetic import SyntheticTask, write_task
 from pipeline.finetune.__main__ import main
-from pipeline.train.finetune import apply_schedule, build_finetune_optimizer, layer_ids, warmup_factor
+from pipeline.train.finetune import apply_schedule, build_finetune_optimizer, freeze_encoder, layer_ids, warmup_factor
 from pipeline.train.run import run as train_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,17 +60,18 @@ def test_decay_freeze_and_warmup() -> None:
     assert scales[-1] == 1.0 and scales == sorted(scales) and scales[0] == 0.5 ** (len(scales) - 1)
     assert [warmup_factor(finetune, e) for e in range(3)] == [1 / 3, 2 / 3, 1.0]
 
-    apply_schedule(optimizer, network, finetune, 0, 0.1)  # frozen and warming up
+    apply_schedule(optimizer, finetune, 0, 0.1)  # frozen and warming up
     assert all(g["lr"] == 0 for g in optimizer.param_groups if g["encoder"])
     assert optimizer.param_groups[-1]["lr"] == pytest.approx(0.1 / 3)
+    assert freeze_encoder(network, finetune, 0) and not freeze_encoder(network, finetune, 0)  # changed once
     assert not any(p.requires_grad for n, p in network.named_parameters() if n.startswith("encoder."))
     before = {n: p.detach().clone() for n, p in network.named_parameters()}
     network(torch.randn(1, 1, 16, 32, 32))[0].sum().backward()
     optimizer.step()
     assert all(torch.equal(before[n], p) for n, p in network.named_parameters() if n.startswith("encoder."))
 
-    apply_schedule(optimizer, network, finetune, 2, 0.1)  # unfrozen, warm
-    assert all(p.requires_grad for p in network.parameters())
+    apply_schedule(optimizer, finetune, 2, 0.1)  # unfrozen, warm
+    assert freeze_encoder(network, finetune, 1) and all(p.requires_grad for p in network.parameters())
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * scales[0])
     assert optimizer.param_groups[-1]["lr"] == pytest.approx(0.1)
 
@@ -112,8 +113,19 @@ def write_config(tmp: Path, stores: list[str], name: str, **train: object) -> Pa
     return path
 
 
+def frozen_epoch_weights(run_dir: Path, epochs_trained: int) -> dict[str, torch.Tensor]:
+    """The weights of the run's checkpoint written after `epochs_trained` epochs."""
+    for folder in sorted(run_dir.glob("checkpoint_*")):
+        network, card = load_model(str(folder))
+        if card.metadata["epochs_trained"] == epochs_trained:
+            return network.state_dict()
+    raise AssertionError(f"{run_dir}: no checkpoint after {epochs_trained} epochs")
+
+
 @pytest.mark.slow
 def test_finetune_from_registered_model(stores: dict[str, list[str]], tmp_path: Path, local_ray: None) -> None:
+    """A universal model (1 worker) fine-tuned on a new task by 2 DDP workers: the encoder frozen
+    for the first of 2 epochs stays bit-identical in that epoch's checkpoint, then trains."""
     cfg = load_config(write_config(tmp_path, stores["upstream"], "universal"))
     universal = train_run(cfg)
     client = MlflowClient(cfg.mlflow.tracking_uri)
@@ -123,17 +135,20 @@ def test_finetune_from_registered_model(stores: dict[str, list[str]], tmp_path: 
 
     config = write_config(tmp_path, stores["upstream"], "recipe")
     code = main(["--pretrained", "models:/ft-universal@champion", "--store", stores["new"][0], "--config", str(config),
-                 "--name", "spleen", "--register", "ft-spleen", "--set", "finetune.freeze_encoder_epochs=2",
-                 "--set", "finetune.layer_decay=0.8", "--set", "finetune.warmup_epochs=1"])
+                 "--name", "spleen", "--register", "ft-spleen", "--set", "finetune.freeze_encoder_epochs=1",
+                 "--set", "finetune.layer_decay=0.8", "--set", "finetune.warmup_epochs=1",
+                 "--set", "ray.num_workers=2"])
     assert code == 0
     tuned, card = load_model("models:/ft-spleen/1")
     assert card.spec.architecture == "plain" and [t.name for t in card.tasks] == [NEW.name]
     assert card.metadata["pretrained"] == "models:/ft-universal/1"
     source_state, tuned_state = source.state_dict(), tuned.state_dict()
+    frozen_state = frozen_epoch_weights(tmp_path / "ray" / "spleen", 1)
     encoder = [n for n in tuned_state if n.startswith("encoder.") and n in source_state]
-    assert encoder and all(torch.equal(tuned_state[n], source_state[n]) for n in encoder), "frozen encoder changed"
+    assert encoder and all(torch.equal(frozen_state[n], source_state[n]) for n in encoder), "frozen encoder changed"
+    assert any(not torch.equal(tuned_state[n], source_state[n]) for n in encoder), "thawed encoder did not train"
     decoder = [n for n in tuned_state if n.startswith("decoder.stages.") and n.endswith("weight")]
-    assert any(not torch.equal(tuned_state[n], source_state[n]) for n in decoder), "decoder did not train"
+    assert any(not torch.equal(frozen_state[n], source_state[n]) for n in decoder), "decoder did not train"
     run = client.search_runs([client.get_experiment_by_name("finetune-tests").experiment_id],
                              "attributes.run_name = 'spleen'")[0]
     assert "dice/mean" in run.data.metrics and run.data.params["finetune.pretrained"] == "models:/ft-universal/1"

@@ -1,8 +1,9 @@
 """Training checkpoints: a model folder (weights + card) plus `train_state.pt`.
 
 `train_state.pt` holds what resuming needs besides the weights: the next epoch, optimizer and
-AMP scaler state, the task sampler's state, the metric history and torch's RNG state. It holds
-only tensors and plain Python values and is read with `torch.load(weights_only=True)`.
+AMP scaler state, the task sampler's state, the metric history and torch's CPU and CUDA RNG
+states. It holds only tensors and plain Python values and is read with
+`torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,20 @@ class TrainState:
     sampler: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     torch_rng: torch.Tensor | None = None
+    cuda_rng: list[torch.Tensor] | None = None  # one state per visible CUDA device
+
+    def capture_rng(self) -> None:
+        """Record the CPU RNG and, when CUDA is available, every device's RNG."""
+        self.torch_rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+    def restore_rng(self) -> None:
+        """Set the RNGs recorded by `capture_rng`; CUDA states only onto as many devices as were saved."""
+        if self.torch_rng is not None:
+            torch.set_rng_state(self.torch_rng.cpu())
+        if self.cuda_rng and torch.cuda.is_available():
+            for device, rng in enumerate(self.cuda_rng[: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(rng.cpu(), device)
 
 
 def save_checkpoint(directory: str | Path, network: nn.Module, card: ModelCard, state: TrainState) -> Path:

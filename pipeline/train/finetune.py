@@ -5,8 +5,10 @@ U-Net with the source's encoder-decoder (`model.transfer`), the matching weights
 with `finetune.from_scratch`, the baseline with the same architecture). Parameters are grouped
 by depth for layer-wise learning-rate decay: the heads get the full rate, each layer towards the
 input `layer_decay` times the rate of the one after it. Each epoch `apply_schedule` sets every
-group's rate (schedule x warm-up x depth scale) and freezes the encoder during the first
-`freeze_encoder_epochs` (no gradients, rate 0, so momentum and weight decay leave it alone).
+group's rate (schedule x warm-up x depth scale; 0 for a frozen encoder) and `freeze_encoder`
+freezes the encoder during the first `freeze_encoder_epochs` (no gradients, so momentum and weight
+decay leave it alone). DDP syncs only the parameters that required gradients when it wrapped the
+network, so the training loop freezes before wrapping and wraps again when the encoder thaws.
 """
 
 from __future__ import annotations
@@ -93,15 +95,26 @@ def warmup_factor(finetune: FinetuneConfig, epoch: int) -> float:
     return (epoch + 1) / (finetune.warmup_epochs + 1)
 
 
-def apply_schedule(optimizer: torch.optim.Optimizer, network: nn.Module, finetune: FinetuneConfig, epoch: int,
-                   lr: float) -> float:
-    """Set each group's rate for `epoch` (schedule `lr` x warm-up x depth scale) and freeze or
-    unfreeze the encoder; returns the heads' rate."""
-    frozen = epoch < finetune.freeze_encoder_epochs
+def encoder_frozen(finetune: FinetuneConfig, epoch: int) -> bool:
+    return epoch < finetune.freeze_encoder_epochs
+
+
+def apply_schedule(optimizer: torch.optim.Optimizer, finetune: FinetuneConfig, epoch: int, lr: float) -> float:
+    """Set each group's rate for `epoch` (schedule `lr` x warm-up x depth scale, 0 for a frozen
+    encoder); returns the heads' rate."""
+    frozen = encoder_frozen(finetune, epoch)
     factor = warmup_factor(finetune, epoch)
     for group in optimizer.param_groups:
         group["lr"] = 0.0 if frozen and group.get("encoder") else lr * factor * group.get("lr_scale", 1.0)
-    for name, param in network.named_parameters():
-        if name.removeprefix("module.").startswith(ENCODER_PREFIX):
-            param.requires_grad_(not frozen)
     return lr * factor
+
+
+def freeze_encoder(network: nn.Module, finetune: FinetuneConfig, epoch: int) -> bool:
+    """Encoder gradients off in the frozen epochs, on after; True when a flag changed. Call it on
+    the unwrapped network, then (re)wrap it for DDP."""
+    trainable = not encoder_frozen(finetune, epoch)
+    encoder = [p for name, p in network.named_parameters() if name.startswith(ENCODER_PREFIX)]
+    changed = any(p.requires_grad != trainable for p in encoder)
+    for param in encoder:
+        param.requires_grad_(trainable)
+    return changed

@@ -7,6 +7,7 @@ progress and writes checkpoints and MLflow metrics; every rank reports.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -35,7 +36,7 @@ from pipeline.common.store import StoreManifest, TaskStore
 from pipeline.train import finetune
 from pipeline.train.build import model_card, network_spec, open_stores, task_specs
 from pipeline.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
-from pipeline.train.data import Batch, BatchStream, make_loader
+from pipeline.train.data import Batch, BatchStream, make_loader, open_store
 from pipeline.train.loss import deep_supervision_loss
 from pipeline.train.optim import build_optimizer, set_learning_rate
 from pipeline.train.sampling import TaskSampler, build_sampler
@@ -89,7 +90,7 @@ def build_parts(cfg: ExperimentConfig, rank: int, device: torch.device) -> Parts
     """Stores, network, optimizer, AMP scaler and this rank's task sampler."""
     torch.manual_seed(cfg.train.seed + rank)
     amp = cfg.train.amp and device.type == "cuda"
-    stores = open_stores(cfg.data.stores)
+    stores = open_stores(cfg.data.stores, fold=cfg.data.fold)
     manifests = [s.manifest for s in stores]
     if cfg.finetune.pretrained:
         spec, network = finetune.transferred_network(cfg, manifests)
@@ -115,6 +116,7 @@ def batch_loader(parts: Parts) -> DataLoader:
         parts.sampler, list(cfg.data.stores), [m.num_classes for m in parts.manifests], parts.spec.patch_size,
         cfg.train.epochs, start_epoch=parts.sampler.epoch, start_batch=parts.sampler.position,
         foreground_fraction=cfg.train.foreground_fraction, augmentation=cfg.train.augmentation,
+        opener=functools.partial(open_store, fold=cfg.data.fold),
     )
     return make_loader(stream, cfg.train.loader_workers, pin_memory=parts.device.type == "cuda")
 
@@ -139,7 +141,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             log.info("nothing to do: the checkpoint already finished %d epochs", state.epoch)
         return
-    model = ray.train.torch.prepare_model(parts.network, parallel_strategy_kwargs={"find_unused_parameters": True})
+    model = None
     batches = iter(batch_loader(parts))
     tracker = EpochLogger(context.tracking_uri, context.mlflow_run_id) if rank == 0 and context.mlflow_run_id else None
     if rank == 0:
@@ -148,9 +150,12 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(state.epoch, cfg.train.epochs):
         lr = set_learning_rate(parts.optimizer, cfg.train, epoch)
         if cfg.finetune.pretrained:
-            lr = finetune.apply_schedule(parts.optimizer, model, cfg.finetune, epoch, lr)
+            lr = finetune.apply_schedule(parts.optimizer, cfg.finetune, epoch, lr)
+        if model is None or (cfg.finetune.pretrained and finetune.freeze_encoder(parts.network, cfg.finetune, epoch)):
+            model = None  # drop the old DDP wrapper (and its gradient hooks) before building a new one
+            model = wrap_model(parts, epoch)
         stats = train_epoch(model, batches, parts, epoch, context, rank)
-        metrics = epoch_metrics(stats, lr, world, [m.task_name for m in parts.manifests])
+        metrics, own = epoch_metrics(stats, lr, world, [m.task_name for m in parts.manifests])
         if rank == 0:
             eta = (time.perf_counter() - run_started) / (epoch + 1 - state.epoch) * (cfg.train.epochs - epoch - 1)
             log.info("epoch %d/%d done: loss %.4f, %.2f it/s, %.1f samples/s (all ranks), data wait %.0f%%, "
@@ -161,15 +166,21 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if (epoch + 1) % cfg.train.validate_every == 0 or last:
             metrics.update(validate_epoch(model, parts, epoch, rank, world))
         state.history.append({"epoch": float(epoch), **metrics})
-        if tracker is not None:
-            tracker.log_metrics(metrics, epoch)
-            if any(k.startswith("dice/") for k in metrics) or last:
-                tracker.log_plots(state.history)
+        if tracker is not None and (any(k.startswith("dice/") for k in metrics) or last):
+            tracker.log_plots(state.history)
+        report = metrics | own | {"epoch": epoch}
         if (epoch + 1) % cfg.train.checkpoint_every == 0 or last:
             state.epoch = epoch + 1
-            report_with_checkpoint(metrics | {"epoch": epoch}, parts, state, rank)
+            report_with_checkpoint(report, parts, state, rank)
         else:
-            ray.train.report(metrics | {"epoch": epoch})
+            ray.train.report(report)
+
+
+def wrap_model(parts: Parts, epoch: int) -> nn.Module:
+    """The network ready for `epoch` (DDP over the parameters that train in it, when world > 1)."""
+    if parts.cfg.finetune.pretrained:
+        finetune.freeze_encoder(parts.network, parts.cfg.finetune, epoch)
+    return ray.train.torch.prepare_model(parts.network, parallel_strategy_kwargs={"find_unused_parameters": True})
 
 
 def validate_epoch(model: nn.Module, parts: Parts, epoch: int, rank: int, world: int) -> dict[str, float]:
@@ -197,8 +208,7 @@ def resume(checkpoint: ray.train.Checkpoint | None, parts: Parts) -> TrainState:
     sampler.load_state_dict(state.sampler)
     if (sampler.epoch, sampler.position) != (state.epoch, 0):
         raise ValueError(f"checkpoint is inconsistent: epoch {state.epoch}, sampler at {sampler.epoch}/{sampler.position}")
-    if state.torch_rng is not None:
-        torch.set_rng_state(state.torch_rng.cpu())
+    state.restore_rng()
     log.info("resumed from checkpoint %s at epoch %d", checkpoint.path, state.epoch)
     return state
 
@@ -248,23 +258,35 @@ def train_epoch(model: nn.Module, batches: Iterator[Batch], parts: Parts, epoch:
     return EpochStats(loss_sum.item() / total, time.perf_counter() - started, data_seconds, total, task_samples)
 
 
-def epoch_metrics(stats: EpochStats, lr: float, world: int, task_names: list[str]) -> dict[str, float]:
-    """Epoch metrics over all ranks: loss and data wait averaged, samples/s and per-task samples summed."""
+def epoch_metrics(stats: EpochStats, lr: float, world: int,
+                  task_names: list[str]) -> tuple[dict[str, float], dict[str, float]]:
+    """(all ranks, this rank) metrics of an epoch.
+
+    All ranks, the same on every rank: `train/loss` and `train/data_wait_fraction` averaged over
+    ranks, `train/samples_per_s` and `samples/<task>` summed, `train/iterations_per_s` the job's
+    step rate (ranks step together), `train/world_size`, `train/lr`. This rank's own:
+    `rank/loss`, `rank/data_wait_fraction`, `rank/samples_per_s` (MLflow: `rank<r>/...`).
+    """
     samples = stats.task_samples.double()
-    values = torch.cat([torch.tensor([stats.loss, stats.data_seconds / stats.seconds,
-                                      samples.sum().item() / stats.seconds], dtype=torch.float64), samples])
+    local = torch.cat([torch.tensor([stats.loss, stats.data_seconds / stats.seconds,
+                                     samples.sum().item() / stats.seconds], dtype=torch.float64), samples])
+    values = local.clone()
     if world > 1 and dist.is_initialized():
         values = values.to(_collective_device())
         dist.all_reduce(values)
         values = values.cpu()
         values[:2] /= world
-    return {
+    everyone = {
         "train/loss": float(values[0]),
         "train/lr": lr,
         "train/iterations_per_s": stats.iterations / stats.seconds,
         "train/samples_per_s": float(values[2]),
         "train/data_wait_fraction": float(values[1]),
+        "train/world_size": float(world),
     } | {f"samples/{metric_name(name)}": float(n) for name, n in zip(task_names, values[3:])}
+    own = {"rank/loss": float(local[0]), "rank/data_wait_fraction": float(local[1]),
+           "rank/samples_per_s": float(local[2])}
+    return everyone, own
 
 
 def report_with_checkpoint(metrics: dict[str, float], parts: Parts, state: TrainState, rank: int) -> None:
@@ -275,7 +297,7 @@ def report_with_checkpoint(metrics: dict[str, float], parts: Parts, state: Train
             state.optimizer = parts.optimizer.state_dict()
             state.scaler = parts.scaler.state_dict()
             state.sampler = parts.sampler.state_dict()
-            state.torch_rng = torch.get_rng_state()
+            state.capture_rng()
             card = model_card(parts.cfg, parts.spec, parts.manifests, state.epoch)
             save_checkpoint(tmp, parts.network, card, state)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)

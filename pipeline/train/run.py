@@ -6,7 +6,10 @@ MLflow run id, epochs done, config). Starting a run whose folder exists is an er
 finished run is never repeated by accident; `resume=True` continues it from its last
 checkpoint (Ray Train restores a run with the same name and storage path) and logs into the
 same MLflow run. Lost workers are restarted by Ray Train up to `ray.max_failures` times, and
-training goes on from the last checkpoint.
+training goes on from the last checkpoint; with `ray.num_workers: [min, max]` the run is elastic
+(it goes on with fewer workers when nodes leave and grows when they come back; what an epoch then
+means is in docs/cluster.md). On a cluster of several nodes every path must reach every node:
+the driver refuses local stores, storage and MLflow paths at start (`check_paths_are_shared`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 import fsspec
 
 from pipeline.common.config import ConfigError, ExperimentConfig, config_from_dict, to_dict
+from pipeline.common.services import connect_ray
 from pipeline.common.tracking import resolve_tracking_uri
 from pipeline.train import tracking
 from pipeline.train.build import open_stores
@@ -67,6 +71,8 @@ def run(cfg: ExperimentConfig, resume: bool = False, context: RunContext | None 
         log.info("run %s already finished %d epochs; nothing to do (raise train.epochs to train longer)",
                  cfg.name, previous.epochs_done)
         return TrainResult(cfg.name, run_dir, previous.checkpoint, previous.mlflow_run_id, previous.model_uri, {})
+    connect_ray(cfg.ray.address, cfg.ray.host)
+    check_paths_are_shared(cfg, storage, resolve_tracking_uri(cfg.mlflow.tracking_uri), cluster_nodes(cfg))
     check_stores(cfg)
     record = open_run(cfg, run_dir, previous)
     context = RunContext(tracking_uri=record.tracking_uri, mlflow_run_id=record.mlflow_run_id,
@@ -131,7 +137,9 @@ def fit(cfg: ExperimentConfig, storage: str, context: RunContext, callbacks: Seq
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    connect_ray(cfg.ray.address)
+    connect_ray(cfg.ray.address, cfg.ray.host)
+    if context.mlflow_run_id:
+        callbacks = [*callbacks, tracking.EpochMetricsCallback(context.tracking_uri, context.mlflow_run_id)]
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"experiment": to_dict(cfg), "context": asdict(context)},
@@ -139,7 +147,8 @@ def fit(cfg: ExperimentConfig, storage: str, context: RunContext, callbacks: Seq
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.ray.num_workers,
             use_gpu=cfg.ray.use_gpu,
-            resources_per_worker={"CPU": cfg.ray.cpus_per_worker} | ({"GPU": 1} if cfg.ray.use_gpu else {}),
+            resources_per_worker=worker_resources(cfg),
+            elastic_resize_monitor_interval_s=cfg.ray.elastic_resize_interval_s,
         ),
         run_config=ray.train.RunConfig(
             name=cfg.name,
@@ -152,6 +161,40 @@ def fit(cfg: ExperimentConfig, storage: str, context: RunContext, callbacks: Seq
     return trainer.fit()
 
 
+def worker_resources(cfg: ExperimentConfig) -> dict[str, float]:
+    """What one training worker reserves: CPUs, a GPU when `use_gpu`, and the custom resources."""
+    return {"CPU": cfg.ray.cpus_per_worker} | ({"GPU": 1} if cfg.ray.use_gpu else {}) | cfg.ray.resources_per_worker
+
+
+def cluster_nodes(cfg: ExperimentConfig) -> int:
+    """Alive nodes of the connected Ray cluster; 2 when a joined cluster's nodes cannot hold the
+    workers yet (an autoscaler will add nodes for them)."""
+    import ray
+
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    if len(alive) > 1 or not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+        return len(alive)
+    room = ray.cluster_resources()
+    need = {k: v * cfg.ray.worker_range[1] for k, v in worker_resources(cfg).items()}
+    return 1 if all(room.get(k, 0) >= v for k, v in need.items()) else 2
+
+
+def check_paths_are_shared(cfg: ExperimentConfig, storage: str, tracking_uri: str, nodes: int) -> None:
+    """On more than one node, refuse paths that only this machine has (one line per path), unless
+    `ray.shared_filesystem` says every node mounts them at the same place."""
+    if nodes < 2 or cfg.ray.shared_filesystem:
+        return
+    local = [("data.stores", s, "an s3:// URI") for s in cfg.data.stores if "://" not in s]
+    if "://" not in storage:
+        local.append(("ray.storage_path", storage, "an s3:// URI"))
+    if tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri:
+        local.append(("mlflow.tracking_uri", tracking_uri, "an MLflow server (http://HOST:5000)"))
+    if local:
+        raise ConfigError("\n".join(
+            f"{key}: {path} is local, but the Ray cluster has {nodes} nodes: use {fix}, or set "
+            f"ray.shared_filesystem=true if every node mounts it at the same path" for key, path, fix in local))
+
+
 def checkpoint_uri(path: str, storage: str) -> str:
     """Ray gives checkpoint paths without the scheme of a remote storage; put it back."""
     if "://" in storage and "://" not in path:
@@ -162,27 +205,11 @@ def checkpoint_uri(path: str, storage: str) -> str:
 def check_stores(cfg: ExperimentConfig) -> None:
     """Open every store on the driver first, so a bad store fails here and not on each worker."""
     try:
-        stores = open_stores(cfg.data.stores)
+        stores = open_stores(cfg.data.stores, fold=cfg.data.fold)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(f"data.stores: {err}") from None
     log.info("tasks: %s", ", ".join(f"{s.manifest.task_name} ({len(s.case_ids('train'))} train, "
                                     f"{len(s.case_ids('validation'))} validation)" for s in stores))
-
-
-def connect_ray(address: str | None) -> None:
-    """Join `address` (or RAY_ADDRESS, as `ray job submit` sets it), else start a local Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        log.info("connecting to Ray at %s", address)
-        ray.init(address=address)
-    else:
-        log.info("no Ray cluster given: starting a local one")
-        ray.init()
 
 
 def resolve_storage(storage_path: str) -> str:

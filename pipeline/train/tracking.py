@@ -1,8 +1,12 @@
-"""MLflow for training: the run (driver), per-epoch metrics and plots (rank 0), the final model.
+"""MLflow for training: the run (driver), per-epoch metrics (Ray Train controller), plots
+(rank 0), the final model.
 
-The driver creates or reopens the run and logs the config; rank 0 logs metrics and PNG plots
-into that run by id; after training the driver logs and registers the model from the last
-checkpoint, which is itself a model folder (weights + card).
+The driver creates or reopens the run and logs the config. Epoch metrics are logged by
+`EpochMetricsCallback` on the Ray Train controller once every worker's report of the epoch has
+arrived, so an epoch that a lost worker never finished is never logged (it is rerun after the
+restart and logged then). Rank 0 logs the PNG plots into the run by id; after training the
+driver logs and registers the model from the last checkpoint, which is itself a model folder
+(weights + card).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import ray.train
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
@@ -57,18 +62,40 @@ def _log_config(cfg: ExperimentConfig, artifact: str) -> None:
         mlflow.log_artifact(str(path), artifact_path=str(Path(artifact).parent))
 
 
+def log_epoch_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], epoch: int) -> None:
+    timestamp = int(time.time() * 1000)
+    batch = [Metric(key, float(value), timestamp, epoch) for key, value in metrics.items()]
+    for start in range(0, len(batch), 1000):
+        client.log_batch(run_id, metrics=batch[start : start + 1000])
+
+
+def merge_rank_metrics(reports: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """One epoch's metrics from every worker's report: rank 0's all-ranks metrics, and each rank's
+    own `rank/<name>` as `rank<r>/<name>`."""
+    merged = {k: float(v) for k, v in reports[0].items() if not k.startswith("rank/") and k != "epoch"}
+    for rank, report in enumerate(reports):
+        merged |= {f"rank{rank}/{k.removeprefix('rank/')}": float(v) for k, v in report.items() if k.startswith("rank/")}
+    return merged
+
+
+class EpochMetricsCallback(ray.train.UserCallback):
+    """Runs on the Ray Train controller: logs each epoch once all workers have reported it."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        log_epoch_metrics(MlflowClient(self.tracking_uri), self.run_id, merge_rank_metrics(metrics),
+                          int(metrics[0]["epoch"]))
+
+
 class EpochLogger:
-    """Rank 0's handle on the run: metrics by epoch and the loss/Dice plots."""
+    """Rank 0's handle on the run: the loss/Dice plots."""
 
     def __init__(self, tracking_uri: str, run_id: str):
         self.client = MlflowClient(tracking_uri)
         self.run_id = run_id
-
-    def log_metrics(self, metrics: Mapping[str, float], epoch: int) -> None:
-        timestamp = int(time.time() * 1000)
-        batch = [Metric(key, float(value), timestamp, epoch) for key, value in metrics.items()]
-        for start in range(0, len(batch), 1000):
-            self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
 
     def log_plots(self, history: History) -> None:
         with tempfile.TemporaryDirectory() as tmp:
