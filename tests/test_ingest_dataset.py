@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline.common.config import IngestConfig
-from pipeline.ingest.dataset import DatasetError, read_dataset, source_fingerprint
+from pipeline.ingest.dataset import DatasetError, content_fingerprint, read_dataset, stat_signature
 from pipeline.ingest.plan import CaseSummary, make_plan, target_spacing
 
 
@@ -49,7 +51,13 @@ def test_msd_entries_with_per_channel_files(raw_msd: Path, tmp_path: Path) -> No
     [
         (None, "dataset.json not found"),
         ("[1, 2]", "must hold an object"),
-        ('{"modality": {"0": "CT"}, "labels": {"0": "bg", "1": "a"}, "training": {}}', "'training' must be a list"),
+        ('{"modality": {"0": "CT"}, "labels": {"0": "bg", "1": "a"}, "training": {}}',
+         "dataset.json: training: Input should be a valid list"),
+        ('{"modality": {"0": "CT"}, "labels": {"0": "bg", "1": "a"}, "training": [{"image": null, "label": "l"}]}',
+         r"dataset.json: training.0.image: Input should be a valid string \(got None\)$"),
+        ('{"modality": {"0": "CT"}, "labels": {"0": "bg", "1": "a"}, "test": ["a.nii.gz", 3]}',
+         "dataset.json: test.1: Input should be a valid string"),
+        ('{"modality": {"0": "CT"}}', "dataset.json: labels: Field required$"),
         ('{"modality": {"1": "CT"}, "labels": {"0": "bg", "1": "a"}}', "indices must be 0..0"),
         ('{"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": [1, 2]}}', "region-based"),
         ('{"modality": {"0": "CT"}, "labels": {"0": "bg"}}', "2 <= N <= 256"),
@@ -65,13 +73,50 @@ def test_bad_dataset_json(tmp_path: Path, text: str | None, message: str) -> Non
         read_dataset(tmp_path)
 
 
-def test_source_fingerprint_follows_files(raw_msd: Path, tmp_path: Path) -> None:
+def test_fingerprints_follow_files(raw_msd: Path, tmp_path: Path) -> None:
     root = shutil.copytree(raw_msd, tmp_path / raw_msd.name)
-    before = [source_fingerprint(c) for c in read_dataset(root).cases]
+    cases = read_dataset(root).cases
+    before = [(content_fingerprint(c), stat_signature(c)) for c in cases]
     assert len(set(before)) == len(before)
+    label = root / "labelsTr" / "tinyliver_001.nii.gz"
     (root / "labelsTr" / "tinyliver_001.nii.gz").write_bytes(b"changed")
-    after = [source_fingerprint(c) for c in read_dataset(root).cases]
+    after = [(content_fingerprint(c), stat_signature(c)) for c in cases]
     assert [a != b for a, b in zip(before, after)] == [False, True, False, False, False]
+    # An in-place edit of the same size with the modification time put back: only the content hash sees it.
+    stat = label.stat()
+    label.write_bytes(b"chanGed")
+    os.utime(label, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    edited = [(content_fingerprint(c), stat_signature(c)) for c in cases]
+    assert edited[1][0] != after[1][0] and edited[1][1] == after[1][1]
+
+
+def test_duplicate_case_ids_name_both_files(raw_msd: Path, tmp_path: Path) -> None:
+    """Two training entries with one case id (from two folders) used to collapse silently."""
+    root = shutil.copytree(raw_msd, tmp_path / raw_msd.name)
+    (root / "other").mkdir()
+    shutil.copy(root / "imagesTr" / "tinyliver_001.nii.gz", root / "other" / "tinyliver_001.nii.gz")
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["training"].append({"image": "./other/tinyliver_001.nii.gz", "label": "./labelsTr/tinyliver_001.nii.gz"})
+    (root / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match=r"dataset.json: case id 'tinyliver_001' given twice: "
+                                           r"\S*imagesTr/tinyliver_001.nii.gz and \S*other/tinyliver_001.nii.gz"):
+        read_dataset(root)
+
+
+def test_a_case_id_in_both_train_and_test_folders_is_a_duplicate(raw_nnunet: Path, tmp_path: Path) -> None:
+    root = shutil.copytree(raw_nnunet, tmp_path / raw_nnunet.name)
+    for channel in ("0000", "0001"):
+        shutil.copy(root / "imagesTr" / f"tinyprostate_000_{channel}.nii.gz", root / "imagesTs")
+    with pytest.raises(DatasetError, match="case id 'tinyprostate_000' given twice: .*imagesTr/.* and .*imagesTs/"):
+        read_dataset(root)
+
+
+def test_nnunet_label_without_image_is_a_case_with_a_missing_image(raw_nnunet: Path, tmp_path: Path) -> None:
+    root = shutil.copytree(raw_nnunet, tmp_path / raw_nnunet.name)
+    for path in (root / "imagesTr").glob("tinyprostate_001_*"):
+        path.unlink()
+    case = next(c for c in read_dataset(root).cases if c.case_id == "tinyprostate_001")
+    assert case.problems and "missing image" in case.problems[0]
 
 
 def test_target_spacing_is_the_median() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -106,9 +107,12 @@ def test_rerun_is_a_noop_and_overwrite_rewrites(raw_msd: Path, tmp_path: Path) -
 def test_changed_source_case_and_split_options(raw_msd: Path, tmp_path: Path) -> None:
     raw = shutil.copytree(raw_msd, tmp_path / raw_msd.name)
     assert run([raw], str(tmp_path / "out"), SYNC).ok
-    # A changed test case is redone alone: test cases do not enter the plan.
+    # A rewritten file with the same bytes is no change; a changed test case is redone alone:
+    # test cases do not enter the plan.
     shutil.copy(raw / "imagesTs" / "tinyliver_004.nii.gz", tmp_path / "copy.nii.gz")
     shutil.move(tmp_path / "copy.nii.gz", raw / "imagesTs" / "tinyliver_004.nii.gz")
+    assert len(run([raw], str(tmp_path / "out"), SYNC).datasets[0].skipped) == 5
+    shutil.copy(raw / "imagesTr" / "tinyliver_000.nii.gz", raw / "imagesTs" / "tinyliver_004.nii.gz")
     report = run([raw], str(tmp_path / "out"), SYNC).datasets[0]
     assert report.ingested == ["tinyliver_004"] and len(report.skipped) == 4
     # New folds only rewrite the manifest.
@@ -116,12 +120,20 @@ def test_changed_source_case_and_split_options(raw_msd: Path, tmp_path: Path) ->
     report = run([raw], str(tmp_path / "out"), half).datasets[0]
     assert report.ingested == []
     assert len(TaskStore.open(str(tmp_path / "out" / f"{raw.name}.zarr")).manifest.split["validation"]) == 2
-    # A case that now fails leaves the store and the manifest.
+    # A case whose file went missing keeps its stored copy, marked stale.
     (raw / "imagesTs" / "tinyliver_004.nii.gz").unlink()
     report = run([raw], str(tmp_path / "out"), SYNC).datasets[0]
-    assert "missing image" in report.failed["tinyliver_004"][0]
+    assert "missing image" in report.failed["tinyliver_004"][0] and report.stale == ["tinyliver_004"]
+    store = TaskStore.open(str(tmp_path / "out" / f"{raw.name}.zarr"))
+    assert store.case_ids("test") == ["tinyliver_004"] and "missing image" in store.manifest.stale["tinyliver_004"]
+    # A case no longer listed by the source leaves the store and the manifest.
+    meta = json.loads((raw / "dataset.json").read_text())
+    meta["test"] = []
+    (raw / "dataset.json").write_text(json.dumps(meta))
+    assert run([raw], str(tmp_path / "out"), SYNC).ok
     store = TaskStore.open(str(tmp_path / "out" / f"{raw.name}.zarr"))
     assert store.case_ids("test") == [] and "tinyliver_004" not in zarr.open_group(store.uri, mode="r")["cases"]
+    assert store.manifest.incomplete() is None
 
 
 def test_resume_after_a_run_killed_mid_case(raw_msd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -186,7 +198,7 @@ def test_cli_local_cluster_and_exit_status(raw_msd: Path, tmp_path: Path) -> Non
     cmd = [sys.executable, "-m", "pipeline.ingest", "--source", str(raw_msd), "--source", str(bad),
            "--out", str(tmp_path / "out"), "--num-workers", "2", "--ct-normalization", "uniseg-window"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1, result.stderr
+    assert result.returncode == 2, result.stderr  # a missing file is bad input
     assert "tinyliver_001.nii.gz: missing label for case tinyliver_001" in result.stderr
     assert "4 ingested, 0 unchanged, 1 failed" in result.stderr
     good = TaskStore.open(str(tmp_path / "out" / f"{raw_msd.name}.zarr"))
@@ -194,12 +206,12 @@ def test_cli_local_cluster_and_exit_status(raw_msd: Path, tmp_path: Path) -> Non
     assert "tinyliver_001" not in TaskStore.open(str(tmp_path / "out" / "Task09_Bad.zarr")).manifest.cases
     rerun = subprocess.run(cmd[:-4] + ["--scheduler", "synchronous", "--ct-normalization", "uniseg-window"],
                            capture_output=True, text=True, timeout=120)
-    assert rerun.returncode == 1 and "0 ingested, 4 unchanged, 1 failed" in rerun.stderr
+    assert rerun.returncode == 2 and "0 ingested, 4 unchanged, 1 failed" in rerun.stderr
 
 
-def test_cli_rejects_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_rejects_bad_options(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     status = main(["--source", "x", "--out", str(tmp_path), "--folds", "1"])
-    assert status == 2 and "ingest.folds: must be >= 2" in capsys.readouterr().err
+    assert status == 2 and "ingest.folds: must be >= 2" in caplog.text
 
 
 def test_cli_flags_override_the_config_file(raw_msd: Path, tmp_path: Path) -> None:

@@ -44,6 +44,7 @@ class DataConfig:
 
     stores: tuple[str, ...] = ()
     fold: NonNegativeInt | None = None  # cross-validation fold held out for validation (None: the stores' split, fold 0)
+    allow_incomplete_stores: bool = False  # train on a store whose last ingest left failed or stale cases
 
     @field_validator("stores")
     @classmethod
@@ -72,6 +73,7 @@ class IngestConfig:
     num_workers: PositiveInt | None = None
     chunk_size: tuple[PositiveInt, PositiveInt, PositiveInt] = (32, 32, 32)  # (z, y, x); 32^3 reads faster than 64^3
     max_class_locations: PositiveInt = 10_000  # stored voxel samples per class (foreground oversampling)
+    change_detection: Literal["content", "stat"] = "content"  # hash the files, or trust unchanged size+mtime
 
     @field_validator("folds")
     @classmethod

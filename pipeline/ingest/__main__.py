@@ -1,9 +1,18 @@
-"""`python -m pipeline.ingest --source DIR [--source DIR ...] --out ROOT [options]`.
+"""`python -m pipeline.ingest --source DIR [--source DIR ...] --out ROOT [options]`
+or `python -m pipeline.ingest --verify STORE [--verify STORE ...]`.
 
 Flags override the `ingest` section of `--config` (defaults otherwise). Storage options for an
 s3:// ROOT come from the usual AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) or
-`--storage-options '{"endpoint_url": "http://127.0.0.1:9000"}'`. Exit status 1 if any case or
-dataset failed, 2 for bad arguments.
+`--storage-options '{"endpoint_url": "http://127.0.0.1:9000"}'`.
+
+Every source is ingested even when another one is bad; each problem is one line naming the
+file. `--verify` re-reads every array of a store and checks every chunk's CRC32C, one line per
+corrupt array.
+
+Exit status: 0 all done (or the stores are sound); 2 bad input: a bad option, an unwritable
+--out, a bad dataset.json, a case that failed its checks or is missing files (its stored copy,
+if any, is kept and marked stale), a corrupt store under --verify; 1 something else failed
+(a full disk, a bug).
 """
 
 from __future__ import annotations
@@ -17,10 +26,11 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.common.cli import stage_parser
+from pipeline.common.cli import EXIT_BAD_INPUT, stage_parser
 from pipeline.common.config import ConfigError, IngestConfig, config_from_dict
 from pipeline.common.logs import setup_logging
-from pipeline.ingest.run import run
+from pipeline.ingest.run import OutputError, run
+from pipeline.ingest.verify import verify_stores
 
 log = logging.getLogger("pipeline.ingest")
 
@@ -30,9 +40,15 @@ _DEFAULT = IngestConfig()
 
 def _parser() -> argparse.ArgumentParser:
     p = stage_parser("pipeline.ingest", __doc__)
-    p.add_argument("--source", action="append", required=True, metavar="DIR",
+    p.add_argument("--source", action="append", metavar="DIR",
                    help="raw dataset folder with dataset.json (MSD or nnU-Net v2); repeatable")
-    p.add_argument("--out", required=True, metavar="ROOT", help="local folder or s3://bucket/prefix")
+    p.add_argument("--out", metavar="ROOT", help="local folder or s3://bucket/prefix")
+    p.add_argument("--verify", action="append", metavar="STORE",
+                   help="instead of ingesting: re-read a store and check every chunk's checksum; repeatable")
+    p.add_argument("--change-detection", choices=["content", "stat"],
+                   help="re-ingest a case when its files' content changes (hashing them), or trust unchanged "
+                        f"names, sizes and mtimes (stat: faster, misses edits that keep them) "
+                        f"(default {_DEFAULT.change_detection})")
     p.add_argument("--config", metavar="YAML", help="experiment config whose `ingest` section is the base")
     p.add_argument("--target-spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), help="mm; default: planned")
     p.add_argument("--ct-normalization", choices=["nnunet", "uniseg-window"],
@@ -55,11 +71,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="address of an existing Dask scheduler, or synchronous|threads (in-process)")
     p.add_argument("--on-ray", action="store_true", default=None, help="run the tasks on Ray (Dask on Ray)")
     p.add_argument("--num-workers", type=int, help="local Dask cluster size (default: CPU count)")
+    p.add_argument("--host", help="interface a local Dask cluster (and dashboard) or local Ray listens on "
+                                  "(default 127.0.0.1; 0.0.0.0: every interface)")
     p.add_argument("--storage-options", type=json.loads, metavar="JSON", help="fsspec options for ROOT")
     return p
 
 
-_NOT_INGEST = {"source", "out", "config", "storage_options"}
+_NOT_INGEST = {"source", "out", "config", "storage_options", "verify"}
 
 
 def _ingest_config(args: argparse.Namespace) -> IngestConfig:
@@ -80,16 +98,20 @@ def _config_section(path: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     setup_logging()
+    if args.verify:
+        return verify_stores(args.verify, args.storage_options)
+    if not args.source or not args.out:
+        parser.error("--source and --out are required (or --verify STORE)")
     try:
         cfg = _ingest_config(args)
-    except ConfigError as err:
-        print(err, file=sys.stderr)
-        return 2
-    log.info("ingest options: %s", dataclasses.asdict(cfg))
-    report = run(args.source, args.out, cfg, args.storage_options)
-    return 0 if report.ok else 1
+        log.info("ingest options: %s", dataclasses.asdict(cfg))
+        return run(args.source, args.out, cfg, args.storage_options).exit_status
+    except (ConfigError, OutputError) as err:
+        log.error("%s", err)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 `plan_step` checks and summarises a training case for the plan; `ingest_step` checks,
 preprocesses (pipeline.common.geometry) and writes one case. `guarded` turns any failure into
-an outcome holding one "<file>: <problem>" line per problem, so the other cases go on.
+an outcome holding one "<file>: <problem>" line per problem, so the other cases go on; a failure
+to write (a full disk, a read-only store) names the store, not the source file.
 """
 
 from __future__ import annotations
@@ -30,10 +31,15 @@ class CaseOutcome:
     problems: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     summary: CaseSummary | None = None  # plan pass only
+    crashed: bool = False  # failed for another reason than its input (a full disk, a bug)
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+class StoreWriteError(Exception):
+    """Writing a case to the store failed; the message names the store and the case."""
 
 
 @dataclass(frozen=True)
@@ -53,17 +59,22 @@ def guarded(step: Callable[..., CaseOutcome], case: CaseSource, *args: Any) -> C
         return step(case, *args)
     except CaseError as err:
         return CaseOutcome(case.case_id, problems=err.problems)
+    except StoreWriteError as err:
+        return CaseOutcome(case.case_id, problems=(str(err),), crashed=True)
     except Exception as err:  # a task must report, not kill the run: any failure is this case's
         log.exception("case %s failed", case.case_id)
         message = " ".join(str(err).split())
-        return CaseOutcome(case.case_id, problems=(f"{case.images[0]}: {type(err).__name__}: {message}",))
+        return CaseOutcome(case.case_id, problems=(f"{case.images[0]}: {type(err).__name__}: {message}",),
+                           crashed=True)
 
 
 def plan_step(case: CaseSource, spec: DatasetSpec, statistics: tuple[bool, ...]) -> CaseOutcome:
     return CaseOutcome(case.case_id, summary=summarize_case(case, spec, statistics))
 
 
-def ingest_step(case: CaseSource, spec: DatasetSpec, plan: Plan, target: WriteTarget, fingerprint: str) -> CaseOutcome:
+def ingest_step(
+    case: CaseSource, spec: DatasetSpec, plan: Plan, target: WriteTarget, fingerprint: str, stat: str
+) -> CaseOutcome:
     loaded = load_case(case, len(spec.modalities), set(spec.labels))
     image, label, meta = geometry.preprocess_case(
         loaded.image, loaded.affine, loaded.label, plan.target_spacing, plan.normalization,
@@ -77,11 +88,15 @@ def ingest_step(case: CaseSource, spec: DatasetSpec, plan: Plan, target: WriteTa
         "spacing": list(meta.spacing),
         "source": [os.path.relpath(p, spec.root) for p in case.files],
         "source_fingerprint": fingerprint,
+        "source_stat": stat,
         "recipe": target.recipe,
         "warnings": list(loaded.warnings),
     }
-    writer.write_case(target.uri, target.storage_options, case.case_id, (image, label), attrs, target.chunk_size,
-                      class_locations=locations)
+    try:
+        writer.write_case(target.uri, target.storage_options, case.case_id, (image, label), attrs,
+                          target.chunk_size, class_locations=locations)
+    except OSError as err:
+        raise StoreWriteError(f"{target.uri}: cannot write case {case.case_id}: {err.strerror or err}") from None
     return CaseOutcome(case.case_id, warnings=loaded.warnings)
 
 

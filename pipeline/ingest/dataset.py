@@ -3,8 +3,13 @@
 MSD: `modality` {"0": "CT"}, `labels` {"0": "background", ...}, `training` [{"image", "label"}],
 optional `test`; an image is one 3D/4D file, or (nnU-Net-converted MSD) one file per channel
 named `<case>_0000.nii.gz`. nnU-Net v2: `channel_names`, `labels` {"background": 0, ...},
-`file_ending`; cases are found as `imagesTr/<case>_0000<file_ending>`. Both: `imagesTs/` cases
-have no labels.
+`file_ending`; cases are found as `imagesTr/<case>_0000<file_ending>` (or as a label in
+`labelsTr/`, so that a case whose image went missing is reported, not forgotten). Both:
+`imagesTs/` cases have no labels.
+
+dataset.json is checked against a schema (pydantic) before any case is listed or read: every
+problem is one line naming dataset.json and the key (`training.3.image: ...`). A case id given
+twice (two entries, or two folders) is an error naming both files.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MSD_ENDING = ".nii.gz"
 NIFTI_ENDINGS = (".nii.gz", ".nii")
@@ -26,6 +32,27 @@ _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 class DatasetError(ValueError):
     """A dataset that cannot be ingested at all; the message names the file and the problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class _TrainingEntry(_Strict):
+    image: str = Field(min_length=1)
+    label: str = Field(min_length=1)
+
+
+class _DatasetJson(_Strict):
+    """The keys we read (others are allowed); meanings are checked after this (`_modalities`, `_labels`)."""
+
+    name: str | None = None
+    modality: dict[str, str] | None = None  # MSD
+    channel_names: dict[str, str] | None = None  # nnU-Net v2
+    labels: dict[str, Any]  # MSD: id -> name; nnU-Net v2: name -> id
+    file_ending: str = MSD_ENDING
+    training: list[_TrainingEntry] | None = None
+    test: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -62,34 +89,50 @@ class DatasetSpec:
 def read_dataset(root: Path) -> DatasetSpec:
     """Parse `root/dataset.json` and list the cases; raises DatasetError naming the problem."""
     root = Path(root)
-    meta = _read_json(root / "dataset.json")
-    layout = "nnunetv2" if "channel_names" in meta else "msd"
+    path = root / "dataset.json"
+    meta = _validated(_read_json(path), path)
+    layout = "nnunetv2" if meta.channel_names is not None else "msd"
     channels_key = "channel_names" if layout == "nnunetv2" else "modality"
-    modalities = _modalities(meta, channels_key, root / "dataset.json")
-    labels = _labels(meta, layout, root / "dataset.json")
-    ending = meta.get("file_ending", MSD_ENDING)
+    modalities = _modalities(getattr(meta, channels_key), channels_key, path)
+    labels = _labels(meta.labels, layout, path)
+    ending = meta.file_ending
     if ending not in NIFTI_ENDINGS:
-        raise DatasetError(f"{root / 'dataset.json'}: file_ending {ending!r} is not supported (NIfTI only)")
-    if layout == "msd" and "training" in meta:
-        train = [_msd_case(root, entry, len(modalities), ending) for entry in _entries(meta, "training", root)]
+        raise DatasetError(f"{path}: file_ending {ending!r} is not supported (NIfTI only)")
+    if layout == "msd" and meta.training is not None:
+        train = [_msd_case(root, entry, len(modalities), ending) for entry in meta.training]
     else:
         train = _discover(root, "imagesTr", len(modalities), ending, with_labels=True)
-    if layout == "msd" and "test" in meta:
-        test = [_msd_test_case(root, entry, len(modalities), ending) for entry in _entries(meta, "test", root)]
+    if layout == "msd" and meta.test is not None:
+        test = [_msd_test_case(root, entry, len(modalities), ending) for entry in meta.test]
     else:
         test = _discover(root, "imagesTs", len(modalities), ending, with_labels=False)
     if not train:
         raise DatasetError(f"{root}: no training cases found (looked in dataset.json and imagesTr/)")
-    return DatasetSpec(root, root.name, str(meta.get("name", root.name)), layout, modalities, labels, ending,
+    _check_unique(train + test, path)
+    return DatasetSpec(root, root.name, meta.name or root.name, layout, modalities, labels, ending,
                        tuple(train + test))
 
 
-def source_fingerprint(case: CaseSource) -> str:
-    """Hash of the case's file names, sizes and modification times (cheap; no data read)."""
+def stat_signature(case: CaseSource) -> str:
+    """Hash of the case's file names, sizes and modification times (cheap; no data read): the
+    opt-in fast path of change detection (`ingest.change_detection: stat`)."""
     digest = hashlib.sha256()
     for path in case.files:
         stat = path.stat() if path.exists() else None
         digest.update(f"{path.name}:{stat.st_size if stat else -1}:{stat.st_mtime_ns if stat else -1};".encode())
+    return digest.hexdigest()[:16]
+
+
+def content_fingerprint(case: CaseSource) -> str:
+    """Hash of the case's file names and contents: what change detection compares by default."""
+    digest = hashlib.sha256()
+    for path in case.files:
+        try:
+            with path.open("rb") as file:
+                content = hashlib.file_digest(file, "sha256").hexdigest()
+        except OSError:
+            content = "unreadable"
+        digest.update(f"{path.name}:{content};".encode())
     return digest.hexdigest()[:16]
 
 
@@ -110,9 +153,31 @@ def _read_json(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _modalities(meta: dict[str, Any], key: str, path: Path) -> tuple[str, ...]:
-    channels = meta.get(key)
-    if not isinstance(channels, dict) or not channels:
+def _validated(meta: dict[str, Any], path: Path) -> _DatasetJson:
+    """The schema check: one line per problem, naming dataset.json, the key and the value."""
+    try:
+        return _DatasetJson.model_validate(meta)
+    except ValidationError as err:
+        lines = [f"{path}: {'.'.join(str(part) for part in e['loc'])}: {e['msg']}"
+                 + ("" if e["type"] == "missing" else f" (got {e['input']!r})") for e in err.errors(include_url=False)]
+        raise DatasetError("\n".join(lines)) from None
+
+
+def _check_unique(cases: list[CaseSource], path: Path) -> None:
+    """Each case id once: two entries (or two folders) giving one id would overwrite each other."""
+    first: dict[str, CaseSource] = {}
+    problems = []
+    for case in cases:
+        if case.case_id in first:
+            problems.append(f"{path}: case id {case.case_id!r} given twice: {first[case.case_id].images[0]} "
+                            f"and {case.images[0]}")
+        first.setdefault(case.case_id, case)
+    if problems:
+        raise DatasetError("\n".join(problems))
+
+
+def _modalities(channels: dict[str, str] | None, key: str, path: Path) -> tuple[str, ...]:
+    if not channels:
         raise DatasetError(f"{path}: '{key}' must map channel index to modality, got {channels!r}")
     try:
         ordered = sorted((int(k), str(v)) for k, v in channels.items())
@@ -123,9 +188,8 @@ def _modalities(meta: dict[str, Any], key: str, path: Path) -> tuple[str, ...]:
     return tuple(name for _, name in ordered)
 
 
-def _labels(meta: dict[str, Any], layout: str, path: Path) -> dict[int, str]:
-    raw = meta.get("labels")
-    if not isinstance(raw, dict) or not raw:
+def _labels(raw: dict[str, Any], layout: str, path: Path) -> dict[int, str]:
+    if not raw:
         raise DatasetError(f"{path}: 'labels' must be a non-empty mapping, got {raw!r}")
     pairs = raw.items() if layout == "msd" else ((v, k) for k, v in raw.items())
     try:
@@ -141,27 +205,17 @@ def _strip(name: str, ending: str) -> str | None:
     return name[: -len(ending)] if name.endswith(ending) else None
 
 
-def _entries(meta: dict[str, Any], key: str, root: Path) -> list[Any]:
-    if not isinstance(meta[key], list):
-        raise DatasetError(f"{root / 'dataset.json'}: '{key}' must be a list, got {type(meta[key]).__name__}")
-    return meta[key]
-
-
-def _msd_test_case(root: Path, entry: Any, num_channels: int, ending: str) -> CaseSource:
-    if not isinstance(entry, str):
-        raise DatasetError(f"{root / 'dataset.json'}: test entry must be an image path, got {entry!r}")
+def _msd_test_case(root: Path, entry: str, num_channels: int, ending: str) -> CaseSource:
     image = root / entry
     case_id = _strip(image.name, ending) or image.name
     images, problems = _image_files(image, case_id, num_channels, ending)
     return CaseSource(case_id, images, None, True, problems)
 
 
-def _msd_case(root: Path, entry: Any, num_channels: int, ending: str) -> CaseSource:
-    if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
-        raise DatasetError(f"{root / 'dataset.json'}: training entry must hold 'image' and 'label', got {entry!r}")
-    image = root / entry["image"]
+def _msd_case(root: Path, entry: _TrainingEntry, num_channels: int, ending: str) -> CaseSource:
+    image = root / entry.image
     case_id = _strip(image.name, ending) or image.name
-    label = root / entry["label"]
+    label = root / entry.label
     images, problems = _image_files(image, case_id, num_channels, ending)
     if not label.is_file():
         problems += (f"{label}: missing label for case {case_id}",)
@@ -184,14 +238,15 @@ def _image_files(
 def _discover(root: Path, folder: str, num_channels: int, ending: str, with_labels: bool) -> list[CaseSource]:
     """Cases in `root/folder`: per-channel files grouped by case, or single files."""
     directory = root / folder
-    if not directory.is_dir():
-        return []
     case_ids = set()
-    for path in directory.iterdir():
+    for path in _listing(directory):
         stem = _strip(path.name, ending)
         if stem is not None and not path.name.startswith("."):  # skip macOS "._*" files of MSD tars
             match = _CHANNEL_FILE.match(stem)
             case_ids.add(match["case"] if match else stem)
+    if with_labels and case_ids:  # a label whose image is gone is a case with a missing image
+        case_ids |= {stem for p in _listing(root / "labelsTr") if (stem := _strip(p.name, ending))
+                     and not p.name.startswith(".")}
     cases = []
     for case_id in sorted(case_ids):
         images, problems = _image_files(directory / f"{case_id}{ending}", case_id, num_channels, ending)
@@ -200,3 +255,7 @@ def _discover(root: Path, folder: str, num_channels: int, ending: str, with_labe
             problems += (f"{label}: missing label for case {case_id}",)
         cases.append(CaseSource(case_id, images, label, not with_labels, problems))
     return cases
+
+
+def _listing(directory: Path) -> list[Path]:
+    return list(directory.iterdir()) if directory.is_dir() else []

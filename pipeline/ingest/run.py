@@ -2,29 +2,43 @@
 the manifest last; report every problem and never stop at a bad case.
 
 Resume rule: a case is skipped when its group is complete and was written from the same source
-fingerprint with the same recipe (plan + write options); the plan itself is reused while the
-training cases' fingerprints and the planning options are unchanged. A re-run with nothing
-changed writes nothing.
+content (a hash of its files; with `change_detection: stat`, unchanged names, sizes and mtimes
+are trusted without hashing) with the same recipe (plan + write options); the plan itself is
+reused while the training cases' fingerprints and the planning options are unchanged. A re-run
+with nothing changed writes nothing.
+
+Nothing good is lost: a case that fails at a re-run (a file missing, unreadable, a full disk)
+keeps its stored copy from the earlier ingest, marked stale in the manifest; cases that failed
+without a stored copy are listed as failed there. Only cases no longer listed by the source are
+removed. One bad source never stops the others. Exit status (`IngestReport.exit_status`): 0 all
+done, 2 bad input (a dataset, case or option; one line per problem), 1 something else failed
+(a full disk, a bug: logged, with a traceback for a bug).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import dask
+import fsspec
 from dask.delayed import Delayed
 
+from pipeline.common.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 from pipeline.common.config import IngestConfig
 from pipeline.common.store import FORMAT_VERSION, StoreError, StoreManifest
 from pipeline.ingest import writer
 from pipeline.ingest.case import CaseOutcome, WriteTarget, guarded, ingest_step, plan_step
-from pipeline.ingest.dataset import CaseSource, DatasetError, DatasetSpec, read_dataset, source_fingerprint
+from pipeline.ingest.dataset import (
+    CaseSource, DatasetError, DatasetSpec, content_fingerprint, read_dataset, stat_signature,
+)
 from pipeline.ingest.executor import Compute, executor
 from pipeline.ingest.manifest import build_manifest
 from pipeline.ingest.split import store_folds, with_test_labels
@@ -33,15 +47,21 @@ from pipeline.ingest.plan import Plan, make_plan, needs_statistics
 log = logging.getLogger(__name__)
 
 
+class OutputError(ValueError):
+    """The output root cannot be written; found before any work starts."""
+
+
 @dataclass
 class DatasetReport:
     source: str
     store: str = ""
     ingested: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
-    failed: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    failed: dict[str, tuple[str, ...]] = field(default_factory=dict)  # every case that failed this run
+    stale: list[str] = field(default_factory=list)  # failed cases whose stored copy was kept
     warnings: list[str] = field(default_factory=list)
     error: str | None = None  # the whole dataset failed
+    crashed: bool = False  # a failure that is not the input's (a full disk, a bug)
 
     @property
     def ok(self) -> bool:
@@ -50,8 +70,9 @@ class DatasetReport:
     def summary(self) -> str:
         if self.error is not None:
             return f"{self.source}: FAILED: {self.error}"
+        kept = f"; kept the stored copy of {', '.join(self.stale)} (stale)" if self.stale else ""
         return (f"{self.source} -> {self.store}: {len(self.ingested)} ingested, {len(self.skipped)} unchanged, "
-                f"{len(self.failed)} failed, {len(self.warnings)} warnings")
+                f"{len(self.failed)} failed, {len(self.warnings)} warnings{kept}")
 
 
 @dataclass
@@ -61,6 +82,13 @@ class IngestReport:
     @property
     def ok(self) -> bool:
         return all(d.ok for d in self.datasets)
+
+    @property
+    def exit_status(self) -> int:
+        """0 all done; 1 something failed that is not the input's fault; else 2 for bad input."""
+        if any(d.crashed for d in self.datasets):
+            return EXIT_FAILED
+        return EXIT_OK if self.ok else EXIT_BAD_INPUT
 
 
 def store_uri(out: str, dataset_name: str) -> str:
@@ -73,7 +101,9 @@ def store_uri(out: str, dataset_name: str) -> str:
 def run(
     sources: Sequence[str | Path], out: str, cfg: IngestConfig, storage_options: dict[str, Any] | None = None
 ) -> IngestReport:
-    """Ingest each source dataset into `<out>/<folder name>.zarr`; see the module docstring."""
+    """Ingest each source dataset into `<out>/<folder name>.zarr`; see the module docstring.
+    Raises OutputError, before any work, when `out` cannot be written."""
+    check_output(out, storage_options)
     with executor(cfg) as compute:
         reports = [ingest_dataset(Path(s), out, cfg, storage_options, compute) for s in sources]
     for report in reports:
@@ -81,33 +111,100 @@ def run(
     return IngestReport(reports)
 
 
+def check_output(out: str, storage_options: dict[str, Any] | None) -> None:
+    """Create `out` if needed and write (then delete) a probe object in it; OutputError if that fails."""
+    try:
+        fs, path = fsspec.core.url_to_fs(out, **(storage_options or {}))
+        probe = f"{path.rstrip('/')}/.ingest-write-check-{os.getpid()}"
+        fs.makedirs(path, exist_ok=True)
+        fs.pipe_file(probe, b"")
+        fs.rm_file(probe)
+    except OSError as err:
+        raise OutputError(f"{out}: output folder is not writable ({err.strerror or err})") from None
+
+
 def ingest_dataset(
     source: Path, out: str, cfg: IngestConfig, storage_options: dict[str, Any] | None, compute: Compute
 ) -> DatasetReport:
+    """Ingest one source; whatever goes wrong ends up in its report, never stops the batch."""
     report = DatasetReport(str(source))
     try:
-        spec = with_test_labels(read_dataset(source))
-        report.store = store_uri(out, spec.name)
-        root = writer.open_store(report.store, storage_options, cfg.overwrite)
+        _ingest_dataset(source, out, cfg, storage_options, compute, report)
     except (DatasetError, StoreError) as err:
         log.error("%s", err)
         report.error = str(err)
-        return report
-    fingerprints = {c.case_id: source_fingerprint(c) for c in spec.cases}
+    except Exception as err:  # the batch goes on; the traceback is logged
+        log.exception("%s: ingest failed", report.store or source)
+        report.error = f"{report.store or source}: {type(err).__name__}: {' '.join(str(err).split())}"
+        report.crashed = True
+    return report
+
+
+def _ingest_dataset(
+    source: Path,
+    out: str,
+    cfg: IngestConfig,
+    storage_options: dict[str, Any] | None,
+    compute: Compute,
+    report: DatasetReport,
+) -> None:
+    spec = with_test_labels(read_dataset(source))
+    report.store = store_uri(out, spec.name)
+    root = writer.open_store(report.store, storage_options, cfg.overwrite)
+    stored = {c.case_id: writer.completed_case_attrs(root, c.case_id) for c in spec.cases}
+    fingerprints, stats = _fingerprints(spec, stored, cfg, compute)
+    _collect([CaseOutcome(c.case_id, problems=c.problems) for c in spec.cases if c.problems], report, False)
     plan = _plan(spec, root, cfg, fingerprints, compute, report)
     if plan is None:
-        return report
+        return
     target = WriteTarget(report.store, storage_options, cfg.chunk_size, cfg.max_class_locations, _recipe(plan, cfg))
     candidates = [c for c in spec.cases if c.case_id not in report.failed]
-    todo = [c for c in candidates if not _is_current(root, c.case_id, fingerprints[c.case_id], target.recipe)]
+    todo = [c for c in candidates if not _is_current(stored[c.case_id], fingerprints[c.case_id], target.recipe)]
     report.skipped = sorted({c.case_id for c in candidates} - {c.case_id for c in todo})
     if todo:
         writer.clear_manifest(root)
-        _ingest_cases(spec, plan, target, todo, fingerprints, compute, report)
-    done = [c for c in spec.cases if c.case_id not in report.failed]
+        _ingest_cases(spec, plan, target, todo, fingerprints, stats, compute, report)
+    failed, stale = _settle_failures(root, report)
+    fingerprints |= stale
+    done = [c for c in spec.cases if c.case_id not in failed]
     folds = store_folds(root, spec.name, [c.case_id for c in done if not c.is_test], cfg.folds, cfg.split_seed)
-    _commit(root, build_manifest(spec, plan, done, fingerprints, folds), report.store)
-    return report
+    manifest = build_manifest(spec, plan, done, fingerprints, folds)
+    stale_reasons = {c: "; ".join(report.failed[c]) for c in stale}
+    _commit(root, dataclasses.replace(manifest, failed=failed, stale=stale_reasons), report.store)
+
+
+def _fingerprints(
+    spec: DatasetSpec, stored: dict[str, dict[str, Any] | None], cfg: IngestConfig, compute: Compute
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Per case, the content hash of its files (one task per case) and the stat signature. The
+    stored hash stands in for a stored case whose files are missing (kept, see `_settle_failures`)
+    and, with `change_detection: stat`, for one whose names, sizes and mtimes are unchanged."""
+    stats = {c.case_id: stat_signature(c) for c in spec.cases}
+    known = {}
+    for case in spec.cases:
+        attrs = stored[case.case_id]
+        trusted = cfg.change_detection == "stat" and attrs is not None and attrs.get("source_stat") == stats[case.case_id]
+        if attrs is not None and (case.problems or trusted):
+            known[case.case_id] = attrs["source_fingerprint"]
+    hashed = [c for c in spec.cases if c.case_id not in known]
+    hashes = compute([_task(content_fingerprint, c, key=f"hash-{spec.name}-{c.case_id}") for c in hashed])
+    return known | {c.case_id: h for c, h in zip(hashed, hashes)}, stats
+
+
+def _settle_failures(root: Any, report: DatasetReport) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Split this run's failed cases: those whose stored copy is still complete stay in the store,
+    marked stale (returned with their stored fingerprints); the others are failed (with problems)."""
+    failed, stale = {}, {}
+    for case_id, problems in sorted(report.failed.items()):
+        attrs = writer.completed_case_attrs(root, case_id)
+        if attrs is None:
+            failed[case_id] = list(problems)
+            continue
+        stale[case_id] = attrs["source_fingerprint"]
+        report.stale.append(case_id)
+        log.warning("%s: kept the stored case %s from an earlier ingest, marked stale (its source failed)",
+                    report.store, case_id)
+    return failed, stale
 
 
 def _ingest_cases(
@@ -116,13 +213,14 @@ def _ingest_cases(
     target: WriteTarget,
     cases: list[CaseSource],
     fingerprints: dict[str, str],
+    stats: dict[str, str],
     compute: Compute,
     report: DatasetReport,
 ) -> None:
     """The case pass: one task per case; the shared inputs are one graph node, not one copy per task."""
     spec_node, plan_node, target_node = _shared((spec, plan, target), key=f"inputs-{spec.name}")
     tasks = [_task(guarded, ingest_step, c, spec_node, plan_node, target_node, fingerprints[c.case_id],
-                   key=f"ingest-{spec.name}-{c.case_id}") for c in cases]
+                   stats[c.case_id], key=f"ingest-{spec.name}-{c.case_id}") for c in cases]
     _collect(compute(tasks), report)
 
 
@@ -157,7 +255,7 @@ def _plan(
     statistics = needs_statistics(spec, cfg)
     [shared_spec] = _shared((spec,), key=f"spec-{spec.name}")
     outcomes = [_task(guarded, plan_step, c, shared_spec, statistics, key=f"plan-{spec.name}-{c.case_id}")
-                for c in spec.train_cases]
+                for c in spec.train_cases if not c.problems]  # cases with missing files are reported already
     reduced = _task(_reduce_plan, outcomes, spec, cfg, key=f"plan-{spec.name}")
     plan, *results = compute([reduced, *outcomes])
     _collect(results, report, ingested=False)
@@ -183,6 +281,7 @@ def _collect(outcomes: list[CaseOutcome], report: DatasetReport, ingested: bool 
     for outcome in outcomes:
         for problem in outcome.problems:
             log.error("%s", problem)
+        report.crashed |= outcome.crashed
         if not outcome.ok:
             report.failed[outcome.case_id] = outcome.problems
         elif ingested:
@@ -202,8 +301,7 @@ def _shared(values: tuple, key: str) -> list[Delayed]:
     return [node[i] for i in range(len(values))]
 
 
-def _is_current(root: Any, case_id: str, fingerprint: str, recipe: str) -> bool:
-    attrs = writer.completed_case_attrs(root, case_id)
+def _is_current(attrs: dict[str, Any] | None, fingerprint: str, recipe: str) -> bool:
     return attrs is not None and attrs.get("source_fingerprint") == fingerprint and attrs.get("recipe") == recipe
 
 

@@ -15,11 +15,16 @@ from pipeline.common.model_card import ModelCard, TaskCard
 from pipeline.common.store import StoreManifest, TaskStore
 
 
-def open_stores(uris: Sequence[str], storage_options: dict[str, Any] | None = None) -> list[TaskStore]:
-    """Open every store of `data.stores`; the order is the task order of the network."""
+def open_stores(
+    uris: Sequence[str], storage_options: dict[str, Any] | None = None, fold: int | None = None,
+    allow_incomplete: bool = False,
+) -> list[TaskStore]:
+    """Open every store of `data.stores`; the order is the task order of the network. With `fold`,
+    each store validates on that cross-validation fold (`data.fold`). A store whose last ingest
+    left failed or stale cases is refused unless `allow_incomplete` (`data.allow_incomplete_stores`)."""
     if not uris:
         raise ValueError("data.stores is empty: give the stores written by `python -m pipeline.ingest`")
-    stores = [TaskStore.open(uri, storage_options) for uri in uris]
+    stores = [TaskStore.open(uri, storage_options, allow_incomplete=allow_incomplete, fold=fold) for uri in uris]
     for store in stores:
         if not store.case_ids("train"):
             raise ValueError(f"{store.uri}: no training cases")
