@@ -36,18 +36,22 @@ def log_model(
             artifacts={MODEL_DIR_ARTIFACT: str(model_dir)},
             registered_model_name=registered_model_name,
             pip_requirements=REQUIREMENTS,
+            model_config={"folds": list(card.folds) or None},  # a fold ensemble loads a subset with {"folds": [...]}
         )
     log.info("logged model %s%s", info.model_uri, f" as {registered_model_name}" if registered_model_name else "")
     return info
 
 
-def load_model(uri: str, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
-    """Load from `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/ID/model` or a model folder."""
+def load_model(
+    uri: str, device: str | torch.device = "cpu", folds: tuple[int, ...] | None = None
+) -> tuple[nn.Module, ModelCard]:
+    """Load from `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/ID/model` or a model folder;
+    of a fold ensemble, the members of `folds` (None: all)."""
     local = Path(uri)
     if (local / CARD_FILE).is_file():
-        return load_model_dir(local, device)
+        return load_model_dir(local, device, folds)
     if local.is_dir() and (local / "artifacts" / MODEL_DIR_ARTIFACT).is_dir():
-        return load_model_dir(local / "artifacts" / MODEL_DIR_ARTIFACT, device)
+        return load_model_dir(local / "artifacts" / MODEL_DIR_ARTIFACT, device, folds)
     try:
         downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except (MlflowException, OSError) as err:
@@ -56,4 +60,4 @@ def load_model(uri: str, device: str | torch.device = "cpu") -> tuple[nn.Module,
     model_dir = downloaded / "artifacts" / MODEL_DIR_ARTIFACT
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{uri}: not a UniSeg pipeline model (no {MODEL_DIR_ARTIFACT} artifact)")
-    return load_model_dir(model_dir, device)
+    return load_model_dir(model_dir, device, folds)

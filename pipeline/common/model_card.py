@@ -3,13 +3,18 @@
 The card holds the network spec and, per task, what inference needs to turn a raw image into a
 label map: classes and label names, channels and modalities, target spacing and the per-channel
 normalisation planned at ingest. Loading never unpickles anything.
+
+A fold ensemble is one folder too: one card whose `members` name a weights file per
+cross-validation fold (`fold_0.safetensors`, ...); it loads as a `FoldEnsemble`
+(pipeline.common.ensemble), optionally with a subset of its folds.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +25,7 @@ from torch import nn
 from model.presets import build_network
 from model.spec import NetworkSpec
 from model.tasks import TaskSpec
+from pipeline.common.ensemble import FoldEnsemble
 from pipeline.common.store import StoreManifest
 
 CARD_VERSION = 1
@@ -74,11 +80,36 @@ class TaskCard:
 
 
 @dataclass(frozen=True)
+class Member:
+    """One network of a fold ensemble: its weights file in the model folder and its held-out fold."""
+
+    file: str
+    fold: int
+
+
+@dataclass(frozen=True)
 class ModelCard:
     spec: NetworkSpec
     tasks: tuple[TaskCard, ...]
     metadata: dict[str, Any] = field(default_factory=dict)
     version: int = CARD_VERSION
+    members: tuple[Member, ...] = ()  # a fold ensemble's networks; empty: one network in WEIGHTS_FILE
+
+    @property
+    def folds(self) -> tuple[int, ...]:
+        return tuple(m.fold for m in self.members)
+
+    def select_folds(self, folds: tuple[int, ...] | None) -> ModelCard:
+        """The card of the ensemble of `folds` only (None: all); ValueError naming the known folds."""
+        if folds is None:
+            return self
+        if not self.members:
+            raise ValueError(f"--folds {','.join(map(str, folds))}: this model is a single network, not a fold ensemble")
+        unknown = sorted(set(folds) - set(self.folds))
+        if unknown or not folds:
+            raise ValueError(f"--folds {','.join(map(str, folds))}: this ensemble has folds "
+                             f"{', '.join(map(str, self.folds))}")
+        return replace(self, members=tuple(m for m in self.members if m.fold in folds))
 
     def task_specs(self) -> list[TaskSpec]:
         return [t.task_spec() for t in self.tasks]
@@ -92,6 +123,8 @@ class ModelCard:
     def to_json(self) -> str:
         raw = {"version": self.version, "spec": self.spec.to_dict(), "tasks": [asdict(t) for t in self.tasks]}
         raw["metadata"] = self.metadata
+        if self.members:
+            raw["members"] = [asdict(m) for m in self.members]
         return json.dumps(raw, indent=2)
 
     @classmethod
@@ -103,32 +136,54 @@ class ModelCard:
             spec=NetworkSpec.from_dict(raw["spec"]),
             tasks=tuple(TaskCard.from_dict(t) for t in raw["tasks"]),
             metadata=raw.get("metadata", {}),
+            members=tuple(Member(str(m["file"]), int(m["fold"])) for m in raw.get("members", [])),
         )
 
 
 def build_from_card(card: ModelCard) -> nn.Module:
+    """The network of the card (untrained); a FoldEnsemble of one network per member."""
+    if card.members:
+        return FoldEnsemble([build_network(card.spec, card.task_specs()) for _ in card.members])
     return build_network(card.spec, card.task_specs())
 
 
 def save_model_dir(network: nn.Module, card: ModelCard, directory: str | Path) -> Path:
-    """Write weights and card into `directory` (created if needed)."""
+    """Write weights (one file per ensemble member) and card into `directory` (created if needed)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in unwrap(network).state_dict().items()}
-    save_file(state, str(directory / WEIGHTS_FILE))
+    network = unwrap(network)
+    if card.members:
+        if not isinstance(network, FoldEnsemble) or len(network.members) != len(card.members):
+            raise ValueError(f"the card names {len(card.members)} ensemble members; the network is not such an ensemble")
+        pairs = [(m.file, net) for m, net in zip(card.members, network.members)]
+    else:
+        pairs = [(WEIGHTS_FILE, network)]
+    for file, net in pairs:
+        save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(directory / file))
     (directory / CARD_FILE).write_text(card.to_json())
     return directory
 
 
-def load_model_dir(directory: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
-    """Rebuild the network from its card and load its weights (strictly)."""
+def load_model_dir(
+    directory: str | Path, device: str | torch.device = "cpu", folds: tuple[int, ...] | None = None
+) -> tuple[nn.Module, ModelCard]:
+    """Rebuild the network from its card and load its weights (strictly); of a fold ensemble,
+    the members of `folds` (None: all), with the card of that subset."""
     directory = Path(directory)
-    for name in (CARD_FILE, WEIGHTS_FILE):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory}: not a model folder ({name} missing)")
+    if not (directory / CARD_FILE).is_file():
+        raise FileNotFoundError(f"{directory}: not a model folder ({CARD_FILE} missing)")
     card = ModelCard.from_json((directory / CARD_FILE).read_text(), source=str(directory / CARD_FILE))
-    network = build_from_card(card)
-    network.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
+    card = card.select_folds(folds)
+    files = [m.file for m in card.members] or [WEIGHTS_FILE]
+    missing = [f for f in files if not (directory / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{directory}: not a model folder ({', '.join(missing)} missing)")
+    networks = []
+    for file in files:
+        network = build_network(card.spec, card.task_specs())
+        network.load_state_dict(load_file(str(directory / file)))
+        networks.append(network)
+    network = FoldEnsemble(networks) if card.members else networks[0]
     return network.to(device).eval(), card
 
 
@@ -138,3 +193,23 @@ def unwrap(network: nn.Module) -> nn.Module:
         network = getattr(network, "module", None) or network._orig_mod
     return network
 
+
+def write_ensemble_dir(fold_dirs: Mapping[int, str | Path], directory: str | Path,
+                       metadata: Mapping[str, Any] | None = None) -> Path:
+    """A fold-ensemble folder from single-network model folders (one per fold, e.g. the folds'
+    last checkpoints): their weights as `fold_<k>.safetensors` and one card naming them. The
+    folds must agree on network and tasks."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cards = {k: ModelCard.from_json((Path(d) / CARD_FILE).read_text(), source=str(Path(d) / CARD_FILE))
+             for k, d in sorted(fold_dirs.items())}
+    first = next(iter(cards.values()))
+    for fold, card in cards.items():
+        if card.members or (card.spec, card.tasks) != (first.spec, first.tasks):
+            raise ValueError(f"{fold_dirs[fold]}: fold {fold} is not a single network like the other folds")
+    members = tuple(Member(f"fold_{k}.safetensors", k) for k in cards)
+    for member in members:
+        shutil.copyfile(Path(fold_dirs[member.fold]) / WEIGHTS_FILE, directory / member.file)
+    card = replace(first, members=members, metadata={**first.metadata, **(metadata or {})})
+    (directory / CARD_FILE).write_text(card.to_json())
+    return directory

@@ -6,7 +6,8 @@ MLflow runs this file when the model is loaded, so nothing is unpickled. Input: 
 - the path of a raw NIfTI (3D, or 4D with channels last), or a list of paths (one 3D file per
   channel): the image is preprocessed as the task's card says and the output is the label map
   (x, y, z) on the file's own voxel grid (save it with the file's affine).
-Output dtype: uint8.
+Output dtype: uint8. A fold ensemble averages its folds' softmax; load it with
+`model_config={"folds": [0, 2]}` to use a subset of the folds.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from pipeline.common.model_card import load_model_dir
 
 class UniSegModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
-        self.network, self.card = load_model_dir(context.artifacts["model_dir"])
+        folds = (context.model_config or {}).get("folds")
+        self.network, self.card = load_model_dir(context.artifacts["model_dir"],
+                                                 folds=None if folds is None else tuple(int(f) for f in folds))
 
     # Unannotated on purpose: MLflow turns type hints of predict into a (list-based) signature.
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
