@@ -38,11 +38,12 @@ class PatchSource(Protocol):
     ) -> tuple[np.ndarray, np.ndarray, str]: ...
 
 
-def open_store(uri: str, storage_options: dict[str, Any] | None = None) -> Any:
-    """Open one task store (imported lazily: loader workers open their own handles)."""
+def open_store(uri: str, storage_options: dict[str, Any] | None = None, fold: int | None = None) -> Any:
+    """Open one task store (imported lazily: loader workers open their own handles); `fold`: the
+    cross-validation fold held out (`data.fold`)."""
     from pipeline.common.store import TaskStore
 
-    return TaskStore.open(uri, storage_options=storage_options)
+    return TaskStore.open(uri, storage_options=storage_options, fold=fold)
 
 
 # --- augmentation -----------------------------------------------------------------------------
