@@ -1,6 +1,8 @@
 """Where the ingest task graphs run: a local Dask cluster (default), an existing Dask scheduler
 (`--scheduler ADDR`), Dask's in-process schedulers (`--scheduler synchronous|threads`, for
-debugging and tests) or the Ray cluster through Dask on Ray (`--on-ray`, ray.util.dask).
+debugging and tests) or the Ray cluster through Dask on Ray (`--on-ray`, ray.util.dask). A local
+Dask cluster (scheduler, workers, dashboard) or local Ray started here listens on `cfg.host` only
+(127.0.0.1 unless `--host` says otherwise; pipeline/common/services.py).
 
 `executor(cfg)` yields one function, `compute(tasks) -> results`, that runs a list of Dask
 delayed objects (sharing their common inputs) and returns their values in order.
@@ -20,6 +22,7 @@ from dask.delayed import Delayed
 from distributed import Client, LocalCluster, progress
 
 from pipeline.common.config import IngestConfig
+from pipeline.common.services import connect_ray, dask_cluster_options
 
 log = logging.getLogger(__name__)
 Compute = Callable[[list[Delayed]], list[Any]]
@@ -29,7 +32,7 @@ LOCAL_SCHEDULERS = ("synchronous", "threads")
 @contextmanager
 def executor(cfg: IngestConfig) -> Iterator[Compute]:
     if cfg.on_ray:
-        with _ray() as compute:
+        with _ray(cfg.host) as compute:
             yield compute
     elif cfg.scheduler in LOCAL_SCHEDULERS:
         yield lambda tasks: list(dask.compute(*tasks, scheduler=cfg.scheduler))
@@ -41,7 +44,8 @@ def executor(cfg: IngestConfig) -> Iterator[Compute]:
         workers = cfg.num_workers or os.cpu_count() or 1
         log.info("starting a local Dask cluster with %d workers", workers)
         with (
-            LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+            LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                         **dask_cluster_options(cfg.host)) as cluster,
             Client(cluster) as client,
         ):
             log.info("Dask dashboard: %s", client.dashboard_link)
@@ -56,14 +60,13 @@ def _compute_distributed(client: Client, tasks: list[Delayed]) -> list[Any]:
 
 
 @contextmanager
-def _ray() -> Iterator[Compute]:
-    """Dask on Ray: the same graph, each task a Ray task (joins RAY_ADDRESS / `ray job submit`)."""
+def _ray(host: str) -> Iterator[Compute]:
+    """Dask on Ray: the same graph, each task a Ray task (joins RAY_ADDRESS / `ray job submit`,
+    else a local Ray on `host`)."""
     import ray
     from ray.util.dask import ray_dask_get
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init()
+    started = connect_ray(None, host)
     log.info("running ingest tasks on Ray (%s CPUs)", ray.cluster_resources().get("CPU"))
     try:
         yield lambda tasks: list(dask.compute(*tasks, scheduler=ray_dask_get))

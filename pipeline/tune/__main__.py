@@ -1,11 +1,11 @@
 """Search model and recipe choices with Ray Tune: `python -m pipeline.tune --config FILE`.
 
-`python -m pipeline.tune --config FILE [--set key=value ...] [--resume | --new]`.
+`python -m pipeline.tune --config FILE [--set key=value ...] [--resume]`.
 
 The config's `tune` section holds the search space (dotted config keys), the number of trials,
-ASHA and the searcher; each trial is a short `pipeline.train` run. A search whose folder
-(`<ray.storage_path>/<name>`) holds Tune state is resumed by default (`--new` refuses that,
-`--resume` requires it). The best config is written to `tune.best_config`, ready for
+ASHA and the searcher; each trial is a short `pipeline.train` run. A new search refuses a
+search folder (`<ray.storage_path>/<name>`) that exists; `--resume` continues the interrupted
+search there (it unpickles Tune's saved state: resume only searches you trust). The best config is written to `tune.best_config`, ready for
 `python -m pipeline.train --config`. Exit status 1 when the search failed, 2 for a bad config.
 """
 
@@ -28,9 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, metavar="YAML", help="experiment config with a tune section")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set tune.num_samples=16 (repeatable)")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="continue the interrupted search (must exist)")
-    mode.add_argument("--new", action="store_true", help="start a new search (must not exist)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted search of this name (unpickles its state; without it an "
+                        "existing search folder is an error)")
     return p
 
 
@@ -41,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _search(args: argparse.Namespace) -> None:
-    resume = True if args.resume else (False if args.new else None)
-    log.info("done: %s", run(load_config(args.config, args.overrides), resume=resume))
+    log.info("done: %s", run(load_config(args.config, args.overrides), resume=args.resume))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,16 @@
 """The search driver: a Ray Tune Tuner over trial drivers that each run a short Ray Train job.
 
 Layout under `<ray.storage_path>/<name>`: Tune's experiment state (so `Tuner.restore` resumes
-an interrupted search), `uniseg_tune.json` (the MLflow parent run id), and `trials/`, where each
+an interrupted search, only when asked: `resume=True`), `uniseg_tune.json` (the MLflow parent run id), and `trials/`, where each
 trial's TorchTrainer keeps its checkpoints under the trial's name `<name>-<trial id>` (so a
 trial restarted by a resumed search continues its Train run). MLflow: one parent run (search
 space, best metric, best config) and one child run per trial (tag mlflow.parentRunId), into
 which the trial's rank 0 logs its epoch metrics.
+
+Resuming unpickles Tune's state (`tuner.pkl`, the trials' state): code runs on the driver as
+whoever wrote those files wished. So a search is never resumed implicitly: a new search refuses
+a folder that exists, before Ray starts or anything there is read, and `--resume` is for
+searches you (or people you trust with your account) wrote.
 """
 
 from __future__ import annotations
@@ -13,17 +18,21 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import mlflow
 from mlflow.tracking import MlflowClient
 
 from pipeline.common.config import ExperimentConfig, config_from_dict, flatten, save_config, to_dict
+from pipeline.common.services import LOOPBACK, connect_ray, environment, start_local_ray
 from pipeline.common.tracking import ensure_experiment, resolve_tracking_uri
 from pipeline.train.loop import RunContext
-from pipeline.train.run import connect_ray, fit, read_json, resolve_storage, write_json
+from pipeline.train.run import fit, read_json, resolve_storage, write_json
 from pipeline.tune.space import apply_values, sampled_values, search_space, trial_config
 
 log = logging.getLogger(__name__)
@@ -44,8 +53,8 @@ class TuneResult:
     stopped_early: int
 
 
-def run(cfg: ExperimentConfig, resume: bool | None = None) -> TuneResult:
-    """Search `cfg.tune.space` around `cfg`; resume=None resumes when the search folder has state."""
+def run(cfg: ExperimentConfig, resume: bool = False) -> TuneResult:
+    """Search `cfg.tune.space` around `cfg`, or continue the interrupted search when `resume`."""
     from ray import tune
 
     if not cfg.tune.space:
@@ -53,12 +62,8 @@ def run(cfg: ExperimentConfig, resume: bool | None = None) -> TuneResult:
     storage = resolve_storage(cfg.ray.storage_path)
     search_dir = f"{storage.rstrip('/')}/{cfg.name}"
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
-    connect(cfg.ray.address)
-    restorable = tune.Tuner.can_restore(search_dir)
-    if resume and not restorable:
-        raise FileNotFoundError(f"{search_dir}: no search {cfg.name!r} to resume")
-    if resume is False and restorable:
-        raise FileExistsError(f"{search_dir}: search {cfg.name!r} exists; resume it or choose another name")
+    restorable = check_search_dir(search_dir, cfg.name, resume)
+    connect(cfg.ray.address, cfg.ray.host)
     record = read_json(f"{search_dir}/{RECORD_FILE}") if restorable else None
     parent_id = record["parent_run_id"] if record else _start_parent(cfg, tracking_uri)
     write_json(f"{search_dir}/{RECORD_FILE}", {"parent_run_id": parent_id, "tracking_uri": tracking_uri, "config": to_dict(cfg)})
@@ -86,6 +91,22 @@ def run(cfg: ExperimentConfig, resume: bool | None = None) -> TuneResult:
     return _finish(cfg, results, search_dir, parent_id, tracking_uri)
 
 
+def check_search_dir(search_dir: str, name: str, resume: bool) -> bool:
+    """Whether to restore: True with `resume` and Tune state there; False for a new search in a
+    folder that does not exist. Anything else is an error (nothing in the folder is read)."""
+    from ray import tune
+
+    fs, path = fsspec.core.url_to_fs(search_dir)
+    if not resume:
+        if fs.exists(path):
+            raise FileExistsError(f"{search_dir}: search {name!r} already exists; continue it with --resume "
+                                  f"(this unpickles its saved state) or start a new one with --set name=<new name>")
+        return False
+    if not tune.Tuner.can_restore(search_dir):
+        raise FileNotFoundError(f"{search_dir}: no search {name!r} to resume")
+    return True
+
+
 def train_driver_fn(trial_params: dict[str, Any], base: dict[str, Any], parent_run_id: str, tracking_uri: str,
                     trial_storage: str) -> None:
     """One trial: a TorchTrainer over the sampled config whose worker reports reach Tune."""
@@ -102,37 +123,26 @@ def train_driver_fn(trial_params: dict[str, Any], base: dict[str, Any], parent_r
     MlflowClient(tracking_uri).set_terminated(run_id, "FINISHED")
 
 
-def connect(address: str | None) -> None:
-    """Join `address` (or RAY_ADDRESS); else start a local Ray whose processes know its address.
+def connect(address: str | None, host: str) -> None:
+    """Join `address` (or RAY_ADDRESS); else start a local Ray on `host` whose processes know its address.
 
     Ray Train removes the placement group of a trial that ASHA stops (its driver is killed) from
     a helper actor that finds the cluster by address; with several Ray instances on one machine
     and no RAY_ADDRESS it finds none, and the stopped trial's CPUs stay reserved. So a local
     Ray started here gets a fixed GCS port and RAY_ADDRESS in the environment it inherits.
     """
-    import os
-    import socket
-
     import ray
 
     if ray.is_initialized() or (address not in (None, "local")) or (address is None and os.environ.get("RAY_ADDRESS")):
-        connect_ray(address)
+        connect_ray(address, host)
         return
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((LOOPBACK, 0))
         port = sock.getsockname()[1]
-    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
-    os.environ.update(RAY_ADDRESS=f"127.0.0.1:{port}", RAY_GCS_SERVER_PORT=str(port))
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    try:
+    # Loopback reaches the GCS whatever `host` is: on another host it listens on every interface.
+    with environment({"RAY_ADDRESS": f"{LOOPBACK}:{port}", "RAY_GCS_SERVER_PORT": str(port)}):
         log.info("starting a local Ray (GCS port %d)", port)
-        ray.init(address="local", _node_ip_address="127.0.0.1")
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        start_local_ray(host)
 
 
 def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
