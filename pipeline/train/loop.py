@@ -146,8 +146,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     tracker = EpochLogger(context.tracking_uri, context.mlflow_run_id) if rank == 0 and context.mlflow_run_id else None
     if rank == 0:
         log.info("ready to train after %.1f s", time.perf_counter() - started)
-    run_started = time.perf_counter()
-    for epoch in range(state.epoch, cfg.train.epochs):
+    run_started, first_epoch = time.perf_counter(), state.epoch  # state.epoch moves at each checkpoint
+    for epoch in range(first_epoch, cfg.train.epochs):
         lr = set_learning_rate(parts.optimizer, cfg.train, epoch)
         if cfg.finetune.pretrained:
             lr = finetune.apply_schedule(parts.optimizer, cfg.finetune, epoch, lr)
@@ -157,7 +157,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         stats = train_epoch(model, batches, parts, epoch, context, rank)
         metrics, own = epoch_metrics(stats, lr, world, [m.task_name for m in parts.manifests])
         if rank == 0:
-            eta = (time.perf_counter() - run_started) / (epoch + 1 - state.epoch) * (cfg.train.epochs - epoch - 1)
+            eta = run_eta(time.perf_counter() - run_started, first_epoch, epoch, cfg.train.epochs)
             log.info("epoch %d/%d done: loss %.4f, %.2f it/s, %.1f samples/s (all ranks), data wait %.0f%%, "
                      "%.1f s, run ETA %s", epoch + 1, cfg.train.epochs, metrics["train/loss"],
                      metrics["train/iterations_per_s"], metrics["train/samples_per_s"],
@@ -181,6 +181,11 @@ def wrap_model(parts: Parts, epoch: int) -> nn.Module:
     if parts.cfg.finetune.pretrained:
         finetune.freeze_encoder(parts.network, parts.cfg.finetune, epoch)
     return ray.train.torch.prepare_model(parts.network, parallel_strategy_kwargs={"find_unused_parameters": True})
+
+
+def run_eta(elapsed_s: float, first_epoch: int, epoch: int, epochs: int) -> float:
+    """Seconds left after 0-based `epoch`, at the mean pace of the epochs this run did since `first_epoch`."""
+    return elapsed_s / (epoch + 1 - first_epoch) * (epochs - epoch - 1)
 
 
 def validate_epoch(model: nn.Module, parts: Parts, epoch: int, rank: int, world: int) -> dict[str, float]:
