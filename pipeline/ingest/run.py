@@ -133,6 +133,11 @@ def ingest_dataset(
     except (DatasetError, StoreError) as err:
         log.error("%s", err)
         report.error = str(err)
+    except OSError as err:  # a full disk, a lost connection: one line naming the store (or the file)
+        name = str(err.filename or "")
+        where = report.store if report.store and (not name or name.startswith(report.store)) else name or source
+        report.error = f"{where}: cannot write: {err.strerror or err}"
+        report.crashed = True
     except Exception as err:  # the batch goes on; the traceback is logged
         log.exception("%s: ingest failed", report.store or source)
         report.error = f"{report.store or source}: {type(err).__name__}: {' '.join(str(err).split())}"

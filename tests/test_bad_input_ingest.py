@@ -1,0 +1,321 @@
+"""The ingest share of the bad-input catalogue (docs/architecture.md, "Bad-input catalogue: ingest").
+
+Each entry breaks a copy of the tiny MSD task (`Task09_Bad`) in one way and runs the real CLI
+(`pipeline.ingest.__main__.main`, in-process Dask scheduler) next to an intact source; it checks
+the exit status, that the problem is one log line naming the file (and key or case), and that
+nothing good was lost: the intact source is ingested, the bad dataset's other cases are stored,
+and a re-run never deletes a stored good case. Disk-full and read-only output run the CLI in a
+user + mount namespace on a real tmpfs (skipped where `unshare` is not allowed).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import zarr
+
+from pipeline.common.config import config_from_dict
+from pipeline.common.store import StoreError, TaskStore
+from pipeline.ingest.__main__ import main
+
+BAD = "Task09_Bad"
+CASE = "tinyliver_001"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _edit_json(raw: Path, change: Callable[[dict], object]) -> None:
+    meta = json.loads((raw / "dataset.json").read_text())
+    change(meta)
+    (raw / "dataset.json").write_text(json.dumps(meta))
+
+
+def _rewrite(path: Path, change: Callable[[np.ndarray], np.ndarray], affine: np.ndarray | None = None) -> None:
+    nifti = nib.load(path)
+    data = change(np.asarray(nifti.dataobj))
+    nib.save(nib.Nifti1Image(data, nifti.affine if affine is None else affine), path)
+
+
+def _image(raw: Path) -> Path:
+    return raw / "imagesTr" / f"{CASE}.nii.gz"
+
+
+def _label(raw: Path) -> Path:
+    return raw / "labelsTr" / f"{CASE}.nii.gz"
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _shifted_affine(path: Path) -> np.ndarray:
+    affine = nib.load(path).affine.copy()
+    affine[0, 3] += 5.0
+    return affine
+
+
+@dataclass(frozen=True)
+class Bad:
+    """One bad input: how to break the copy, the exit status, a regex of the one-line message,
+    and which good data must survive: "dataset" (the intact source is ingested; nothing of the
+    bad one is), "case" (the bad dataset's other cases are stored, the case is recorded as
+    failed), "rerun" (the bad case's stored copy from a first, good run is kept, marked stale)."""
+
+    name: str
+    breaks: Callable[[Path], object]
+    message: str
+    scope: str
+    status: int = 2
+
+
+CATALOGUE = [
+    # dataset.json and the dataset as a whole
+    Bad("no dataset.json", lambda r: (r / "dataset.json").unlink(), r"Task09_Bad/dataset.json: dataset.json not found",
+        "dataset"),
+    Bad("dataset.json not JSON", lambda r: (r / "dataset.json").write_text("{'name': "),
+        r"Task09_Bad/dataset.json: unreadable dataset.json", "dataset"),
+    Bad("dataset.json a list", lambda r: (r / "dataset.json").write_text("[]"),
+        r"Task09_Bad/dataset.json: dataset.json must hold an object", "dataset"),
+    Bad("image null", lambda r: _edit_json(r, lambda m: m["training"][1].update(image=None)),
+        r"Task09_Bad/dataset.json: training.1.image: Input should be a valid string \(got None\)", "dataset"),
+    Bad("label a number", lambda r: _edit_json(r, lambda m: m["training"][0].update(label=3)),
+        r"Task09_Bad/dataset.json: training.0.label: Input should be a valid string \(got 3\)", "dataset"),
+    Bad("training not a list", lambda r: _edit_json(r, lambda m: m.update(training={"a": 1})),
+        r"Task09_Bad/dataset.json: training: Input should be a valid list", "dataset"),
+    Bad("labels missing", lambda r: _edit_json(r, lambda m: m.pop("labels")),
+        r"Task09_Bad/dataset.json: labels: Field required", "dataset"),
+    Bad("modality indices", lambda r: _edit_json(r, lambda m: m.update(modality={"1": "CT"})),
+        r"Task09_Bad/dataset.json: 'modality' indices must be 0..0", "dataset"),
+    Bad("label ids with a gap", lambda r: _edit_json(r, lambda m: m.update(labels={"0": "bg", "2": "x"})),
+        r"Task09_Bad/dataset.json: label ids must be 0..N-1", "dataset"),
+    Bad("file_ending not NIfTI", lambda r: _edit_json(r, lambda m: m.update(file_ending=".mha")),
+        r"Task09_Bad/dataset.json: file_ending '.mha' is not supported", "dataset"),
+    Bad("no training cases", lambda r: _edit_json(r, lambda m: m.update(training=[])),
+        r"Task09_Bad: no training cases found", "dataset"),
+    Bad("duplicate case id", lambda r: _edit_json(r, lambda m: m["training"].append(
+        {"image": f"./imagesTs/{CASE}.nii.gz", "label": f"./labelsTr/{CASE}.nii.gz"})),
+        rf"Task09_Bad/dataset.json: case id '{CASE}' given twice: \S+/imagesTr/{CASE}.nii.gz and "
+        rf"\S+/imagesTs/{CASE}.nii.gz", "dataset"),
+    # one case: reported, skipped, the others stored
+    Bad("missing label", lambda r: _label(r).unlink(), rf"labelsTr/{CASE}.nii.gz: missing label for case {CASE}",
+        "case"),
+    Bad("missing image", lambda r: _image(r).unlink(), rf"imagesTr/{CASE}.nii.gz: missing image", "case"),
+    Bad("truncated image", lambda r: _truncate(_image(r)), rf"imagesTr/{CASE}.nii.gz: cannot read NIfTI", "case"),
+    Bad("image not NIfTI", lambda r: _image(r).write_bytes(gzip.compress(b"not a nifti file" * 40)),
+        rf"imagesTr/{CASE}.nii.gz: cannot read NIfTI", "case"),
+    Bad("label shape", lambda r: _rewrite(_label(r), lambda a: a[:-1]), rf"labelsTr/{CASE}.nii.gz: shape .* != image",
+        "case"),
+    Bad("label affine", lambda r: _rewrite(_label(r), lambda a: a, _shifted_affine(_label(r))),
+        rf"labelsTr/{CASE}.nii.gz: affine differs from the image's", "case"),
+    Bad("NaN in image", lambda r: _rewrite(_image(r), lambda a: np.where(a > 100, np.nan, a).astype(np.float32)),
+        rf"imagesTr/{CASE}.nii.gz: \d+ NaN/inf voxels", "case"),
+    Bad("undeclared label value", lambda r: _rewrite(_label(r), lambda a: np.where(a == 1, 7, a).astype(np.uint8)),
+        rf"labelsTr/{CASE}.nii.gz: label values \[7\] not declared in dataset.json", "case"),
+    Bad("fractional label", lambda r: _rewrite(_label(r), lambda a: (a * 0.5).astype(np.float32)),
+        rf"labelsTr/{CASE}.nii.gz: label values are not integers", "case"),
+    Bad("2D image", lambda r: _rewrite(_image(r), lambda a: a[:, :, :1]), rf"imagesTr/{CASE}.nii.gz: 2D image", "case"),
+    Bad("too many channels", lambda r: _rewrite(_image(r), lambda a: np.stack([a, a], axis=-1)),
+        rf"imagesTr/{CASE}.nii.gz: 2 channels, dataset.json declares 1", "case"),
+    # a re-run after a good ingest: the stored case is kept, marked stale
+    Bad("label missing at re-run", lambda r: _label(r).unlink(), rf"labelsTr/{CASE}.nii.gz: missing label", "rerun"),
+    Bad("image corrupt at re-run", lambda r: _truncate(_image(r)), rf"imagesTr/{CASE}.nii.gz: cannot read NIfTI",
+        "rerun"),
+]
+
+
+def _cli(*args: str) -> list[str]:
+    return [*args, "--scheduler", "synchronous"]
+
+
+def _one_line(caplog: pytest.LogCaptureFixture, pattern: str) -> str:
+    """The single log record whose message matches `pattern`; each problem is one line."""
+    lines = [line for r in caplog.records if r.levelno >= logging.ERROR for line in r.getMessage().splitlines()]
+    found = [line for line in lines if re.search(pattern, line)]
+    assert found, f"no error line matches {pattern!r}:\n" + "\n".join(lines)
+    return found[0]
+
+
+@pytest.mark.parametrize("bad", CATALOGUE, ids=[b.name for b in CATALOGUE])
+def test_bad_input(bad: Bad, raw_msd: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    raw = shutil.copytree(raw_msd, tmp_path / BAD)
+    out = tmp_path / "out"
+    sources = ["--source", str(raw)] + (["--source", str(raw_msd)] if bad.scope == "dataset" else [])
+    if bad.scope == "rerun":
+        assert main(_cli(*sources, "--out", str(out))) == 0
+        before = TaskStore.open(str(out / f"{BAD}.zarr")).read_case(CASE)
+    bad.breaks(raw)
+    caplog.clear()
+    assert main(_cli(*sources, "--out", str(out))) == bad.status
+    _one_line(caplog, bad.message)
+    if bad.scope == "dataset":
+        assert len(TaskStore.open(str(out / f"{raw_msd.name}.zarr")).case_ids()) == 5
+        assert not (out / f"{BAD}.zarr" / "zarr.json").exists()
+        return
+    store = TaskStore.open(str(out / f"{BAD}.zarr"))
+    others = {f"tinyliver_00{i}" for i in range(5)} - {CASE}
+    assert others <= set(store.case_ids())
+    if bad.scope == "case":
+        assert CASE not in store.case_ids() and list(store.manifest.failed) == [CASE]
+        assert store.manifest.failed[CASE] and store.manifest.stale == {}
+    else:
+        assert CASE in store.case_ids("train") + store.case_ids("validation") and list(store.manifest.stale) == [CASE]
+        for got, want in zip(store.read_case(CASE), before):
+            np.testing.assert_array_equal(got, want)
+        with pytest.raises(StoreError, match="did not finish cleanly: 1 stale case.*allow_incomplete_stores"):
+            TaskStore.open(store.uri, allow_incomplete=False)
+
+
+def _store(raw_msd: Path, out: Path) -> str:
+    assert main(_cli("--source", str(raw_msd), "--out", str(out))) == 0
+    return str(out / f"{raw_msd.name}.zarr")
+
+
+def test_bad_options(raw_msd: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    out = tmp_path / "out"
+    assert main(_cli("--source", str(raw_msd), "--out", str(out), "--folds", "1")) == 2
+    _one_line(caplog, r"ingest.folds: must be >= 2")
+    assert main(_cli("--source", str(raw_msd), "--out", str(out), "--config", str(tmp_path / "absent.yaml"))) == 2
+    _one_line(caplog, r"absent.yaml: cannot read config")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--source", str(raw_msd)])
+    assert exit_info.value.code == 2 and not out.exists()
+
+
+def test_output_that_is_a_file_is_refused_before_any_work(raw_msd: Path, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    out = tmp_path / "out"
+    out.write_text("not a folder")
+    assert main(_cli("--source", str(raw_msd), "--out", str(out))) == 2
+    _one_line(caplog, rf"{out}: output folder is not writable")
+    assert "starting" not in caplog.text and "target spacing" not in caplog.text
+
+
+def test_store_of_an_older_format_version(raw_msd: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    uri = _store(raw_msd, tmp_path / "out")
+    zarr.open_group(uri, mode="a").attrs["format_version"] = 2
+    assert main(_cli("--source", str(raw_msd), "--out", str(tmp_path / "out"))) == 2
+    _one_line(caplog, r"store format version 2 .root attribute format_version. is not supported .*--overwrite")
+    assert main(_cli("--source", str(raw_msd), "--out", str(tmp_path / "out"), "--overwrite")) == 0
+    assert len(TaskStore.open(uri).case_ids()) == 5
+
+
+def test_verify(raw_msd: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    uri = _store(raw_msd, tmp_path / "out")
+    assert main(["--verify", uri]) == 0
+    shard = next(Path(uri, "cases", "tinyliver_002", "image").rglob("c/*/*/*/*"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    shard.write_bytes(bytes(data))
+    caplog.clear()
+    assert main(["--verify", uri, "--verify", str(tmp_path / "absent.zarr")]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 2, errors
+    assert errors[0].startswith(f"{uri}: case 'tinyliver_002', array 'image': chunk ") and "CRC32C" in errors[0]
+    assert "absent.zarr: not a Zarr group" in errors[1]
+
+
+def test_training_refuses_an_incomplete_store_unless_told(raw_msd: Path, tmp_path: Path) -> None:
+    from pipeline.common.config import ConfigError
+    from pipeline.train.run import check_stores
+
+    raw = shutil.copytree(raw_msd, tmp_path / BAD)
+    _label(raw).unlink()
+    assert main(_cli("--source", str(raw), "--out", str(tmp_path / "out"))) == 2
+    data = {"data": {"stores": [str(tmp_path / "out" / f"{BAD}.zarr")]}}
+    with pytest.raises(ConfigError, match="did not finish cleanly: 1 failed case.*data.allow_incomplete_stores"):
+        check_stores(config_from_dict(data, "<test>"))
+    data["data"]["allow_incomplete_stores"] = True
+    check_stores(config_from_dict(data, "<test>"))
+
+
+def test_content_change_with_mtime_restored_is_seen(raw_msd: Path, tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A label edited in place, size and mtime kept: re-ingested by default; the stat fast path
+    (opt-in) trusts the unchanged size and mtime."""
+    raw = shutil.copytree(raw_msd, tmp_path / BAD)
+    out = tmp_path / "out"
+    assert main(_cli("--source", str(raw), "--out", str(out))) == 0
+    label = _label(raw)
+    stat = label.stat()
+    data = bytearray(label.read_bytes())
+    data[-10] ^= 0xFF  # inside the gzip stream's checksum trailer: same size, other bytes
+    label.write_bytes(bytes(data))
+    os.utime(label, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    attrs = zarr.open_group(str(out / f"{BAD}.zarr"), mode="r")[f"cases/{CASE}"].attrs
+    before = attrs["source_fingerprint"]
+    assert main(_cli("--source", str(raw), "--out", str(out), "--change-detection", "stat")) == 0
+    assert zarr.open_group(str(out / f"{BAD}.zarr"), mode="r")[f"cases/{CASE}"].attrs["source_fingerprint"] == before
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    assert main(_cli("--source", str(raw), "--out", str(out))) == 0
+    assert "1 ingested, 4 unchanged" in caplog.text
+    assert zarr.open_group(str(out / f"{BAD}.zarr"), mode="r")[f"cases/{CASE}"].attrs["source_fingerprint"] != before
+
+
+def _in_namespace(tmp_path: Path, mount: str, args: list[str], then: str = "true") -> subprocess.CompletedProcess:
+    """Run the ingest CLI as root of a user + mount namespace with `tmp_path/out` a fresh tmpfs,
+    then the shell command `then` (the tmpfs is gone afterwards)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    script = (f"mount -t tmpfs -o {mount} tmpfs {out} || exit 99; {sys.executable} -m pipeline.ingest "
+              f"{' '.join(args)}; status=$?; {then}; exit $status")
+    return subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=180,
+                          cwd=ROOT)
+
+
+def _can_unshare() -> bool:
+    try:
+        return subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs tmpfs /mnt"],
+                              capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+needs_namespace = pytest.mark.skipif(not _can_unshare(), reason="unshare -rm (user + mount namespace) not allowed")
+
+
+@needs_namespace
+def test_read_only_output_is_refused_before_any_work(raw_msd: Path, tmp_path: Path) -> None:
+    result = _in_namespace(tmp_path, "ro", ["--source", str(raw_msd), "--out", str(tmp_path / "out"),
+                                            "--scheduler", "synchronous"])
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and errors[0].endswith(f"{tmp_path / 'out'}: output folder is not writable "
+                                                   "(Read-only file system)"), result.stderr
+    assert "Traceback" not in result.stderr and "target spacing" not in result.stderr
+
+
+@needs_namespace
+def test_disk_full_names_the_store_and_the_store_says_it_is_incomplete(raw_msd: Path, tmp_path: Path) -> None:
+    """About two cases fit: the failed writes name the store, not a source file, and what is left
+    is never a store that opens as complete."""
+    out, copy = tmp_path / "out", tmp_path / "copy"
+    result = _in_namespace(tmp_path, "size=160k", ["--source", str(raw_msd), "--out", str(out),
+                                                   "--scheduler", "synchronous"], then=f"cp -a {out} {copy}")
+    assert result.returncode == 1, result.stderr
+    store = f"{out}/{raw_msd.name}.zarr"
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert any(f"{store}: cannot write case " in e and e.endswith("No space left on device") for e in errors), errors
+    assert not any("No space" in e and str(raw_msd) in e.split(": ")[0] for e in errors), errors
+    assert "Traceback" not in result.stderr
+    uri = str(copy / f"{raw_msd.name}.zarr")
+    try:
+        store_left = TaskStore.open(uri)
+    except StoreError as err:
+        assert "no manifest" in str(err)
+    else:
+        assert store_left.manifest.failed, "a store missing cases opened as complete"
+        with pytest.raises(StoreError, match="did not finish cleanly"):
+            TaskStore.open(uri, allow_incomplete=False)
