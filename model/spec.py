@@ -17,7 +17,8 @@ class NetworkSpec:
     """Architecture of a U-Net family network; axes are (z, y, x).
 
     `prompt_size=None` ties the prompt to the bottleneck size of `patch_size` (as UniSeg does).
-    `dynamic_channels` is the width of the DoDNet-style dynamic head.
+    `dynamic_channels` is the width of the DoDNet-style dynamic head. `prompt_last_stage` (UniSeg
+    only) also feeds the selected prompt to the last decoder stage (not in the paper).
     """
 
     architecture: Architecture
@@ -30,6 +31,7 @@ class NetworkSpec:
     prompt_size: Triple | None = None
     fuse_channels: int = 82
     dynamic_channels: int = 8
+    prompt_last_stage: bool = False
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:

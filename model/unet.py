@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from model.blocks import ConvNormAct, ConvStage, he_init, norm_act, same_padding
@@ -59,26 +60,38 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Transposed-conv upsampling, concatenation with the skip, ConvStage; one level per stride.
 
-    `extra_bottleneck_channels` widens the first upsampling input (UniSeg's prompt channel).
+    `extra_bottleneck_channels` widens the first upsampling input (UniSeg's prompt channel);
+    `extra_last_channels` widens the input of the last (highest-resolution) stage, fed by `forward`'s
+    `last_extra` (the task-aware-last-stage UniSeg variant).
     """
 
-    def __init__(self, features: Sequence[int], strides: Sequence, kernels: Sequence, extra_bottleneck_channels: int = 0):
+    def __init__(self, features: Sequence[int], strides: Sequence, kernels: Sequence, extra_bottleneck_channels: int = 0,
+                 extra_last_channels: int = 0):
         super().__init__()
         deepest = len(features) - 1
+        self.extra_last_channels = extra_last_channels
         self.upsample = nn.ModuleList()
         self.stages = nn.ModuleList()
         for level in range(deepest, 0, -1):
             in_channels = features[level] + (extra_bottleneck_channels if level == deepest else 0)
             stride = tuple(strides[level])
+            extra = extra_last_channels if level == 1 else 0
             self.upsample.append(nn.ConvTranspose3d(in_channels, features[level - 1], stride, stride, bias=False))
-            self.stages.append(ConvStage(2 * features[level - 1], features[level - 1], kernels[level - 1]))
+            self.stages.append(ConvStage(2 * features[level - 1] + extra, features[level - 1], kernels[level - 1]))
 
-    def forward(self, skips: Sequence[torch.Tensor], bottleneck: torch.Tensor) -> list[torch.Tensor]:
-        """Return decoder features per level, highest resolution first."""
+    def forward(self, skips: Sequence[torch.Tensor], bottleneck: torch.Tensor,
+                last_extra: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Return decoder features per level, highest resolution first; `last_extra` (B, extra_last_channels,
+        ...) is resized to the last stage's grid and concatenated to its input."""
+        if (last_extra is None) != (self.extra_last_channels == 0):
+            raise ValueError(f"this decoder takes {self.extra_last_channels} extra channels at its last stage")
         x = bottleneck
         outputs = []
-        for up, stage, skip in zip(self.upsample, self.stages, reversed(skips)):
-            x = stage(torch.cat([up(x), skip], dim=1))
+        for i, (up, stage, skip) in enumerate(zip(self.upsample, self.stages, reversed(skips))):
+            inputs = [up(x), skip]
+            if last_extra is not None and i == len(self.stages) - 1:
+                inputs.append(F.interpolate(last_extra, size=skip.shape[2:], mode="trilinear", align_corners=False))
+            x = stage(torch.cat(inputs, dim=1))
             outputs.append(x)
         return outputs[::-1]
 

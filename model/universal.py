@@ -26,13 +26,14 @@ MASKED_LOGIT = -1.0e4  # finite, so it is safe in float16; softmax sends it to 0
 class UniversalNetwork(nn.Module):
     """Shared input checks, encoder and class masking; subclasses implement `decode`."""
 
-    def __init__(self, spec: NetworkSpec, tasks: Sequence[TaskSpec], extra_bottleneck_channels: int = 0):
+    def __init__(self, spec: NetworkSpec, tasks: Sequence[TaskSpec], extra_bottleneck_channels: int = 0,
+                 extra_last_channels: int = 0):
         super().__init__()
         self.spec = spec
         self.tasks = check_task_table(tasks)
         self.max_classes = max(t.num_classes for t in self.tasks)
         self.encoder = Encoder([t.in_channels for t in self.tasks], spec.features, spec.strides, spec.kernels)
-        self.decoder = Decoder(spec.features, spec.strides, spec.kernels, extra_bottleneck_channels)
+        self.decoder = Decoder(spec.features, spec.strides, spec.kernels, extra_bottleneck_channels, extra_last_channels)
 
     def forward(self, x: torch.Tensor, task_ids: torch.Tensor | Sequence[int] | int) -> list[torch.Tensor]:
         ids = self.check_inputs(x, task_ids)
@@ -85,10 +86,16 @@ class UniSeg(UniversalNetwork):
     The prompt holds `prompt_channels` feature maps per task. FUSE refines all task prompts from
     the image; the asked task's refined prompt is concatenated to the bottleneck so the whole
     decoder is task-aware. One head, shared across tasks, with max(num_classes) outputs.
+
+    With `spec.prompt_last_stage` (not in the paper; a config choice, off by default) the selected
+    prompt is also upsampled to full resolution and concatenated to the last decoder stage's
+    input, so the layers feeding the shared head see the task directly, not only through the
+    bottleneck.
     """
 
     def __init__(self, spec: NetworkSpec, tasks: Sequence[TaskSpec]):
-        super().__init__(spec, tasks, extra_bottleneck_channels=spec.prompt_channels)
+        last = spec.prompt_channels if spec.prompt_last_stage else 0
+        super().__init__(spec, tasks, extra_bottleneck_channels=spec.prompt_channels, extra_last_channels=last)
         prompt_maps = len(self.tasks) * spec.prompt_channels
         self.prompt = nn.Parameter(torch.randn(1, prompt_maps, *spec.resolved_prompt_size))
         kernel = (3, 3, 3)
@@ -108,7 +115,8 @@ class UniSeg(UniversalNetwork):
         fused = self.fuse(torch.cat([bottleneck, prompt], dim=1))
         per_task = fused.unflatten(1, (len(self.tasks), self.spec.prompt_channels))
         selected = per_task[torch.arange(len(task_ids)), torch.tensor(task_ids)]
-        decoded = self.decoder(features[:-1], torch.cat([bottleneck, selected], dim=1))
+        last_extra = selected if self.spec.prompt_last_stage else None
+        decoded = self.decoder(features[:-1], torch.cat([bottleneck, selected], dim=1), last_extra)
         return self.heads(decoded)
 
 

@@ -101,6 +101,17 @@ def test_only_the_asked_task_prompt_reaches_the_decoder() -> None:
     assert not torch.allclose(net(_input(2), 1)[0], _net()(_input(2), 1)[0])
 
 
+def test_task_aware_last_stage_feeds_the_selected_prompt_to_the_last_decoder_stage() -> None:
+    net, seen = _net(prompt_last_stage=True), {}
+    net.fuse.register_forward_hook(lambda module, args, out: seen.update(fused=out))
+    net.decoder.stages[-1].register_forward_hook(lambda module, args, out: seen.update(last_input=args[0]))
+    net(_input(4), 2)
+    expected = F.interpolate(seen["fused"][:, 2:3], size=SPEC.patch_size, mode="trilinear", align_corners=False)
+    assert seen["last_input"].shape[1] == 2 * SPEC.features[0] + 1
+    torch.testing.assert_close(seen["last_input"][:, -1:], expected)
+    assert _net().decoder.stages[-1].blocks[0].conv.in_channels == 2 * SPEC.features[0]  # the paper's UniSeg
+
+
 def test_prompt_size_is_configurable() -> None:
     net = _net(prompt_channels=2, prompt_size=(1, 1, 1), fuse_channels=8)
     assert tuple(net.prompt.shape) == (1, len(TASKS) * 2, 1, 1, 1)

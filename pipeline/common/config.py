@@ -95,6 +95,7 @@ class ModelConfig:
     prompt_size: tuple[PositiveInt, PositiveInt, PositiveInt] | None = None
     fuse_channels: PositiveInt = 82
     deep_supervision: bool = True
+    prompt_last_stage: bool = False  # UniSeg: the task prompt also enters the last decoder stage (not in the paper)
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -52,6 +52,7 @@ def network_spec(model: ModelConfig, manifests: Sequence[StoreManifest]) -> Netw
         prompt_size=model.prompt_size,
         fuse_channels=model.fuse_channels,
         deep_supervision=model.deep_supervision,
+        prompt_last_stage=model.prompt_last_stage,
     )
 
 
