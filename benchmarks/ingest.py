@@ -6,7 +6,8 @@ Run by hand. nnU-Net lives in its own venv (a different torch); set it up once:
         && .venv-peers/bin/pip install torch==2.14.1 torchvision==0.29.1 nnunetv2
 
 then `python benchmarks/ingest.py [--cases 24] [--scale 2] [--workers 1 2] [--patches 300]
-[--chunk-size 32 32 32]`.
+[--chunk-size 32 32 32]`. `--without-nnunet` skips nnU-Net (no peers venv needed): our ingest
+and the two readers of our store only.
 
 One synthetic task (`--task`, default Task01_SynthLiver: CT, anisotropic, mixed orientations)
 is written in nnU-Net v2 layout as Dataset501_<name> with `--cases` cases, its voxel grid
@@ -22,9 +23,13 @@ memory of the whole process tree (PSS, sampled every 50 ms: pages shared between
 such as torch's, are split among them, not counted once per process), CPU seconds of the tree,
 output size. With `--repeats R`, each row is the fastest of R runs. Patch reads/s: random
 windows of `--patch` voxels from random training cases, image and label, one fresh process per
-run (the first read of a case opens it): ours through `TaskStore.sample_patch`, nnU-Net as its
-data loader does (`load_case`, then a slice of the blosc2 arrays); the two alternate, R runs
-each, and the table shows the median reads/s and CPU milliseconds per read.
+run (the first read of a case opens it): ours through `TaskStore.sample_patch` with its
+hand-written shard reader; the same windows of the same store through zarr-python's own read
+(`TaskStore` with every array on its zarr-python path: `array[window]`, which checks the same
+CRC32C per chunk); nnU-Net as its data loader does (`load_case`, then a slice of the blosc2
+arrays). The readers alternate, R runs each, and the table shows the median reads/s and CPU
+milliseconds per read. The hand reader is kept only while it is at least 1.5x faster per patch
+than zarr-python's read.
 """
 
 from __future__ import annotations
@@ -86,6 +91,12 @@ reader, rng = TaskStore.open(store), np.random.default_rng(0)
 def read():
     reader.sample_patch(rng, patch, force_foreground=False)
 """ + _TIMED
+# The same reads, every array read by zarr-python (`array[window]`) instead of the shard reader.
+_ZARR_READS = _OUR_READS.replace(
+    "from pipeline.common.store import TaskStore",
+    "from pipeline.common import store as s\ns._ShardReader.supports = staticmethod(lambda array: False)\n"
+    "from pipeline.common.store import TaskStore")
+HAND, ZARR, NNUNET = "ours", "ours, zarr-python read", "nnU-Net v2"
 
 
 @dataclass(frozen=True)
@@ -151,7 +162,7 @@ def raw_mib(dataset: Path) -> float:
     return sum(int(np.prod(h.get_data_shape())) * h.get_data_dtype().itemsize for h in headers) / 2**20
 
 
-def run_ours(peers: Path, dataset: Path, work: Path, workers: int, chunk_size: list[int] | None = None) -> Run:
+def run_ours(dataset: Path, work: Path, workers: int, chunk_size: list[int] | None = None) -> Run:
     out = work / f"ours-{workers}"
     shutil.rmtree(out, ignore_errors=True)  # a rerun would skip every unchanged case
     command = [sys.executable, "-m", "pipeline.ingest", "--source", str(dataset), "--out", str(out),
@@ -182,14 +193,17 @@ def _read_run(python: Path | str, code: str, data: Path, patch: tuple[int, int, 
     return json.loads(subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout)
 
 
-def patch_reads(peers: Path, ours: Path, nnunet: Path, patch: tuple[int, int, int], count: int,
+def patch_reads(peers: Path | None, ours: Path, nnunet: Path, patch: tuple[int, int, int], count: int,
                 repeats: int) -> dict[str, Reads]:
-    """Reads/s and CPU per read of both tools, each run in a fresh process, alternating."""
-    runs: dict[str, list[list[float]]] = {"ours": [], "nnU-Net v2": []}
+    """Reads/s and CPU per read of each reader (nnU-Net's unless `peers` is None), each run in a
+    fresh process, alternating."""
+    runs: dict[str, list[list[float]]] = {HAND: [], ZARR: [], **({NNUNET: []} if peers else {})}
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     for _ in range(repeats):
-        runs["ours"].append(_read_run(sys.executable, _OUR_READS, ours, patch, count,
-                                      dict(os.environ, PYTHONPATH=str(ROOT))))
-        runs["nnU-Net v2"].append(_read_run(peers / "bin" / "python", _NNUNET_READS, nnunet, patch, count))
+        runs[HAND].append(_read_run(sys.executable, _OUR_READS, ours, patch, count, env))
+        runs[ZARR].append(_read_run(sys.executable, _ZARR_READS, ours, patch, count, env))
+        if peers:
+            runs[NNUNET].append(_read_run(peers / "bin" / "python", _NNUNET_READS, nnunet, patch, count))
     return {tool: Reads(float(np.median([r for r, _ in v])), float(np.median([c for _, c in v])),
                         tuple(r for r, _ in v)) for tool, v in runs.items()}
 
@@ -203,17 +217,20 @@ def print_table(dataset: Path, cases: int, raw: float, runs: list[Run], reads: d
     for r in runs:
         print(f"{r.tool:<11}{r.workers:>9}{r.seconds:>9.1f}{cases / r.seconds:>9.2f}{raw / r.seconds:>9.1f}"
               f"{r.peak_mib:>9.0f}{r.cpu_seconds:>9.1f}{r.out_mib:>9.1f}")
-    print("\nratio ours / nnU-Net (throughput: > 1 is faster; memory: < 1 is leaner)")
-    for workers in sorted({r.workers for r in runs}):
-        ours, peer = (next(r for r in runs if r.tool == t and r.workers == workers) for t in ("ours", "nnU-Net v2"))
-        print(f"{workers} worker(s): cases/s x{peer.seconds / ours.seconds:.2f}, "
-              f"peak memory x{ours.peak_mib / peer.peak_mib:.2f}, CPU time x{ours.cpu_seconds / peer.cpu_seconds:.2f}")
-    ours, peer = reads["ours"], reads["nnU-Net v2"]
-    print(f"\npatch reads/s (median of {len(ours.runs)}): ours {ours.per_second:.0f} ({ours.cpu_ms:.2f} CPU ms "
-          f"each), nnU-Net {peer.per_second:.0f} ({peer.cpu_ms:.2f} CPU ms each); ratio "
-          f"x{ours.per_second / peer.per_second:.2f}, CPU per read x{ours.cpu_ms / peer.cpu_ms:.2f}")
+    if NNUNET in reads:
+        print("\nratio ours / nnU-Net (throughput: > 1 is faster; memory: < 1 is leaner)")
+        for workers in sorted({r.workers for r in runs}):
+            ours, peer = (next(r for r in runs if r.tool == t and r.workers == workers) for t in (HAND, NNUNET))
+            print(f"{workers} worker(s): cases/s x{peer.seconds / ours.seconds:.2f}, peak memory "
+                  f"x{ours.peak_mib / peer.peak_mib:.2f}, CPU time x{ours.cpu_seconds / peer.cpu_seconds:.2f}")
+    print(f"\npatch reads/s (median of {len(reads[HAND].runs)} runs; CPU ms per read):")
     for tool, r in reads.items():
-        print(f"  {tool} runs: " + ", ".join(f"{v:.0f}" for v in r.runs))
+        print(f"  {tool:<24}{r.per_second:>6.0f}/s {r.cpu_ms:>6.2f} ms   runs: " + ", ".join(f"{v:.0f}" for v in r.runs))
+    hand, peers = reads[HAND], [t for t in reads if t != HAND]
+    for tool in peers:
+        print(f"ours (hand shard reader) / {tool}: reads/s x{hand.per_second / reads[tool].per_second:.2f}, "
+              f"CPU per read x{hand.cpu_ms / reads[tool].cpu_ms:.2f}")
+    print("(the hand reader stays while it is >= 1.5x faster per patch than zarr-python's read)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -228,24 +245,28 @@ def _parser() -> argparse.ArgumentParser:
                         help="our ingest's --chunk-size (default: the config's)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per tool and worker count; the fastest counts")
     parser.add_argument("--peers", type=Path, default=ROOT / ".venv-peers", help="venv with nnunetv2")
+    parser.add_argument("--without-nnunet", action="store_true", help="our ingest and our two readers only")
     return parser
 
 
 def main() -> None:
     args = _parser().parse_args()
     setup_logging()
-    if not (args.peers / "bin" / "nnUNetv2_plan_and_preprocess").is_file():
-        raise SystemExit(f"{args.peers}: no nnunetv2 there; create it with the command in this file's docstring")
+    peers = None if args.without_nnunet else args.peers
+    if peers and not (peers / "bin" / "nnUNetv2_plan_and_preprocess").is_file():
+        raise SystemExit(f"{peers}: no nnunetv2 there; create it with the command in this file's docstring, "
+                         "or run with --without-nnunet")
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         work = Path(tmp)
         dataset = write_dataset(work / "raw", args.task, args.cases, args.scale)
         runs = []
         for workers in args.workers:
-            runs.append(min((run_ours(args.peers, dataset, work, workers, args.chunk_size)
+            runs.append(min((run_ours(dataset, work, workers, args.chunk_size)
                              for _ in range(args.repeats)), key=lambda r: r.seconds))
-            runs.append(min((run_nnunet(args.peers, dataset, work, workers) for _ in range(args.repeats)),
-                            key=lambda r: r.seconds))
-        reads = patch_reads(args.peers, work / f"ours-{args.workers[0]}" / f"{dataset.name}.zarr",
+            if peers:
+                runs.append(min((run_nnunet(peers, dataset, work, workers) for _ in range(args.repeats)),
+                                key=lambda r: r.seconds))
+        reads = patch_reads(peers, work / f"ours-{args.workers[0]}" / f"{dataset.name}.zarr",
                             work / f"nnunet-{args.workers[0]}" / dataset.name / "nnUNetPlans_3d_fullres",
                             tuple(args.patch), args.patches, args.repeats)
         print_table(dataset, args.cases, raw_mib(dataset), runs, reads)
