@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import shutil
 from collections.abc import Iterator
@@ -26,11 +27,11 @@ from test_predict_world import LIVER, SPLEEN, World, build_world, one_thread
 FAST = InferenceOptions(mirror_axes=())
 NAN = math.nan
 ROWS = [
-    CaseRow("liver", "a", ClassMetrics(1, "liver", 0.9, 2.0, 100, 110)),
-    CaseRow("liver", "a", ClassMetrics(2, "tumour", 0.5, 4.0, 10, 12)),
-    CaseRow("liver", "b", ClassMetrics(1, "liver", 0.7, 6.0, 90, 80)),
-    CaseRow("liver", "b", ClassMetrics(2, "tumour", NAN, NAN, 0, 3)),  # no tumour in b: not scored
-    CaseRow("spleen", "c", ClassMetrics(1, "spleen", 0.6, 1.0, 50, 40)),
+    CaseRow("liver", "a", ClassMetrics(1, "liver", 0.9, 2.0, 100, 110, 16, 6)),
+    CaseRow("liver", "a", ClassMetrics(2, "tumour", 0.5, 4.0, 10, 12, 7, 5)),
+    CaseRow("liver", "b", ClassMetrics(1, "liver", 0.7, 6.0, 90, 80, 20, 30)),
+    CaseRow("liver", "b", ClassMetrics(2, "tumour", NAN, NAN, 0, 3, 3, 0)),  # no tumour in b: not scored (MONAI rule)
+    CaseRow("spleen", "c", ClassMetrics(1, "spleen", 0.6, 1.0, 50, 40, 13, 23)),
 ]
 
 
@@ -67,12 +68,20 @@ def test_markdown_and_mlflow_metrics() -> None:
 
 def test_report_files(tmp_path: Path) -> None:
     _, files = write_report(ROWS, tmp_path / "report", "Evaluation")
-    assert [f.name for f in files] == ["metrics.csv", "summary.md", "boxplot_liver.png", "boxplot_spleen.png"]
+    assert [f.name for f in files] == ["metrics.csv", "summary.md", "summary.json", "boxplot_liver.png",
+                                       "boxplot_spleen.png"]
     with files[0].open() as handle:
         rows = list(csv.DictReader(handle))
-    assert list(rows[0]) == ["task", "case", "class_id", "name", "dice", "hd95", "reference_voxels", "predicted_voxels"]
+    assert list(rows[0]) == ["task", "case", "class_id", "name", "dice", "hd95", "reference_voxels", "predicted_voxels",
+                             "false_positives", "false_negatives"]
     assert len(rows) == 5 and rows[3]["dice"] == "nan"
-    assert files[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert files[3].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads(files[2].read_text())
+    assert summary["metric_per_case"][1] == {"task": "liver", "case": "b", "metrics": {
+        "liver/1": {"Dice": 0.7, "HD95": 6.0, "FP": 20, "FN": 30, "n_pred": 80, "n_ref": 90},
+        "liver/2": {"Dice": None, "HD95": None, "FP": 3, "FN": 0, "n_pred": 3, "n_ref": 0}}}
+    assert summary["mean"]["liver/1"]["Dice"] == pytest.approx(0.8) and summary["mean"]["liver/2"]["FP"] == 5
+    assert summary["foreground_mean"]["Dice"] == pytest.approx((0.8 + 0.5 + 0.6) / 3)
 
 
 def test_model_run_id_of_uri_forms(world: World) -> None:

@@ -39,12 +39,17 @@ def test_hd95_of_single_voxels_and_of_identical_masks() -> None:
 
 
 def test_empty_mask_rules() -> None:
-    """MONAI ignore_empty: Dice NaN when the reference lacks the class; HD95 NaN when either mask does."""
+    """nnU-Net (default): Dice 0 for false positives on an empty reference, NaN only when both are
+    empty; MONAI ignore_empty: NaN whenever the reference lacks the class. HD95 NaN when either
+    mask is empty."""
     empty = _volume()
     cube = _volume((1, np.s_[2:5, 2:5, 2:5]))
-    assert math.isnan(dice(empty, empty, 1))
-    assert math.isnan(dice(cube, empty, 1))  # false positives on an empty reference: not scored
-    assert dice(empty, cube, 1) == 0.0  # a missed class scores 0
+    assert math.isnan(dice(empty, empty, 1)) and math.isnan(dice(empty, empty, 1, "monai"))
+    assert dice(cube, empty, 1) == 0.0  # false positives on an empty reference count (nnU-Net)
+    assert math.isnan(dice(cube, empty, 1, "monai"))  # ... or are not scored (MONAI)
+    assert dice(empty, cube, 1) == 0.0 == dice(empty, cube, 1, "monai")  # a missed class scores 0
+    with pytest.raises(ValueError, match="empty-reference rule"):
+        dice(cube, cube, 1, "other")  # type: ignore[arg-type]
     assert math.isnan(hd95(empty, cube, 1, (1.0, 1.0, 1.0)))
     assert math.isnan(hd95(cube, empty, 1, (1.0, 1.0, 1.0)))
 
@@ -57,7 +62,13 @@ def test_class_metrics_per_foreground_class_with_counts() -> None:
     assert (liver.name, liver.dice, liver.hd95) == ("liver", 1.0, 0.0)
     assert (liver.reference_voxels, liver.predicted_voxels) == (27, 27)
     assert tumour.dice == 0.0 and math.isnan(tumour.hd95) and tumour.reference_voxels == 8
+    assert (tumour.false_positives, tumour.false_negatives) == (0, 8)
     assert absent.class_id == 3 and math.isnan(absent.dice)
+    shifted = _volume((1, np.s_[3:6, 2:5, 2:5]), (3, np.s_[0, 0, 0:2]))  # 18 of 27 liver voxels shared
+    liver, _, cyst = class_metrics(shifted, reference, labels, (1, 1, 1))
+    assert (liver.dice, liver.false_positives, liver.false_negatives) == (pytest.approx(36 / 54), 9, 9)
+    assert (cyst.dice, cyst.false_positives, cyst.false_negatives) == (0.0, 2, 0)  # nnU-Net rule
+    assert math.isnan(class_metrics(shifted, reference, labels, (1, 1, 1), empty="monai")[2].dice)
 
 
 def test_class_metrics_errors() -> None:

@@ -31,12 +31,13 @@ def test_dice_of_built_masks() -> None:
 
 
 def test_empty_rule() -> None:
-    """The evaluate stage's rule: absent from the reference is NaN (left out of means); missed is 0."""
+    """The evaluate stage's rule (nnU-Net's): absent from both is NaN (left out of means); false
+    positives on an empty reference and a missed class are 0."""
     empty = np.zeros((2, 2, 2), np.uint8)
     one = empty.copy()
     one[0, 0, 0] = 1
     assert math.isnan(dice_per_class(empty, empty, 2)[0])
-    assert math.isnan(dice_per_class(one, empty, 2)[0])
+    assert dice_per_class(one, empty, 2) == [0.0]
     assert dice_per_class(empty, one, 2) == [0.0]
 
 

@@ -33,3 +33,16 @@ class FoldEnsemble(nn.Module):
             probabilities = torch.softmax(member(image, task_ids)[0].float(), dim=1)
             total = probabilities if total is None else total.add_(probabilities)
         return [torch.log(total.div_(len(self.members)).clamp_min_(_TINY))]
+
+
+def parse_folds(text: str) -> tuple[int, ...] | None:
+    """`--folds` on the command line: "all" (None) or comma-separated fold numbers, e.g. "0,2"."""
+    if text.strip() == "all":
+        return None
+    try:
+        folds = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        raise ValueError(f"--folds must be 'all' or fold numbers like 0,1,2, got {text!r}") from None
+    if not folds or min(folds) < 0:
+        raise ValueError(f"--folds must be 'all' or fold numbers >= 0 like 0,1,2, got {text!r}")
+    return folds

@@ -1,18 +1,26 @@
-"""`python -m pipeline.evaluate --model models:/NAME@ALIAS --store STORE [--store STORE ...] [--split val|test]`.
+"""`python -m pipeline.evaluate --model models:/NAME@ALIAS --store STORE [--store STORE ...] [--split val|test]`
+or `python -m pipeline.evaluate --pred DIR --ref DIR [--labels dataset.json]`.
 
-Writes metrics.csv (per case and class), summary.md, boxplot_<task>.png and slices_<task>.png
+Model mode: segments the stores' cases (a fold ensemble averages its folds' softmax; --folds
+picks some) and writes metrics.csv (per case and class: Dice, HD95, false positive and negative
+voxels), summary.md, summary.json (nnU-Net's keys), boxplot_<task>.png and slices_<task>.png
 (example slices: image, reference, prediction) into --output and logs them, with the summary
-metrics, to the MLflow run of the model. Exit status 1 when the evaluation failed, 2 for bad
-input (model, store, options).
+metrics, to the MLflow run of the model. Folder mode scores any folder of predicted label maps
+against a folder of references (same file names, same voxel grids: one line per mismatch) into
+the same report files. Dice uses nnU-Net's empty-reference rule unless --empty-reference monai.
+Exit status 1 when the evaluation failed, 2 for bad input (model, store, folders, options).
 
 Examples:
     python -m pipeline.evaluate --model models:/uniseg@champion --store stores/Task01_Liver.zarr --split val
     python -m pipeline.evaluate --model runs:/<run_id>/model --store s3://bucket/stores/Task01_Liver.zarr \\
         --raw-root /data/raw --space original --tta off -o outputs/evaluate
+    python -m pipeline.evaluate --model models:/uniseg-cv@champion --folds 0,2 --store stores/Task01_Liver.zarr --split test
+    python -m pipeline.evaluate --pred outputs/predict --ref raw/Task01_Liver/labelsTs --labels raw/Task01_Liver/dataset.json
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -20,19 +28,31 @@ from pathlib import Path
 
 from pipeline.common.cli import run_stage, stage_parser
 from pipeline.common.inference import add_inference_arguments, inference_options
+from pipeline.common.ensemble import parse_folds
 from pipeline.common.logs import setup_logging
+from pipeline.common.metrics import EMPTY_RULES
 from pipeline.evaluate.cases import EvaluateError
+from pipeline.evaluate.folder import FolderOptions, run_folder
 from pipeline.evaluate.run import EvaluateOptions, run
 
 log = logging.getLogger("pipeline.evaluate")
 MODEL_HELP = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a model folder"
 
 
-def parse_args(argv: list[str] | None = None) -> EvaluateOptions:
+def parse_args(argv: list[str] | None = None) -> EvaluateOptions | FolderOptions:
     parser = stage_parser("pipeline.evaluate", __doc__)
-    parser.add_argument("--model", required=True, help=MODEL_HELP)
-    parser.add_argument("--store", action="append", required=True,
-                        help="a Zarr task store (local or s3://); repeatable")
+    parser.add_argument("--model", help=MODEL_HELP)
+    parser.add_argument("--store", action="append", help="a Zarr task store (local or s3://); repeatable")
+    parser.add_argument("--folds", type=_folds, metavar="all|0,1,...",
+                        help="of a fold-ensemble model, the folds whose softmax is averaged (default all)")
+    folder = parser.add_argument_group("folder evaluation (instead of --model/--store)")
+    folder.add_argument("--pred", type=Path, metavar="DIR", help="folder of predicted label maps (any tool)")
+    folder.add_argument("--ref", type=Path, metavar="DIR", help="folder of reference label maps, same file names")
+    folder.add_argument("--labels", type=Path, metavar="dataset.json",
+                        help="class names (MSD or nnU-Net dataset.json); default: the label values found")
+    parser.add_argument("--empty-reference", choices=EMPTY_RULES, default="nnunet",
+                        help="Dice where the reference lacks a class: nnunet (0 if predicted, NaN if neither "
+                             "has it; default) or monai (always NaN)")
     parser.add_argument("--split", choices=("val", "validation", "test", "train"), default="val",
                         help="which cases of each store to score (default val; test cases need labels)")
     parser.add_argument("--space", choices=("original", "store"), default="original",
@@ -45,6 +65,12 @@ def parse_args(argv: list[str] | None = None) -> EvaluateOptions:
     parser.add_argument("--storage-options", type=json.loads, help="fsspec options for s3:// stores, as JSON")
     add_inference_arguments(parser)
     args = parser.parse_args(argv)
+    if args.pred or args.ref:
+        if not (args.pred and args.ref) or args.model or args.store:
+            parser.error("folder evaluation takes --pred DIR and --ref DIR, without --model and --store")
+        return FolderOptions(args.pred, args.ref, args.output, args.labels, args.empty_reference)
+    if not (args.model and args.store):
+        parser.error("give --model and --store (or --pred and --ref for folder evaluation)")
     return EvaluateOptions(
         model=args.model,
         stores=tuple(args.store),
@@ -57,13 +83,23 @@ def parse_args(argv: list[str] | None = None) -> EvaluateOptions:
         tracking_uri=args.tracking_uri,
         log_to_mlflow=not args.no_mlflow,
         storage_options=args.storage_options,
+        folds=args.folds,
+        empty=args.empty_reference,
     )
+
+
+def _folds(text: str) -> tuple[int, ...] | None:
+    try:
+        return parse_folds(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     options = parse_args(argv)
-    return run_stage(lambda: run(options), log, "evaluation", (EvaluateError,))
+    work = (lambda: run_folder(options)) if isinstance(options, FolderOptions) else (lambda: run(options))
+    return run_stage(work, log, "evaluation", (EvaluateError,))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from torch import nn
 
 from pipeline.common.geometry import restore_array
 from pipeline.common.inference import InferenceOptions, segment
-from pipeline.common.metrics import ClassMetrics, class_metrics
+from pipeline.common.metrics import ClassMetrics, EmptyRule, class_metrics
 from pipeline.common.model_card import ModelCard
 from pipeline.common.store import TaskStore
 from pipeline.evaluate.slices import SliceExample, pick_slice
@@ -57,6 +57,7 @@ def evaluate_case(
     options: InferenceOptions,
     space: Space = "original",
     raw_root: Path | None = None,
+    empty: EmptyRule = "nnunet",
 ) -> CaseResult:
     """Per-class Dice and HD95 of one case (see the module docstring for the space) and its
     example slice."""
@@ -69,14 +70,14 @@ def evaluate_case(
     if space == "store":
         if stored_label is None:
             raise EvaluateError(f"{store.uri}: case {case_id} has no label (test cases have none)")
-        return CaseResult(class_metrics(predicted, stored_label, task.labels, meta.spacing), example)
+        return CaseResult(class_metrics(predicted, stored_label, task.labels, meta.spacing, empty), example)
     reference = original_reference(store, case_id, stored_label is not None, raw_root)
     restored = restore_array(predicted, meta, order=0)
     if restored.shape != reference.labels.shape:
         raise EvaluateError(
             f"{store.uri}: case {case_id}: restored prediction {restored.shape} != label {reference.labels.shape}"
         )
-    return CaseResult(class_metrics(restored, reference.labels, task.labels, reference.spacing), example)
+    return CaseResult(class_metrics(restored, reference.labels, task.labels, reference.spacing, empty), example)
 
 
 def original_reference(store: TaskStore, case_id: str, has_label: bool, raw_root: Path | None) -> Reference:
@@ -92,7 +93,7 @@ def original_reference(store: TaskStore, case_id: str, has_label: bool, raw_root
 def source_label_path(store: TaskStore, case_id: str, has_label: bool, raw_root: Path | None) -> Path:
     manifest = store.manifest
     if not has_label:
-        raise EvaluateError(f"{store.uri}: case {case_id} has no ground truth (test cases of a store have no labels)")
+        raise EvaluateError(f"{store.uri}: case {case_id} has no ground truth (test cases have one only when the source had labelsTs/)")
     source = store.case_sources(case_id)
     root = raw_root / manifest.dataset if raw_root is not None else Path(manifest.source_root)
     return root / source[-1]

@@ -1,13 +1,20 @@
-"""The evaluation report: per-case CSV, per-class summary (Markdown and MLflow metrics), box plots.
+"""The evaluation report: per-case CSV, per-class summary (Markdown, nnU-Net-style JSON and
+MLflow metrics), box plots.
 
 Means skip NaN values (the empty-mask rules of `pipeline.common.metrics`); `cases` counts the
 cases whose Dice is defined. A task's "mean" row averages its class means, the overall Dice
 averages the task means.
+
+summary.json has nnU-Net's `evaluate_folder` keys: `metric_per_case` (task, case and per class
+Dice, HD95, FP, FN, n_pred, n_ref), `mean` (per class: the mean of each metric over the cases,
+NaN left out) and `foreground_mean` (the mean of the class means). Classes are keyed by id, as
+`<task>/<id>` when the report holds several tasks.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -20,6 +27,7 @@ from pipeline.common.metrics import ClassMetrics, metric_name
 
 CSV_FILE = "metrics.csv"
 MARKDOWN_FILE = "summary.md"
+JSON_FILE = "summary.json"
 
 
 @dataclass(frozen=True)
@@ -143,10 +151,44 @@ def box_plots(rows: Sequence[CaseRow], folder: Path) -> list[Path]:
     return written
 
 
+def nnunet_summary(rows: Sequence[CaseRow]) -> dict:
+    """The summary.json content (module docstring); NaN written as null."""
+    several = len({r.task for r in rows}) > 1
+
+    def key(row: CaseRow) -> str:
+        return f"{row.task}/{row.metrics.class_id}" if several else str(row.metrics.class_id)
+
+    def values(m: ClassMetrics) -> dict[str, float]:
+        return {"Dice": m.dice, "HD95": m.hd95, "FP": m.false_positives, "FN": m.false_negatives,
+                "n_pred": m.predicted_voxels, "n_ref": m.reference_voxels}
+
+    per_case: dict[tuple[str, str], dict] = {}
+    for row in rows:
+        entry = per_case.setdefault((row.task, row.case), {"task": row.task, "case": row.case, "metrics": {}})
+        entry["metrics"][key(row)] = values(row.metrics)
+    mean = {}
+    for class_key in dict.fromkeys(key(r) for r in rows):
+        cases = [values(r.metrics) for r in rows if key(r) == class_key]
+        mean[class_key] = {name: _stat(np.mean, _finite([c[name] for c in cases])) for name in cases[0]}
+    foreground = {name: _stat(np.mean, _finite([m[name] for m in mean.values()])) for name in next(iter(mean.values()))}
+    return _nulls({"metric_per_case": list(per_case.values()), "mean": mean, "foreground_mean": foreground})
+
+
+def _nulls(value: object) -> object:
+    """NaN as None (JSON null), recursively."""
+    if isinstance(value, dict):
+        return {k: _nulls(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nulls(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
 def write_report(rows: Sequence[CaseRow], folder: Path, title: str) -> tuple[list[ClassSummary], list[Path]]:
-    """CSV, Markdown and box plots into `folder` (created); returns the summary and the files."""
+    """CSV, Markdown, summary.json and box plots into `folder` (created); returns the summary and
+    the files."""
     folder.mkdir(parents=True, exist_ok=True)
     summaries = summarize(rows)
     (folder / MARKDOWN_FILE).write_text(markdown(summaries, title))
-    files = [write_csv(rows, folder / CSV_FILE), folder / MARKDOWN_FILE, *box_plots(rows, folder)]
+    (folder / JSON_FILE).write_text(json.dumps(nnunet_summary(rows), indent=2))
+    files = [write_csv(rows, folder / CSV_FILE), folder / MARKDOWN_FILE, folder / JSON_FILE, *box_plots(rows, folder)]
     return summaries, files

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.common.inference import InferenceOptions, resolve_device
+from pipeline.common.metrics import EmptyRule
 from pipeline.common.mlflow_model import load_model
 from pipeline.common.model_card import ModelCard
 from pipeline.common.store import StoreError, TaskStore
@@ -45,6 +46,8 @@ class EvaluateOptions:
     tracking_uri: str | None = None
     log_to_mlflow: bool = True
     storage_options: dict[str, Any] | None = None
+    folds: tuple[int, ...] | None = None  # of a fold ensemble, the folds to average (None: all)
+    empty: EmptyRule = "nnunet"  # Dice rule for a reference without the class (pipeline.common.metrics)
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ def run(options: EvaluateOptions) -> Evaluation:
     if options.tracking_uri:
         mlflow.set_tracking_uri(options.tracking_uri)
     split = SPLIT_ALIASES.get(options.split, options.split)
-    network, card = _load(options.model, options.device)
+    network, card = _load(options.model, options.device, options.folds)
     stores = [_open(uri, options.storage_options) for uri in options.stores]
     plan = [(store, _task_id(card, store), _cases(store, split)) for store in stores]
     rows, examples = [], {}
@@ -84,7 +87,7 @@ def _evaluate_store(
     rows, examples = [], []
     for case_id in tqdm(case_ids, desc=task, disable=None):
         result = evaluate_case(
-            network, card, task_id, store, case_id, options.inference, options.space, options.raw_root
+            network, card, task_id, store, case_id, options.inference, options.space, options.raw_root, options.empty
         )
         rows += [CaseRow(task, case_id, m) for m in result.metrics]
         if result.example is not None and len(examples) < EXAMPLES_PER_TASK:
@@ -92,9 +95,9 @@ def _evaluate_store(
     return rows, examples
 
 
-def _load(uri: str, device: str) -> tuple[nn.Module, ModelCard]:
+def _load(uri: str, device: str, folds: tuple[int, ...] | None) -> tuple[nn.Module, ModelCard]:
     try:
-        return load_model(uri, resolve_device(device))
+        return load_model(uri, resolve_device(device), folds)
     except (FileNotFoundError, ValueError) as err:
         raise EvaluateError(str(err)) from None
 

@@ -1,7 +1,8 @@
 """Validation during training: per-task, per-class Dice on each store's validation split.
 
-Dice rule: the evaluate stage's (`pipeline.common.metrics.dice`, MONAI's): per case and class,
-NaN when the reference has none of the class, and NaN values are left out of the means. Cases
+Dice rule: the evaluate stage's (`pipeline.common.metrics.dice`, nnU-Net's): per case and class,
+0 for false positives where the reference has none of the class, NaN only when neither has it,
+and NaN values are left out of the means. Cases
 are spread over ranks round-robin and the per-case values gathered, so every rank returns the
 same summary.
 """
@@ -34,7 +35,7 @@ class ValidationTask:
 
 
 def dice_per_class(prediction: np.ndarray, truth: np.ndarray, num_classes: int) -> list[float]:
-    """Dice of classes 1..num_classes-1; NaN where the reference has none of a class."""
+    """Dice of classes 1..num_classes-1; NaN where neither map has a class."""
     return [dice(prediction, truth, c) for c in range(1, num_classes)]
 
 
