@@ -9,6 +9,7 @@ counts the same, as in nnU-Net's ensembles. Classes a task does not have keep pr
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 
 import torch
@@ -36,13 +37,14 @@ class FoldEnsemble(nn.Module):
 
 
 def parse_folds(text: str) -> tuple[int, ...] | None:
-    """`--folds` on the command line: "all" (None) or comma-separated fold numbers, e.g. "0,2"."""
+    """`--folds` on the command line (an argparse type): "all" (None) or comma-separated fold
+    numbers, e.g. "0,2"."""
     if text.strip() == "all":
         return None
     try:
         folds = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
     except ValueError:
-        raise ValueError(f"--folds must be 'all' or fold numbers like 0,1,2, got {text!r}") from None
+        folds = ()
     if not folds or min(folds) < 0:
-        raise ValueError(f"--folds must be 'all' or fold numbers >= 0 like 0,1,2, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be 'all' or fold numbers >= 0 like 0,1,2, got {text!r}")
     return folds

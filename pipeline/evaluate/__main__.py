@@ -20,7 +20,6 @@ Examples:
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -43,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> EvaluateOptions | FolderOptions
     parser = stage_parser("pipeline.evaluate", __doc__)
     parser.add_argument("--model", help=MODEL_HELP)
     parser.add_argument("--store", action="append", help="a Zarr task store (local or s3://); repeatable")
-    parser.add_argument("--folds", type=_folds, metavar="all|0,1,...",
+    parser.add_argument("--folds", type=parse_folds, metavar="all|0,1,...",
                         help="of a fold-ensemble model, the folds whose softmax is averaged (default all)")
     folder = parser.add_argument_group("folder evaluation (instead of --model/--store)")
     folder.add_argument("--pred", type=Path, metavar="DIR", help="folder of predicted label maps (any tool)")
@@ -86,13 +85,6 @@ def parse_args(argv: list[str] | None = None) -> EvaluateOptions | FolderOptions
         folds=args.folds,
         empty=args.empty_reference,
     )
-
-
-def _folds(text: str) -> tuple[int, ...] | None:
-    try:
-        return parse_folds(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

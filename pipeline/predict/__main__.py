@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from pipeline.common.cli import run_stage, stage_parser
+from pipeline.common.ensemble import parse_folds
 from pipeline.common.inference import add_inference_arguments, inference_options
 from pipeline.common.logs import setup_logging
 from pipeline.predict.distributed import RayOptions
@@ -38,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> PredictOptions:
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("--save-probabilities", action="store_true", help="also write softmax probabilities per task")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
+    parser.add_argument("--folds", type=parse_folds, metavar="all|0,1,...",
+                        help="of a fold-ensemble model, the folds whose softmax is averaged (default all)")
     add_inference_arguments(parser)
     batch = parser.add_argument_group("batch on Ray")
     batch.add_argument("--ray", action="store_true", help="spread the scans over Ray workers")
@@ -61,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> PredictOptions:
         inference=inference_options(parser, args),
         device=args.device,
         tracking_uri=args.tracking_uri,
+        folds=args.folds,
         ray=RayOptions(args.ray_address, args.num_workers, args.cpus_per_worker, args.gpus_per_worker, args.device)
         if use_ray
         else None,

@@ -38,13 +38,14 @@ class PredictOptions:
     device: str = "auto"
     tracking_uri: str | None = None
     ray: RayOptions | None = None  # None: predict in this process
+    folds: tuple[int, ...] | None = None  # of a fold ensemble, the folds to average (None: all)
 
 
 def run(options: PredictOptions) -> list[Path]:
     """Predict every scan of `options.input`; returns the files written."""
     if options.tracking_uri:
         mlflow.set_tracking_uri(options.tracking_uri)
-    network, card = _load(options.model, "cpu" if options.ray else options.device)
+    network, card = _load(options.model, "cpu" if options.ray else options.device, options.folds)
     scans = find_scans(options.input)
     jobs = plan_jobs(
         card, scans, options.task, options.output, options.model,
@@ -60,8 +61,8 @@ def run(options: PredictOptions) -> list[Path]:
     return written
 
 
-def _load(uri: str, device: str) -> tuple[nn.Module, ModelCard]:
+def _load(uri: str, device: str, folds: tuple[int, ...] | None) -> tuple[nn.Module, ModelCard]:
     try:
-        return load_model(uri, resolve_device(device))
+        return load_model(uri, resolve_device(device), folds)
     except (FileNotFoundError, ValueError) as err:
         raise PredictError(str(err)) from None
