@@ -78,3 +78,59 @@ def test_loss_has_gradients() -> None:
     logits = torch.randn(2, 3, 8, 8, 8, requires_grad=True)
     deep_supervision_loss([logits], label, torch.tensor([3, 3]), torch.tensor([0, 0])).backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+# --- batch Dice gathered over DDP ranks --------------------------------------------------------
+
+WORLD = 2
+
+
+def _ddp_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A global batch of 4 (2 per rank) mixing a 3-class and a 2-class task across ranks."""
+    g = torch.Generator().manual_seed(7)
+    tasks = torch.tensor([0, 0, 1, 0])
+    num_classes = torch.tensor([3, 3, 2, 3])
+    logits = mask_classes(torch.randn(4, 3, 8, 8, 8, generator=g), num_classes.tolist())
+    label = torch.stack([torch.randint(0, int(n), (8, 8, 8), generator=g) for n in num_classes])
+    return logits, label, num_classes, tasks
+
+
+def _rank_loss(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        logits, label, num_classes, tasks = (t[2 * rank : 2 * rank + 2] for t in _ddp_batch())
+        logits = logits.clone().requires_grad_()
+        dice = soft_dice(logits, label, num_classes, tasks)
+        loss = deep_supervision_loss([logits], label, num_classes, tasks)
+        loss.backward()
+        torch.save({"dice": dice.detach(), "loss": loss.detach(), "grad": logits.grad}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_batch_dice_is_gathered_over_ranks_as_one_batch(tmp_path) -> None:
+    """2 gloo ranks give the Dice of the concatenated batch, and (after DDP's averaging over
+    ranks) the gradient a single process gets on that batch."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_rank_loss, args=(port, str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+    logits, label, num_classes, tasks = _ddp_batch()
+    logits.requires_grad_()
+    dice = soft_dice(logits, label, num_classes, tasks)
+    loss = deep_supervision_loss([logits], label, num_classes, tasks)
+    loss.backward()
+    local = soft_dice(logits[:2], label[:2], num_classes[:2], tasks[:2])
+    assert abs(local.item() - dice.item()) > 1e-3  # pooling over ranks changes the answer
+    for r, result in enumerate(ranks):
+        assert result["dice"].item() == pytest.approx(dice.item(), rel=1e-6)
+        torch.testing.assert_close(result["grad"] / WORLD, logits.grad[2 * r : 2 * r + 2], rtol=1e-5, atol=1e-9)
+    assert sum(r["loss"].item() for r in ranks) / WORLD == pytest.approx(loss.item(), rel=1e-6)

@@ -6,6 +6,12 @@ Dice is averaged only over each sample's real foreground classes; with `batch_di
 true/false positive counts are pooled over the samples of the same task (never across tasks,
 whose class indices mean different things). Loss = CE + (1 - Dice), so a perfect prediction
 scores 0.
+
+Under DDP (a torch.distributed process group of more than one rank) the batch Dice pools the
+samples of every rank, as nnU-Net does: each rank's per-sample tp/fp/fn are all-gathered with a
+gradient-carrying all-gather, so every rank computes the same Dice of the global batch, and
+after DDP averages the gradients each rank's logits get exactly the gradient of that global
+Dice. Every rank must therefore compute the loss in the same step, as DDP already requires.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 SMOOTH = 1e-5
@@ -47,6 +54,9 @@ def soft_dice(
     tp = (probs * onehot).sum(dims)
     fp = (probs * (1 - onehot)).sum(dims)
     fn = ((1 - probs) * onehot).sum(dims)
+    if batch_dice and _distributed():
+        tp, fp, fn = GatherWithGradient.apply(torch.stack((tp, fp, fn))).unbind(0)
+        task_ids, num_classes = all_gather(torch.stack((task_ids, num_classes))).transpose(0, 1).flatten(1)
     classes = torch.arange(logits.shape[1], device=logits.device)
     valid = (classes[None] >= 1) & (classes[None] < num_classes[:, None])
     if batch_dice:
@@ -56,6 +66,37 @@ def soft_dice(
         valid = torch.zeros(len(groups), logits.shape[1], device=logits.device).index_add(0, index, valid.float()) > 0
     dice = (2 * tp + SMOOTH) / (2 * tp + fp + fn + SMOOTH).clamp_min(1e-8)
     return dice[valid].mean()
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """(world, *shape): every rank's `tensor`, in rank order (no gradient)."""
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.stack(parts)
+
+
+class GatherWithGradient(torch.autograd.Function):
+    """All-gather (S, B, ...) tensors to (S, world * B, ...), ranks concatenated along dim 1.
+
+    Backward sums the incoming gradients over ranks (every rank's loss uses every rank's
+    counts) and hands each rank the slice of its own samples; works with any backend.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, local: torch.Tensor) -> torch.Tensor:
+        ctx.batch = local.shape[1]
+        return torch.cat(all_gather(local).unbind(0), dim=1)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = dist.get_rank() * ctx.batch
+        return grad[:, start : start + ctx.batch]
 
 
 def dice_ce(
