@@ -136,6 +136,8 @@ def process_tree_cost(interval: float = 0.5) -> Iterator[Cost]:
 def _run(command: Sequence[str], env: dict[str, str] | None = None, log_file: Path | None = None) -> None:
     """Run a command; its output goes to `log_file`; a failure raises with the output's tail."""
     log.info("running %s", " ".join(map(str, command)))
+    if log_file:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file or os.devnull, "w") as out:
         code = subprocess.run(list(map(str, command)), env=env, stdout=out, stderr=subprocess.STDOUT).returncode
     if code:

@@ -101,6 +101,42 @@ def train_real(args: argparse.Namespace, name: str, architecture: str, stores: l
     return result | {"architecture": architecture, "seconds": result["wall_s"], "task_dice": per_task}
 
 
+def task_sensitivity(work: Path, run_name: str, stores: list[str], patch: list[int], patches: int = 6,
+                     seed: int = 0) -> list[float]:
+    """How much a trained universal net's decoder depends on the task id, per decoder level (highest
+    resolution first): ||f(x, other task) - f(x, own task)|| / ||f(x, own task)|| of the level's
+    features, averaged over `patches` foreground patches of each task's validation cases and over
+    the other tasks of the same channel count. 0 means the level does not see the task at all."""
+    import mlflow
+    import numpy as np
+    import torch
+
+    from pipeline.common.mlflow_model import load_model
+    from pipeline.common.store import TaskStore
+    from pipeline.train.run import RECORD_FILE
+
+    record = json.loads((work / "ray" / run_name / RECORD_FILE).read_text())
+    mlflow.set_tracking_uri(record["tracking_uri"])
+    network, _ = load_model(record["model_uri"])
+    captured: dict[str, list[torch.Tensor]] = {}
+    network.decoder.register_forward_hook(lambda module, args, out: captured.update(levels=out))
+    rng, ratios = np.random.default_rng(seed), []
+    for own, uri in enumerate(stores):
+        store = TaskStore.open(uri)
+        others = [t for t, spec in enumerate(network.tasks) if t != own and spec.in_channels == network.tasks[own].in_channels]
+        cases = store.case_ids("validation") or store.case_ids("train")
+        for i in range(patches):
+            image, _, _ = store.sample_patch(rng, tuple(patch), force_foreground=True, case_id=cases[i % len(cases)])
+            x = torch.from_numpy(np.ascontiguousarray(image))[None].float()
+            with torch.no_grad():
+                network(x, own)
+                reference = captured["levels"]
+                for other in others:
+                    network(x, other)
+                    ratios.append([float((o - r).norm() / r.norm()) for o, r in zip(captured["levels"], reference)])
+    return [float(v) for v in np.mean(ratios, axis=0)]
+
+
 def table(results: list[dict[str, Any]], tasks: list[str], args: argparse.Namespace) -> str:
     short = [t.split("_", 1)[-1].removeprefix("Synth") for t in tasks]
     iterations = args.epochs * args.iterations
@@ -171,7 +207,11 @@ def main() -> None:
             for task, store in zip(tasks, stores):
                 results.append(fit(args, f"single-{task}-{stamp}", "multihead", [store], single_epochs) | {"task": task})
         else:
-            results.append(fit(args, f"{model}-{stamp}", model, stores, args.epochs) | {"task": None})
+            result = fit(args, f"{model}-{stamp}", model, stores, args.epochs) | {"task": None}
+            if args.real and model in ("uniseg", "multihead"):
+                result["task_sensitivity"] = task_sensitivity(args.work, result["name"], stores, args.patch)
+                log.info("%s: decoder task sensitivity per level %s", result["name"], result["task_sensitivity"])
+            results.append(result)
     text = table(results, tasks, args)
     print(text)
     (args.out or args.work / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
