@@ -1,15 +1,43 @@
 """How every stage's `main` ends, the same for all stages: exit status 0 done, 1 failed (logged
-with a traceback), 2 bad input (its one-line message logged)."""
+with a traceback), 2 bad input (its one-line message logged).
+
+A stage that works through a batch (predict's scans) goes on past a failed item and ends with
+its summary: as bad input (status 2) when only inputs were bad, as `BatchFailed` (status 1, each
+item's traceback already logged) when something else failed."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import uuid
 from collections.abc import Callable, Sequence
+from typing import Any
+
+import fsspec
 
 from pipeline.common.config import describe_keys
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class BatchFailed(RuntimeError):
+    """Some items of a batch failed (each logged with its traceback), the others are done; the
+    message is the one-line summary."""
+
+
+def output_folder_problem(out: str, storage_options: dict[str, Any] | None = None) -> str | None:
+    """Create the output folder `out` (local or any fsspec URL) if needed and write, then delete, a
+    probe file in it: None when that works, else the one-line problem naming `out`. Stages call it
+    before their work, so an unwritable output never costs the work (or a traceback)."""
+    try:
+        fs, path = fsspec.core.url_to_fs(str(out), **(storage_options or {}))
+        probe = f"{path.rstrip('/')}/.write-check-{uuid.uuid4().hex}"
+        fs.makedirs(path, exist_ok=True)
+        fs.pipe_file(probe, b"")
+        fs.rm_file(probe)
+    except OSError as err:
+        return f"{out}: output folder is not writable ({err.strerror or err})"
+    return None
 
 
 def stage_parser(module: str, doc: str | None, config_sections: Sequence[str] = ()) -> argparse.ArgumentParser:
@@ -33,6 +61,9 @@ def run_stage(
     except bad_input as err:
         log.error("%s", err)
         return EXIT_BAD_INPUT
+    except BatchFailed as err:
+        log.error("%s", err)
+        return EXIT_FAILED
     except Exception:
         log.exception("%s failed", activity)
         return EXIT_FAILED

@@ -62,6 +62,14 @@ def _as_tuple(value: Any) -> Any:
     return tuple(_as_tuple(v) for v in value) if isinstance(value, list | tuple) else value
 
 
+def volume_problem(shape: Sequence[int]) -> str | None:
+    """Why a NIfTI of `shape` ((x, y, z) or (x, y, z, C)) is not a 3D volume, or None when it is:
+    each spatial axis needs 2 voxels or more (ingest and predict both refuse such images)."""
+    if len(shape) < 3 or min(shape[:3]) < 2:
+        return f"2D image of shape {tuple(shape)}; 3D volumes are required"
+    return None
+
+
 def channels_first(data: np.ndarray) -> np.ndarray:
     """A NIfTI data array (x, y, z) or (x, y, z, C) as (C, x, y, z)."""
     if data.ndim == 3:

@@ -18,10 +18,11 @@ from mlflow import MlflowClient
 from torch import nn
 from tqdm.auto import tqdm
 
+from pipeline.common.cli import output_folder_problem
 from pipeline.common.inference import InferenceOptions, resolve_device
 from pipeline.common.metrics import EmptyRule
 from pipeline.common.mlflow_model import load_model
-from pipeline.common.model_card import ModelCard
+from pipeline.common.model_card import ModelCard, TaskCard
 from pipeline.common.store import StoreError, TaskStore
 from pipeline.evaluate.cases import EvaluateError, Space, evaluate_case
 from pipeline.evaluate.report import CaseRow, mlflow_metrics, overall_dice, write_report
@@ -65,6 +66,9 @@ def run(options: EvaluateOptions) -> Evaluation:
     network, card = _load(options.model, options.device, options.folds)
     stores = [_open(uri, options.storage_options) for uri in options.stores]
     plan = [(store, _task_id(card, store), _cases(store, split)) for store in stores]
+    problem = output_folder_problem(str(options.output))
+    if problem:
+        raise EvaluateError(problem)
     rows, examples = [], {}
     for store, task_id, case_ids in plan:
         task_rows, task_examples = _evaluate_store(network, card, task_id, store, case_ids, options)
@@ -113,10 +117,19 @@ def _task_id(card: ModelCard, store: TaskStore) -> int:
     names = [t.name for t in card.tasks]
     for name in (store.manifest.task_name, store.manifest.dataset):
         if name in names:
+            _check_channels(card.tasks[names.index(name)], store)
             return names.index(name)
     raise EvaluateError(
         f"{store.uri}: task {store.manifest.task_name!r} is not a task of this model ({', '.join(names)})"
     )
+
+
+def _check_channels(task: TaskCard, store: TaskStore) -> None:
+    """The store's channels must be the model task's (count and modalities), before any inference."""
+    stored, expected = store.manifest.modalities, task.modalities
+    if [m.upper() for m in stored] != [m.upper() for m in expected]:
+        raise EvaluateError(f"{store.uri}: {len(stored)} channel(s) ({', '.join(stored)}), but the model's task "
+                            f"{task.name} takes {len(expected)} ({', '.join(expected)})")
 
 
 def _cases(store: TaskStore, split: str) -> list[str]:

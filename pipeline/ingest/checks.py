@@ -12,7 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from pipeline.common.geometry import channels_first
+from pipeline.common.geometry import channels_first, volume_problem
 from pipeline.ingest.dataset import CaseSource
 
 AFFINE_TOLERANCE_MM = 1e-3
@@ -61,9 +61,8 @@ def _read(path: Path) -> tuple[np.ndarray | None, np.ndarray | None, list[str]]:
 
 
 def _spatial_problems(path: Path, shape: tuple[int, ...]) -> list[str]:
-    if len(shape) < 3 or min(shape[:3]) < 2:
-        return [f"{path}: 2D image of shape {shape}; 3D volumes are required"]
-    return []
+    problem = volume_problem(shape)
+    return [f"{path}: {problem}"] if problem else []
 
 
 def _finite_problems(path: Path, data: np.ndarray) -> list[str]:

@@ -19,6 +19,7 @@ from pipeline.common.cli import run_stage, stage_parser
 from pipeline.common.ensemble import parse_folds
 from pipeline.common.inference import add_inference_arguments, inference_options
 from pipeline.common.logs import setup_logging
+from pipeline.common.services import LOOPBACK
 from pipeline.predict.distributed import RayOptions
 from pipeline.predict.io import PredictError
 from pipeline.predict.run import PredictOptions, run
@@ -48,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> PredictOptions:
                        help="Ray workers (implies --ray; default: as many as the cluster fits)")
     batch.add_argument("--ray-address",
                        help="Ray cluster address (default: RAY_ADDRESS, the job's cluster, or a local one)")
+    batch.add_argument("--host", default=LOOPBACK,
+                       help="interface a local Ray started here listens on (default 127.0.0.1; 0.0.0.0: all)")
     batch.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per Ray worker (1)")
     batch.add_argument("--gpus-per-worker", type=float, default=0.0,
                        help="GPUs reserved per Ray worker (0; fractions share a GPU)")
@@ -65,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> PredictOptions:
         device=args.device,
         tracking_uri=args.tracking_uri,
         folds=args.folds,
-        ray=RayOptions(args.ray_address, args.num_workers, args.cpus_per_worker, args.gpus_per_worker, args.device)
+        ray=RayOptions(args.ray_address, args.num_workers, args.cpus_per_worker, args.gpus_per_worker, args.device,
+                       args.host)
         if use_ray
         else None,
     )

@@ -3,19 +3,18 @@
 The driver ships the weights (safetensors bytes) and the card (JSON) through the object store,
 so workers need neither MLflow nor the model folder; they do need the input and output folders
 (a shared file system). Each worker writes its scan's outputs atomically. Inside
-`ray job submit`, `ray.init()` joins the job's cluster; elsewhere it starts a local one.
+`ray job submit` the job's cluster is joined; elsewhere a local Ray is started, listening on
+`RayOptions.host` only (127.0.0.1 unless `--host` says otherwise; pipeline/common/services.py).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import ray
 import torch
-from ray.exceptions import RayTaskError
 from ray.util import ActorPool
 from safetensors.torch import load as load_weights
 from safetensors.torch import save as save_weights
@@ -24,8 +23,8 @@ from tqdm.auto import tqdm
 
 from pipeline.common.inference import InferenceOptions, resolve_device
 from pipeline.common.model_card import ModelCard, build_from_card, unwrap
-from pipeline.predict.io import PredictError
-from pipeline.predict.job import Job, run_job
+from pipeline.common.services import LOOPBACK, connect_ray
+from pipeline.predict.job import Job, Outcome, attempt_job
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +36,7 @@ class RayOptions:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     device: str = "auto"  # resolved on each worker
+    host: str = LOOPBACK  # interface a local Ray started here listens on
 
 
 class PredictWorker:
@@ -49,17 +49,16 @@ class PredictWorker:
         network.load_state_dict(load_weights(weights))
         self.network = network.to(resolve_device(device)).eval()
 
-    def run(self, job: Job, options: InferenceOptions) -> list[str]:
-        return [str(path) for path in run_job(self.network, self.card, job, options)]
+    def run(self, job: Job, options: InferenceOptions) -> Outcome:
+        return attempt_job(self.network, self.card, job, options)
 
 
 def run_on_ray(
     network: nn.Module, card: ModelCard, jobs: Sequence[Job], options: InferenceOptions, ray_options: RayOptions
-) -> list[Path]:
-    """Run every job on Ray actors; the first failing scan stops the batch with its error."""
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=ray_options.address, log_to_driver=True)
+) -> Iterator[Outcome]:
+    """Run every job on Ray actors and yield each outcome as it comes (a failed scan is an
+    outcome, not an error; a lost worker stops the batch)."""
+    started = connect_ray(ray_options.address, ray_options.host, log_to_driver=True)
     workers = []
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in unwrap(network).state_dict().items()}
@@ -72,11 +71,7 @@ def run_on_ray(
         workers = [actor.remote(weights, card.to_json(), ray_options.device, threads) for _ in range(count)]
         log.info("predicting %d scan(s) on %d Ray worker(s)", len(jobs), count)
         results = ActorPool(workers).map_unordered(lambda worker, job: worker.run.remote(job, options), jobs)
-        return [Path(p) for paths in tqdm(results, total=len(jobs), desc="scans", disable=None) for p in paths]
-    except RayTaskError as err:
-        if isinstance(err.cause, PredictError):
-            raise PredictError(str(err.cause)) from None
-        raise
+        yield from tqdm(results, total=len(jobs), desc="scans", disable=None)
     finally:
         for worker in workers:
             ray.kill(worker)

@@ -3,7 +3,8 @@
 A scan is one 3D NIfTI, one 4D NIfTI whose last axis holds the channels, or (nnU-Net layout)
 3D files `<case>_0000.nii.gz`, `<case>_0001.nii.gz`, ... with one channel each; in a folder,
 files `<case>_XXXX` are grouped when `<case>_0000` exists. Headers are checked before any
-inference (`find_scans`); the voxel data is read, and checked for corruption, per scan.
+inference (`find_scans`: a bad scan is set aside with its one-line problem, the others go on);
+the voxel data is read, and checked for corruption, per scan.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
-from pipeline.common.geometry import nifti_channels
+from pipeline.common.geometry import nifti_channels, volume_problem
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 AFFINE_TOLERANCE_MM = 1e-3
@@ -55,35 +56,46 @@ def nifti_stem(path: Path) -> str | None:
     return None
 
 
-def find_scans(source: Path) -> list[Scan]:
-    """The header-checked scans of a NIfTI file or of the NIfTI files in a folder."""
+def find_scans(source: Path) -> tuple[list[Scan], list[str]]:
+    """The header-checked scans of a NIfTI file or of the NIfTI files in a folder, and one line
+    per scan that cannot be predicted (naming its file and the problem)."""
     if source.is_file():
         if nifti_stem(source) is None:
             raise PredictError(f"{source}: not a NIfTI file (expected .nii or .nii.gz)")
-        return [inspect_scan(nifti_stem(source), (source,))]
-    if not source.is_dir():
+        groups = [(nifti_stem(source), (source,))]
+    elif source.is_dir():
+        groups = group_case_files(p for p in sorted(source.iterdir()) if p.is_file() and not p.name.startswith("."))
+        if not groups:
+            raise PredictError(f"{source}: no NIfTI files (.nii, .nii.gz) in this folder")
+    else:
         raise PredictError(f"{source}: no such file or folder")
-    groups = group_case_files(p for p in sorted(source.iterdir()) if p.is_file() and not p.name.startswith("."))
-    if not groups:
-        raise PredictError(f"{source}: no NIfTI files (.nii, .nii.gz) in this folder")
-    return [inspect_scan(case_id, files) for case_id, files in groups.items()]
+    scans, problems = [], []
+    for case_id, files in groups:
+        try:
+            scans.append(inspect_scan(case_id, files))
+        except PredictError as err:
+            problems.append(str(err))
+    return scans, problems
 
 
-def group_case_files(paths: Iterable[Path]) -> dict[str, tuple[Path, ...]]:
-    """Case id -> its files: `<case>_XXXX` channel files grouped when `<case>_0000` exists."""
-    stems = {nifti_stem(p): p for p in paths if nifti_stem(p) is not None}
-    groups: dict[str, list[Path]] = {}
-    for stem, path in sorted(stems.items()):
+def group_case_files(paths: Iterable[Path]) -> list[tuple[str, tuple[Path, ...]]]:
+    """(case id, its files) sorted by case id: `<case>_XXXX` channel files grouped when
+    `<case>_0000` exists, any other NIfTI alone. Two files of one name (`a.nii`, `a.nii.gz`) stay
+    two entries, so that neither is dropped unseen."""
+    named = sorted((stem, p) for p in paths if (stem := nifti_stem(p)) is not None)
+    stems = {stem for stem, _ in named}
+    channels: dict[str, list[Path]] = {}
+    groups = []
+    for stem, path in named:
         match = _CHANNEL_FILE.match(stem)
-        case_id = match["case"] if match and f"{match['case']}_0000" in stems else stem
-        groups.setdefault(case_id, []).append(path)
-    for case_id, files in groups.items():
-        if len(files) > 1:
-            _check_channel_numbering(case_id, files)
-    return {case_id: tuple(files) for case_id, files in groups.items()}
+        if match and f"{match['case']}_0000" in stems:
+            channels.setdefault(match["case"], []).append(path)
+        else:
+            groups.append((stem, (path,)))
+    return sorted(groups + [(case_id, tuple(files)) for case_id, files in channels.items()])
 
 
-def _check_channel_numbering(case_id: str, files: list[Path]) -> None:
+def _check_channel_numbering(case_id: str, files: tuple[Path, ...]) -> None:
     matches = [_CHANNEL_FILE.match(nifti_stem(f)) for f in files]
     numbers = [int(m["channel"]) if m and m["case"] == case_id else -1 for m in matches]
     if numbers != list(range(len(files))):
@@ -92,14 +104,18 @@ def _check_channel_numbering(case_id: str, files: list[Path]) -> None:
 
 
 def inspect_scan(case_id: str, files: tuple[Path, ...]) -> Scan:
-    """Check headers (NIfTI, 3D or 4D, channel files on one grid) without reading the voxels."""
+    """Check headers (NIfTI, 3D or 4D, a volume, channel files on one grid) without reading the voxels."""
+    if len(files) > 1:
+        _check_channel_numbering(case_id, files)
     images = [_load_header(f) for f in files]
     shapes = [tuple(image.shape) for image in images]
+    problem = volume_problem(shapes[0])
+    if problem:
+        raise PredictError(f"{files[0]}: {problem}")
+    if len(shapes[0]) > 4:
+        raise PredictError(f"{files[0]}: expected a 3D image or a 4D image (channels last), got shape {shapes[0]}")
     if len(files) == 1:
-        if len(shapes[0]) not in (3, 4):
-            raise PredictError(f"{files[0]}: expected a 3D image or a 4D image (channels last), got shape {shapes[0]}")
-        channels = shapes[0][3] if len(shapes[0]) == 4 else 1
-        return Scan(case_id, files, channels)
+        return Scan(case_id, files, shapes[0][3] if len(shapes[0]) == 4 else 1)
     for path, image, shape in zip(files, images, shapes):
         if shape != shapes[0] or len(shape) != 3:
             raise PredictError(f"{path}: shape {shape} != {files[0].name} {shapes[0]} (channels: 3D files on one grid)")
@@ -141,9 +157,13 @@ def probability_image(probabilities: np.ndarray, affine: np.ndarray, header: nib
 
 
 def _like_input(data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header, dtype: type) -> nib.Nifti1Image:
+    """The input's qform and sform as they are (a qform cannot hold shear, so it is never derived
+    from a sheared affine); a form the input leaves unset (code 0) becomes `affine`, code 1."""
     image = nib.Nifti1Image(np.ascontiguousarray(data), affine)
-    image.set_qform(affine, code=int(header["qform_code"]) or 1)
-    image.set_sform(affine, code=int(header["sform_code"]) or 1)
+    qform, qform_code = header.get_qform(coded=True)
+    sform, sform_code = header.get_sform(coded=True)
+    image.set_qform(qform if qform_code else affine, code=int(qform_code) or 1)
+    image.set_sform(sform if sform_code else affine, code=int(sform_code) or 1)
     image.header.set_xyzt_units(*header.get_xyzt_units())
     image.set_data_dtype(dtype)
     return image

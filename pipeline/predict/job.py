@@ -4,10 +4,15 @@ Outputs of case `<case>` in the output folder:
     <case>.nii.gz                        label map on the input's grid and affine
     <case>.json                          model, tasks and label id -> name of that map
     <case>_<task>_probabilities.nii.gz   with --save-probabilities: (x, y, z, class) float32
+
+Each scan succeeds or fails alone: `attempt_job` turns a scan's failure into an `Outcome` with its
+one-line problem, so one corrupt scan never stops the batch (a scan's outputs appear together,
+or not at all).
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +23,9 @@ from torch import nn
 from pipeline.common.inference import InferenceOptions, predict_scan
 from pipeline.common.model_card import ModelCard
 from pipeline.predict.io import PredictError, Scan, label_image, probability_image, read_scan, write_outputs
-from pipeline.predict.tasks import label_table, merge_predictions, select_tasks
+from pipeline.predict.tasks import ALL_TASKS, label_table, merge_predictions, select_tasks, task_index
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,16 @@ class Job:
         return [self.label_path, self.sidecar_path, *self.probability_paths.values()]
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one scan: the files written, or the one-line problem."""
+
+    scan: str
+    written: tuple[Path, ...] = ()
+    problem: str | None = None
+    bad_input: bool = False  # the problem is the scan's (exit status 2), not a failure of ours (1)
+
+
 def plan_jobs(
     card: ModelCard,
     scans: Sequence[Scan],
@@ -45,18 +62,30 @@ def plan_jobs(
     modalities: Sequence[str] = (),
     save_probabilities: bool = False,
     overwrite: bool = False,
-) -> list[Job]:
-    """A job per scan; raises PredictError before any work if a scan cannot run or an output
-    exists (without `overwrite`)."""
-    duplicates = sorted(case for case, n in Counter(s.case_id for s in scans).items() if n > 1)
-    if duplicates:
-        raise PredictError(f"{scans[0].files[0].parent}: several inputs for case(s) {', '.join(duplicates)}")
-    jobs = [_plan_job(card, scan, task, output, model, modalities, save_probabilities) for scan in scans]
+) -> tuple[list[Job], list[str]]:
+    """A job per scan that can run, and one line per scan that cannot (no task takes it, or
+    several inputs share its case id). Raises PredictError, before any work, for what stops the
+    whole batch: an unknown task, `all` without modalities, an existing output (without
+    `overwrite`)."""
+    if task == ALL_TASKS and not modalities:
+        raise PredictError("--task all picks the tasks by modality: give the scans' channel modalities with "
+                           "--modality (e.g. --modality CT or --modality T2,ADC)")
+    if task != ALL_TASKS:
+        task_index(card, task)
+    counts = Counter(s.case_id for s in scans)
+    jobs, problems = [], []
+    for scan in scans:
+        try:
+            if counts[scan.case_id] > 1:
+                raise PredictError(f"{scan.name}: another input has the same case id {scan.case_id!r} (one output each)")
+            jobs.append(_plan_job(card, scan, task, output, model, modalities, save_probabilities))
+        except PredictError as err:
+            problems.append(str(err))
     existing = [path for job in jobs for path in job.paths if path.exists()]
     if existing and not overwrite:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
         raise PredictError(f"{existing[0]}: output already exists{more}; pass --overwrite to replace")
-    return jobs
+    return jobs, problems
 
 
 def _plan_job(
@@ -81,6 +110,19 @@ def _plan_job(
         probability_paths=probability_paths,
         model=model,
     )
+
+
+def attempt_job(network: nn.Module, card: ModelCard, job: Job, options: InferenceOptions) -> Outcome:
+    """Run one job; its failure becomes the Outcome's problem (logged with its traceback when
+    it is not the scan's fault) instead of stopping the batch."""
+    try:
+        return Outcome(job.scan.name, tuple(run_job(network, card, job, options)))
+    except PredictError as err:
+        return Outcome(job.scan.name, problem=str(err), bad_input=True)
+    except Exception as err:  # noqa: BLE001 - any failure of one scan must leave the others running
+        log.exception("%s: prediction failed", job.scan.name)
+        detail = " ".join(str(err).split())[:300] or type(err).__name__
+        return Outcome(job.scan.name, problem=f"{job.scan.name}: prediction failed ({type(err).__name__}: {detail})")
 
 
 def run_job(network: nn.Module, card: ModelCard, job: Job, options: InferenceOptions) -> list[Path]:

@@ -1,10 +1,11 @@
 """Which of the model's tasks run on a scan, and how several tasks' label maps merge into one.
 
-`--task all` runs every task whose channel count (and, with `--modality`, whose modalities,
-compared case-insensitively) match the scan. Merged maps number the classes task after task in
-the card's order (task 1's classes 1..n1-1, task 2's from n1 on, ...); where several tasks
-predict foreground, the voxel goes to the task most confident that it is foreground
-(largest 1 - P(background)).
+`--task all` runs every task whose modalities, as `--modality` names the scan's channels
+(compared case-insensitively), match the scan's: channel count alone would run, say, an MR
+prostate task on a 2-channel CT+PET scan, so `all` needs `--modality`. Merged maps number the
+classes task after task in the card's order (task 1's classes 1..n1-1, task 2's from n1 on,
+...); where several tasks predict foreground, the voxel goes to the task most confident that it
+is foreground (largest 1 - P(background)).
 """
 
 from __future__ import annotations
