@@ -2,11 +2,14 @@
 
 Examples:
     python -m pipeline.predict --model models:/uniseg@champion --task Task01_SynthLiver -i scan.nii.gz -o out/
-    python -m pipeline.predict --model runs:/<run_id>/model --task all -i scans/ -o out/ --tta off
+    python -m pipeline.predict --model runs:/<run_id>/model --task all --modality CT -i scans/ -o out/ --tta off
     ray job submit --address http://HEAD:8265 -- python -m pipeline.predict --model ... -i /shared/scans \\
-        -o /shared/out --task all --ray --num-workers 8
+        -o /shared/out --task all --modality CT --ray --num-workers 8
 
-Exit status 1 when prediction failed, 2 for bad input (model, scans, options).
+Each scan fails alone: a bad scan is logged (one line naming its file), the others are written,
+and a summary ends the run. Exit status: 0 every scan written; 2 bad input (scans that could not
+be read or run, with the others written; or a bad model, option or output folder, found before
+any inference); 1 a scan failed for another reason (traceback logged), the others written.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> PredictOptions:
     parser.add_argument("-i", "--input", required=True, type=Path, help="a NIfTI file or a folder of NIfTI files")
     parser.add_argument("-o", "--output", required=True, type=Path, help="output folder (created)")
     parser.add_argument("--modality", default="",
-                        help="the input's channel modalities, comma-separated (e.g. CT or T2,ADC), checked")
+                        help="the input's channel modalities, comma-separated (e.g. CT or T2,ADC): checked "
+                             "against --task, and how --task all picks its tasks (required there)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("--save-probabilities", action="store_true", help="also write softmax probabilities per task")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
