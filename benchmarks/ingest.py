@@ -225,7 +225,8 @@ def print_table(dataset: Path, cases: int, raw: float, runs: list[Run], reads: d
                   f"x{ours.peak_mib / peer.peak_mib:.2f}, CPU time x{ours.cpu_seconds / peer.cpu_seconds:.2f}")
     print(f"\npatch reads/s (median of {len(reads[HAND].runs)} runs; CPU ms per read):")
     for tool, r in reads.items():
-        print(f"  {tool:<24}{r.per_second:>6.0f}/s {r.cpu_ms:>6.2f} ms   runs: " + ", ".join(f"{v:.0f}" for v in r.runs))
+        runs_text = ", ".join(f"{v:.0f}" for v in r.runs)
+        print(f"  {tool:<24}{r.per_second:>6.0f}/s {r.cpu_ms:>6.2f} ms   runs: {runs_text}")
     hand, peers = reads[HAND], [t for t in reads if t != HAND]
     for tool in peers:
         print(f"ours (hand shard reader) / {tool}: reads/s x{hand.per_second / reads[tool].per_second:.2f}, "

@@ -188,8 +188,9 @@ def _fingerprints(
     known = {}
     for case in spec.cases:
         attrs = stored[case.case_id]
-        trusted = cfg.change_detection == "stat" and attrs is not None and attrs.get("source_stat") == stats[case.case_id]
-        if attrs is not None and (case.problems or trusted):
+        if attrs is None:
+            continue
+        if case.problems or (cfg.change_detection == "stat" and attrs.get("source_stat") == stats[case.case_id]):
             known[case.case_id] = attrs["source_fingerprint"]
     hashed = [c for c in spec.cases if c.case_id not in known]
     hashes = compute([_task(content_fingerprint, c, key=f"hash-{spec.name}-{c.case_id}") for c in hashed])
