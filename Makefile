@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv test demo clean
+.PHONY: venv test demo cluster-demo clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -20,6 +20,10 @@ test: venv
 
 demo: venv
 	bash scripts/demo.sh
+
+# 3 Ray nodes, S3 (moto) and an MLflow server on 127.0.0.1; an elastic run loses a node (docs/cluster.md)
+cluster-demo: venv
+	$(PY) -m cluster.simulate
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
