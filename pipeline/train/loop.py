@@ -90,7 +90,7 @@ def build_parts(cfg: ExperimentConfig, rank: int, device: torch.device) -> Parts
     """Stores, network, optimizer, AMP scaler and this rank's task sampler."""
     torch.manual_seed(cfg.train.seed + rank)
     amp = cfg.train.amp and device.type == "cuda"
-    stores = open_stores(cfg.data.stores, fold=cfg.data.fold)
+    stores = open_stores(cfg.data.stores, fold=cfg.data.fold, allow_incomplete=cfg.data.allow_incomplete_stores)
     manifests = [s.manifest for s in stores]
     if cfg.finetune.pretrained:
         spec, network = finetune.transferred_network(cfg, manifests)

@@ -205,7 +205,7 @@ def checkpoint_uri(path: str, storage: str) -> str:
 def check_stores(cfg: ExperimentConfig) -> None:
     """Open every store on the driver first, so a bad store fails here and not on each worker."""
     try:
-        stores = open_stores(cfg.data.stores, fold=cfg.data.fold)
+        stores = open_stores(cfg.data.stores, fold=cfg.data.fold, allow_incomplete=cfg.data.allow_incomplete_stores)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(f"data.stores: {err}") from None
     log.info("tasks: %s", ", ".join(f"{s.manifest.task_name} ({len(s.case_ids('train'))} train, "
