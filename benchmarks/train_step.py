@@ -2,7 +2,10 @@
 
 Run by hand: `python benchmarks/train_step.py [--stores S.zarr ...] [--patch 32 64 64] [--steps 30]`.
 Without `--stores`, the four default synthetic tasks are generated and ingested into a temporary
-folder first. Printed (and written as JSON with `--out`):
+folder first. On a GPU: `python benchmarks/train_step.py --gpu --model-only --preset uniseg-paper`
+times the model step alone (AMP, a random batch of the 11 reference tasks, no stores, no Ray) and
+sets the epoch time (550 iterations) and peak GPU memory beside the reference's 210 s and 10 GB.
+Printed (and written as JSON with `--out`):
 
 - loader only: batches/s of the training BatchStream (store reads + nnU-Net augmentation) with
   0 and `--loader-workers` background workers, in this process;
@@ -31,11 +34,17 @@ from typing import Any
 
 import torch
 
-from pipeline.common.config import ExperimentConfig, config_from_dict, to_dict
+from model.presets import REFERENCE_TASKS, build_network, preset_spec
+from pipeline.common.config import ExperimentConfig, TrainConfig, config_from_dict, to_dict
 from pipeline.common.logs import setup_logging
-from pipeline.train.loop import Parts, batch_loader, build_parts, train_step
+from pipeline.train.data import Batch, collate
+from pipeline.train.optim import build_optimizer
+from pipeline.train.step import train_step
 
 log = logging.getLogger("benchmarks.train_step")
+
+# UNISEG.md: the reference trains 550 iterations per epoch in about 210 s and 10 GB on one GPU.
+REFERENCE_EPOCH = {"iterations": 550, "seconds": 210.0, "gpu_gib": 10.0}
 
 
 def synthetic_stores(folder: Path) -> list[str]:
@@ -70,6 +79,8 @@ def peak_rss_mib() -> tuple[float, float]:
 
 def loader_only(cfg: ExperimentConfig, workers: int, batches: int) -> float:
     """Batches/s of the training loader with `workers` background processes."""
+    from pipeline.train.loop import batch_loader, build_parts  # Ray; --model-only runs without it
+
     cfg = config_from_dict(to_dict(cfg) | {"train": to_dict(cfg)["train"] | {"loader_workers": workers,
                                                                              "iterations_per_epoch": batches + 2}})
     parts = build_parts(cfg, 0, torch.device("cpu"))
@@ -83,18 +94,74 @@ def loader_only(cfg: ExperimentConfig, workers: int, batches: int) -> float:
 
 def model_only(cfg: ExperimentConfig, steps: int, device: torch.device) -> float:
     """Training steps/s on one cached batch (no data loading)."""
+    from pipeline.train.loop import batch_loader, build_parts  # Ray; --model-only runs without it
+
     parts = build_parts(cfg, 0, device)
     batch = next(iter(batch_loader(parts)))
-    step = lambda: train_step(parts.network, batch, parts.optimizer, parts.scaler, device, parts.amp,  # noqa: E731
-                              "dice_ce", 12.0)
+    return timed_steps(parts.network, batch, parts.optimizer, parts.scaler, device, parts.amp, steps)
+
+
+def timed_steps(network: torch.nn.Module, batch: Batch, optimizer: torch.optim.Optimizer,
+                scaler: torch.amp.GradScaler, device: torch.device, amp: bool, steps: int) -> float:
+    """Steps/s of `steps` training steps on one cached batch, after two warm-up steps."""
     for _ in range(2):
-        step()
+        train_step(network, batch, optimizer, scaler, device, amp, "dice_ce", 12.0)
     _sync(device)
     started = time.perf_counter()
     for _ in range(steps):
-        step()
+        train_step(network, batch, optimizer, scaler, device, amp, "dice_ce", 12.0)
     _sync(device)
     return steps / (time.perf_counter() - started)
+
+
+def reference_batch(patch: tuple[int, ...], batch_size: int, task: int = 0) -> Batch:
+    """A random batch of one reference task (the reference draws each batch from one task), its
+    label a foreground box per class over the middle of the patch."""
+    spec = REFERENCE_TASKS[task]
+    generator = torch.Generator().manual_seed(task)
+    labels = []
+    for _ in range(batch_size):
+        label = torch.zeros(patch, dtype=torch.uint8)
+        for c in range(1, spec.num_classes):
+            label[tuple(slice(p * c // 4, p * (c + 2) // 4) for p in patch)] = c
+        labels.append(label.numpy())
+    images = [torch.randn((spec.in_channels, *patch), generator=generator).numpy() + lab for lab in labels]
+    return collate(images, labels, [task] * batch_size, [t.num_classes for t in REFERENCE_TASKS])
+
+
+def model_only_synthetic(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The model step alone on a random reference-task batch: samples/s and peak GPU memory."""
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    spec = preset_spec(args.preset, patch_size=args.patch, architecture=args.architecture)
+    network = build_network(spec, REFERENCE_TASKS).to(device)
+    optimizer = build_optimizer(network.parameters(), TrainConfig())
+    amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    steps_per_s = timed_steps(network, reference_batch(spec.patch_size, args.batch_size), optimizer, scaler,
+                              device, amp, args.steps)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return {"preset": args.preset, "architecture": args.architecture, "patch": "x".join(map(str, spec.patch_size)),
+            "batch_size": args.batch_size, "amp": amp, "steps_per_s": steps_per_s,
+            "samples_per_s": steps_per_s * args.batch_size, "peak_gpu_gib": peak,
+            "epoch_seconds": REFERENCE_EPOCH["iterations"] / steps_per_s,
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
+
+
+def model_only_report(r: dict[str, Any]) -> str:
+    ref = REFERENCE_EPOCH
+    return "\n".join([
+        f"{r['preset']} {r['architecture']}, patch {r['patch']}, batch {r['batch_size']}, AMP {r['amp']}, "
+        f"{r['device']}, torch {r['torch']} (model step alone, random batch, no loader)",
+        "",
+        "                     ours   reference   ours/reference",
+        f"samples/s       {r['samples_per_s']:>9.2f}",
+        f"epoch of {ref['iterations']} it  {r['epoch_seconds']:>8.1f}s  {ref['seconds']:>9.0f}s   "
+        f"{r['epoch_seconds'] / ref['seconds']:>5.2f}",
+        f"peak GPU memory {r['peak_gpu_gib']:>8.2f}G  {ref['gpu_gib']:>9.0f}G   "
+        f"{r['peak_gpu_gib'] / ref['gpu_gib']:>5.2f}",
+    ])
 
 
 def bench_worker(config: dict[str, Any]) -> None:
@@ -102,6 +169,8 @@ def bench_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
+
+    from pipeline.train.loop import Parts, batch_loader, build_parts
 
     cfg = config_from_dict(config["experiment"])
     warmup, steps = config["warmup"], config["steps"]
@@ -183,11 +252,22 @@ def main() -> None:
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL")
+    p.add_argument("--model-only", action="store_true",
+                   help="time the model step alone on a random batch (no stores, no Ray); with --gpu, "
+                        "beside the reference's epoch time and memory")
     p.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = p.parse_args()
     setup_logging()
+    if args.model_only:
+        results = model_only_synthetic(args, torch.device("cuda" if args.gpu else "cpu"))
+        print(model_only_report(results))
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=2))
+        return
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     import ray
+
+    from pipeline.train.loop import build_parts
 
     with tempfile.TemporaryDirectory(prefix="train-step-") as tmp:
         stores = args.stores or synthetic_stores(Path(tmp))

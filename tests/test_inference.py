@@ -25,7 +25,7 @@ class PointwiseNet(nn.Module):
         self.anchor = nn.Parameter(torch.zeros(()))
 
     def forward(self, x: torch.Tensor, task_ids) -> list[torch.Tensor]:
-        return [x + torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1, 1) + self.anchor]
+        return [x + x.new_tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1, 1) + self.anchor]
 
 
 @pytest.mark.parametrize("overlap", [0.0, 0.5, 0.75])

@@ -17,8 +17,8 @@ from pipeline.common.store import StoreManifest
 from pipeline.train.build import model_card, network_spec
 from pipeline.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from pipeline.train.data import collate
-from pipeline.train.loop import train_step
 from pipeline.train.optim import build_optimizer, set_learning_rate
+from pipeline.train.step import train_step
 
 TASKS = [TaskSpec("ct", 3, 1), TaskSpec("mr", 2, 2), TaskSpec("brain", 4, 4)]
 PATCH = (16, 32, 32)

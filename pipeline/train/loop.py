@@ -37,9 +37,9 @@ from pipeline.train import finetune
 from pipeline.train.build import model_card, network_spec, open_stores, task_specs
 from pipeline.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from pipeline.train.data import Batch, BatchStream, make_loader, open_store
-from pipeline.train.loss import deep_supervision_loss
 from pipeline.train.optim import build_optimizer, set_learning_rate
 from pipeline.train.sampling import TaskSampler, build_sampler
+from pipeline.train.step import train_step
 from pipeline.train.tracking import EpochLogger
 from pipeline.train.validation import ValidationTask, format_summary, validate
 
@@ -89,6 +89,7 @@ class Parts:
 def build_parts(cfg: ExperimentConfig, rank: int, device: torch.device) -> Parts:
     """Stores, network, optimizer, AMP scaler and this rank's task sampler."""
     torch.manual_seed(cfg.train.seed + rank)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed patch shapes: let cuDNN pick (nnU-Net does)
     amp = cfg.train.amp and device.type == "cuda"
     stores = open_stores(cfg.data.stores, fold=cfg.data.fold, allow_incomplete=cfg.data.allow_incomplete_stores)
     manifests = [s.manifest for s in stores]
@@ -216,24 +217,6 @@ def resume(checkpoint: ray.train.Checkpoint | None, parts: Parts) -> TrainState:
     state.restore_rng()
     log.info("resumed from checkpoint %s at epoch %d", checkpoint.path, state.epoch)
     return state
-
-
-def train_step(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               device: torch.device, amp: bool, loss_name: str, grad_clip: float) -> torch.Tensor:
-    """One optimizer step on one batch; returns the detached loss."""
-    image = batch["image"].to(device, non_blocking=True)
-    label = batch["label"].to(device, non_blocking=True)
-    num_classes = batch["num_classes"].to(device, non_blocking=True)
-    optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(device.type, enabled=amp):
-        outputs = model(image, batch["task"])
-    loss = deep_supervision_loss(outputs, label, num_classes, batch["task"].to(device), loss_name)
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    return loss.detach()
 
 
 def train_epoch(model: nn.Module, batches: Iterator[Batch], parts: Parts, epoch: int, context: RunContext,

@@ -1,0 +1,138 @@
+"""The CUDA path: training steps with AMP, the sliding window on the GPU, and a DDP step over
+NCCL between two GPUs. Marked `gpu` and skipped without CUDA: run `pytest -m gpu` on a GPU
+machine (README, "GPU")."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_inference import PointwiseNet
+
+from model.presets import build_network, preset_spec
+from model.tasks import TaskSpec
+from pipeline.common.config import TrainConfig
+from pipeline.common.inference import InferenceOptions, predict_probabilities
+from pipeline.train.data import collate
+from pipeline.train.optim import build_optimizer
+from pipeline.train.step import train_step
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+TASKS = [TaskSpec("ct", 3, 1), TaskSpec("mr", 2, 2), TaskSpec("brain", 4, 4)]
+PATCH = (16, 32, 32)
+CUDA = torch.device("cuda")
+
+
+def _tiny_network(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_network(preset_spec("tiny", patch_size=PATCH), TASKS)
+
+
+def _mixed_batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    """One sample per task (1, 2 and 4 channels), each label a box per foreground class."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for task in TASKS:
+        label = np.zeros(PATCH, np.uint8)
+        for c in range(1, task.num_classes):
+            label[2 * c : 2 * c + 6, 4:20, 4 * c : 4 * c + 8] = c
+        images.append(rng.normal(size=(task.in_channels, *PATCH)).astype(np.float32) + label)
+        labels.append(label)
+    return collate(images, labels, [0, 1, 2], [t.num_classes for t in TASKS])
+
+
+def test_training_steps_with_amp_on_cuda() -> None:
+    """Two AMP steps: the convolutions run in float16, the loss is finite, every trainable weight
+    moves, the scaler keeps a finite scale; the first loss matches float32's on the same weights."""
+    network = _tiny_network().to(CUDA)
+    reference = _tiny_network().to(CUDA)
+    batch = {k: v.pin_memory() for k, v in _mixed_batch().items()}
+    dtypes: list[torch.dtype] = []
+    first_conv = next(m for m in network.modules() if isinstance(m, torch.nn.Conv3d))
+    first_conv.register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
+    before = {n: p.detach().clone() for n, p in network.named_parameters()}
+    optimizer = build_optimizer(network.parameters(), TrainConfig())
+    scaler = torch.amp.GradScaler("cuda", enabled=True)
+
+    losses = [train_step(network, batch, optimizer, scaler, CUDA, True, "dice_ce", 12.0) for _ in range(2)]
+    fp32_loss = train_step(reference, batch, build_optimizer(reference.parameters(), TrainConfig()),
+                           torch.amp.GradScaler("cuda", enabled=False), CUDA, False, "dice_ce", 12.0)
+
+    assert dtypes and set(dtypes) == {torch.float16}
+    assert all(loss.device.type == CUDA.type and torch.isfinite(loss) for loss in losses)
+    assert losses[0].item() == pytest.approx(fp32_loss.item(), rel=2e-2)
+    assert 0 < scaler.get_scale() < float("inf")
+    unchanged = [n for n, p in network.named_parameters()
+                 if p.requires_grad and p.grad is not None and torch.equal(p.detach(), before[n])]
+    assert not unchanged, f"weights that did not move: {unchanged[:5]}"
+
+
+@pytest.mark.parametrize("mirror_axes", [(), (0, 1, 2)])
+def test_sliding_window_on_cuda_known_answer(mirror_axes: tuple[int, ...]) -> None:
+    """The pointwise network's known answer, with the windows on the GPU and the stitched
+    probabilities on the CPU (the default) or on the GPU."""
+    image = torch.randn(3, 21, 37, 30, generator=torch.Generator().manual_seed(0))
+    expected = torch.softmax(image + torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1, 1), dim=0)
+    options = InferenceOptions(mirror_axes=mirror_axes, amp=False)
+    for output_device in ("cpu", "cuda"):
+        probabilities = predict_probabilities(PointwiseNet().to(CUDA), image, 0, 3, (8, 16, 16), options,
+                                              output_device=output_device)
+        assert probabilities.device.type == output_device
+        torch.testing.assert_close(probabilities.cpu(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_window_of_a_network_on_cuda_matches_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tiny UniSeg over a volume larger than its patch: GPU (float32 and AMP) agree with the CPU.
+    TF32 convolutions (cuDNN's default on Ampere and later) differ from float32 by ~1e-3, so
+    the float32 comparison turns them off."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    network = _tiny_network().eval()
+    image = torch.randn(4, 24, 50, 41, generator=torch.Generator().manual_seed(1))
+    on_cpu = predict_probabilities(network, image, 2, 4, PATCH, InferenceOptions(amp=False))
+    on_gpu = predict_probabilities(network.to(CUDA), image, 2, 4, PATCH, InferenceOptions(amp=False))
+    with_amp = predict_probabilities(network, image, 2, 4, PATCH, InferenceOptions(amp=True))
+    torch.testing.assert_close(on_gpu, on_cpu, atol=1e-4, rtol=1e-4)
+    assert (with_amp - on_cpu).abs().max() < 2e-2
+    assert (with_amp.argmax(0) == on_cpu.argmax(0)).float().mean() > 0.99
+
+
+def _ddp_step_worker(config: dict) -> None:
+    """Ray Train worker: one AMP DDP step on its own GPU, each rank with its own batch; rank 0
+    reports every rank's loss, device and checksum of the weights after the step."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+    network = ray.train.torch.prepare_model(_tiny_network(), parallel_strategy_kwargs={"find_unused_parameters": True})
+    optimizer = build_optimizer(network.parameters(), TrainConfig())
+    scaler = torch.amp.GradScaler("cuda", enabled=True)
+    loss = train_step(network, _mixed_batch(seed=rank), optimizer, scaler, device, True, "dice_ce", 12.0)
+    mine = (dist.get_backend(), str(device), loss.item(), sum(p.detach().double().sum().item() for p in network.parameters()))
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    ray.train.report({"ranks": everyone})
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_two_worker_nccl_step(tmp_path) -> None:
+    """Two Ray Train workers, one GPU each, NCCL: different batches, different losses, and after
+    the step both hold the same weights (DDP averaged the gradients)."""
+    ray = pytest.importorskip("ray")
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    ray.init(num_gpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    try:
+        trainer = TorchTrainer(_ddp_step_worker, torch_config=TorchConfig(backend="nccl"),
+                               scaling_config=ScalingConfig(num_workers=2, use_gpu=True),
+                               run_config=RunConfig(storage_path=str(tmp_path)))
+        ranks = trainer.fit().metrics["ranks"]
+    finally:
+        ray.shutdown()
+    backends, devices, losses, checksums = zip(*ranks)
+    assert set(backends) == {"nccl"} and len(set(devices)) == 2
+    assert losses[0] != losses[1] and np.isfinite(losses).all()
+    assert checksums[0] == pytest.approx(checksums[1], rel=1e-12)
