@@ -290,3 +290,15 @@ def test_incomplete_store_warns_or_is_refused(store_uri: str, tmp_path: Path, ca
     caplog.clear()
     TaskStore.open(store_uri, allow_incomplete=False)
     assert "did not finish" not in caplog.text
+
+
+def test_a_missing_shard_is_an_error_unless_the_array_was_written_empty(store_uri: str, tmp_path: Path) -> None:
+    """zarr-python reads a deleted shard as fill values; the store records which arrays are empty."""
+    uri = _copy(store_uri, tmp_path, "missing.zarr")
+    Path(uri, "cases/c1/image/c/0/0/0/0").unlink()
+    assert zarr.open_group(uri, mode="r")["cases/c1/image"][...].max() == 0  # silently zeros
+    with pytest.raises(StoreError, match="missing.zarr: case 'c1', array 'image': shard cases/c1/image/c/0/0/0/0 "
+                                         "is missing"):
+        TaskStore.open(uri).read_patch("c1", (0, 0, 0), (2, 2, 2))
+    assert len(TaskStore.open(uri).verify()) == 1
+    assert zarr.open_group(store_uri, mode="r")["cases/c0"].attrs["empty_arrays"] == []

@@ -13,14 +13,16 @@ One store per dataset, a Zarr v3 group at `<ROOT>/<dataset>.zarr`, local or any 
                               for test cases
     cases/<case_id> attrs     "meta" (geometry.CaseMeta.to_dict()), "spacing" (z, y, x),
                               "source", "source_fingerprint" (content hash), "source_stat"
-                              (names, sizes, mtimes), "recipe", "warnings", and "complete":
-                              true, written last; a case without it is not a case.
+                              (names, sizes, mtimes), "recipe", "warnings", "empty_arrays"
+                              (arrays all zero, so without a shard), and "complete": true,
+                              written last; a case without it is not a case.
 
 Image and label are each one shard (`sharding_indexed`, index at the start) holding the whole
 volume in chunks of the ingest's chunk size (full channel depth for the image), Blosc inside
 (LZ4 for images, LZ4HC for labels), then a CRC32C per chunk (the `crc32c` codec): a patch read
 decodes only the chunks it touches, from one object per array, and checks each one's checksum.
-Chunks equal to the fill value are not written (nor is an all-zero shard).
+Chunks equal to the fill value are not written (nor is an all-zero shard: the case's
+"empty_arrays" lists such arrays, so that a shard missing from any other is an error).
 
 A store without a manifest is an unfinished ingest and does not open. The root attrs and the
 manifest both carry the format version; every reader checks both. Older stores (1: plain 64^3
@@ -62,6 +64,7 @@ LABEL = "label"
 CLASS_LOCATIONS = "class_locations"
 MANIFEST = "manifest"
 COMPLETE = "complete"
+EMPTY_ARRAYS = "empty_arrays"
 SPLITS = ("train", "validation", "test", "all")
 _ABSENT = 2**64 - 1  # shard index entry of a chunk that was never written
 log = logging.getLogger(__name__)
@@ -213,11 +216,11 @@ class _ShardReader:
     layout): reads, checks (CRC32C) and decodes just the chunks a window touches, without
     zarr-python's per-chunk machinery. `where` names the store, case and array in errors."""
 
-    def __init__(self, array: zarr.Array, data: _Bytes, where: str):
+    def __init__(self, array: zarr.Array, data: _Bytes, where: str, empty: bool):
         self.shape, self.dtype, self.fill_value = array.shape, array.dtype, array.fill_value
         self.chunks: tuple[int, ...] = array.metadata.codecs[0].chunk_shape
         self.key = f"{array.path}/{array.metadata.encode_chunk_key((0,) * array.ndim)}"
-        self.where = where
+        self.where, self._empty = where, empty
         self._data = data
         self._grid = tuple(-(-s // c) for s, c in zip(array.metadata.chunk_grid.chunk_shape, self.chunks))
         self._strides = [int(np.prod(self._grid[d + 1:])) for d in range(len(self._grid))]
@@ -227,8 +230,10 @@ class _ShardReader:
         size = 16 * int(np.prod(self._grid))
         try:
             raw = self._data.ranges(self.key, [(0, size + 4)])[0]
-        except FileNotFoundError:  # every chunk equals the fill value (an all-background label): none written
-            return np.full((size // 16, 2), _ABSENT, dtype=np.uint64)
+        except FileNotFoundError:
+            if not self._empty:
+                raise StoreError(f"{self.where}: shard {self.key} is missing; {REINGEST_HINT}") from None
+            return np.full((size // 16, 2), _ABSENT, dtype=np.uint64)  # all zero (a label of background): not written
         if len(raw) != size + 4 or not _checksum_ok(raw):
             raise StoreError(f"{self.where}: damaged shard index of {self.key} (CRC32C mismatch or truncated); "
                              f"{REINGEST_HINT}")
@@ -511,15 +516,16 @@ class TaskStore:
                                  f"{REINGEST_HINT}") from None
             if group.attrs.get(COMPLETE) is not True:
                 raise StoreError(f"{self.uri}: case {case_id!r} is incomplete")
-            label = group.get(LABEL)
-            image = self._reader(group[IMAGE], case_id, IMAGE)
-            self._cases[case_id] = _Case(group, image, None if label is None else self._reader(label, case_id, LABEL))
+            label, empty = group.get(LABEL), set(group.attrs.get(EMPTY_ARRAYS, ()))
+            image = self._reader(group[IMAGE], case_id, IMAGE, IMAGE in empty)
+            self._cases[case_id] = _Case(group, image,
+                                         None if label is None else self._reader(label, case_id, LABEL, LABEL in empty))
         return self._cases[case_id]
 
-    def _reader(self, array: zarr.Array, case_id: str, name: str) -> _ShardReader | _ZarrReader:
+    def _reader(self, array: zarr.Array, case_id: str, name: str, empty: bool) -> _ShardReader | _ZarrReader:
         where = self._where(case_id, name)
         if not _ShardReader.supports(array):
             return _ZarrReader(array, where)
         if self._data is None:
             self._data = _Bytes(self.uri, self.storage_options)
-        return _ShardReader(array, self._data, where)
+        return _ShardReader(array, self._data, where, empty)

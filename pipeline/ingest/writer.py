@@ -26,8 +26,8 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline.common import store
 from pipeline.common.store import (
-    CASES, CLASS_LOCATIONS, COMPLETE, FORMAT_VERSION, FORMAT_VERSION_KEY, IMAGE, LABEL, MANIFEST, StoreManifest,
-    check_format_version,
+    CASES, CLASS_LOCATIONS, COMPLETE, EMPTY_ARRAYS, FORMAT_VERSION, FORMAT_VERSION_KEY, IMAGE, LABEL, MANIFEST,
+    StoreManifest, check_format_version,
 )
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,8 @@ def write_case(
                            shards={"shape": shard, "index_location": "start"})
         rows = np.zeros((0, 4), dtype=np.int32) if class_locations is None else class_locations
         group.create_array(CLASS_LOCATIONS, data=rows, chunks=(max(len(rows), 1), 4), compressors=_LOCATIONS_CODECS)
-    group.attrs.put({**attrs, COMPLETE: True})
+    empty = [name for name, array in ((IMAGE, image), (LABEL, label)) if array is not None and not array.any()]
+    group.attrs.put({**attrs, EMPTY_ARRAYS: empty, COMPLETE: True})
 
 
 def stale_cases(root: zarr.Group, keep: set[str]) -> list[str]:
