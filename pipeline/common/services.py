@@ -12,6 +12,10 @@ macOS and Windows, `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`), which is switched on 
 a loopback node only. With another host the dashboard binds to it, and Ray's core gRPC servers
 to every interface (Ray has no option for those); its token authentication then guards them.
 
+The local Ray gets a fixed GCS port and RAY_ADDRESS in the environment its processes inherit:
+Ray helpers that find "the" cluster by address (Ray Train removes a stopped run's placement
+group from such an actor) otherwise fail when several Ray instances run on one machine.
+
 Token: Ray 2.60 turns token authentication on for a new local cluster and writes a new token to
 ~/.ray/auth_token with the process umask (mode 0644: any local user could read it). Before Ray
 is started or joined here, the token file (RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) is made the
@@ -25,6 +29,7 @@ import ipaddress
 import logging
 import os
 import secrets
+import socket
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -72,9 +77,14 @@ def start_local_ray(host: str = LOOPBACK, **init_kwargs: Any) -> None:
     private_token_file(create=True)
     loopback = is_loopback(host)
     node_ip = None if loopback or host in ALL_INTERFACES else host
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        port = sock.getsockname()[1]
+    # Loopback reaches the GCS whatever `host` is: on another host it listens on every interface.
+    env = {"RAY_ADDRESS": f"{LOOPBACK}:{port}", "RAY_GCS_SERVER_PORT": str(port)}
     saved = ray_constants.ENABLE_RAY_CLUSTER
-    log.info("starting a local Ray listening on %s", host)
-    with environment({_SINGLE_MACHINE_MODE: "0"} if loopback else {}):
+    log.info("starting a local Ray listening on %s (GCS port %d)", host, port)
+    with environment(env | ({_SINGLE_MACHINE_MODE: "0"} if loopback else {})):
         ray_constants.ENABLE_RAY_CLUSTER = saved and not loopback
         try:
             ray.init(address="local", _node_ip_address=node_ip, dashboard_host=host, **init_kwargs)
