@@ -99,7 +99,9 @@ def _run_and_watch(command: list[str], env: dict[str, str], timeout: float = 300
     while process.poll() is None and time.monotonic() < deadline:
         seen |= _listening(process.pid)
         time.sleep(0.5)
-    output = process.communicate(timeout=max(1.0, deadline - time.monotonic()))[0]
+    if process.poll() is None:
+        process.terminate()  # SIGTERM: the stage shuts its Ray / Dask down
+    output = process.communicate(timeout=60)[0]
     assert process.returncode == 0, output[-3000:]
     return seen
 
