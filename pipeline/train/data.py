@@ -1,4 +1,4 @@
-"""Training batches: patches from the task stores, nnU-Net style augmentation, loader workers.
+"""Training batches: patches from the task stores, nnU-Net's sampling and augmentation, loaders.
 
 `BatchStream` is an endless-until-done iterable of batches from `start_epoch` on. Batch k of the
 stream is fully determined by (seed, rank, epoch, index): its tasks come from the TaskSampler's
@@ -6,14 +6,27 @@ schedule, its patches and augmentation from a generator seeded with those number
 worker w makes batches k with k % num_workers == w, and torch's DataLoader hands them back
 round-robin, so the stream is the same with 0, 1 or 8 workers and after a resume.
 
-Foreground oversampling follows nnU-Net: the last round(B * f) samples of a batch are forced
-to contain foreground (one in a batch of 2 at f = 1/3).
+A sample, as nnU-Net v2 makes it (`pipeline/train/augment.py` has the ranges):
+1. a training case, uniformly; foreground oversampling follows nnU-Net: the last
+   round(B * f) samples of a batch are forced (one in a batch of 2 at f = 1/3): a class present
+   in the case, uniformly, then one of its stored voxels, which becomes the centre of the final
+   patch, so the foreground is in the final patch, not merely in a larger read. Other samples:
+   the final patch uniformly over the positions inside the volume (centred and zero-padded
+   where the volume is smaller than the patch);
+2. the spatial transform (rotation, scaling) is drawn. nnU-Net reads a larger patch whose size
+   covers the transforms of its ranges, transforms it about its centre and crops the final
+   patch there; we read, per sample, only the box the drawn transform reaches around the same
+   centre (no larger read for the two thirds of samples that are neither rotated nor scaled)
+   and evaluate the transformed grid on it: the same voxels. Where the volume is large enough
+   the centre moves inwards until that box lies inside it, so the final patch holds no padded
+   zeros; a forced sample's centre moves only as far as its voxel stays in the final patch
+   (foreground first, as nnU-Net, which pads);
+3. intensity transforms and mirroring.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -22,83 +35,142 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.common.geometry import CaseMeta
+from pipeline.train.augment import (
+    AUGMENTATIONS,
+    Augmentation,
+    augment_intensity,
+    draw_spatial,
+    half_extent,
+    mirror,
+    resample_patch,
+)
 from pipeline.train.sampling import TaskSampler
 
 log = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
-Augment = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+Triple = tuple[int, int, int]
 
 
 class PatchSource(Protocol):
     """What training needs from a task store (`pipeline.common.store.TaskStore`)."""
 
-    def sample_patch(
-        self, rng: np.random.Generator, size: Sequence[int], force_foreground: bool, case_id: str | None = None
-    ) -> tuple[np.ndarray, np.ndarray, str]: ...
+    def case_ids(self, split: str = "all") -> list[str]: ...
+
+    def case_meta(self, case_id: str) -> CaseMeta: ...
+
+    def class_locations(self, case_id: str) -> dict[int, np.ndarray]: ...
+
+    def read_patch(self, case_id: str, start: Triple, size: Triple) -> tuple[np.ndarray, np.ndarray | None]: ...
 
 
-def open_store(uri: str, storage_options: dict[str, Any] | None = None, fold: int | None = None) -> Any:
-    """Open one task store (imported lazily: loader workers open their own handles); `fold`: the
-    cross-validation fold held out (`data.fold`)."""
+def open_store(uri: str, storage_options: dict[str, Any] | None = None) -> Any:
+    """Open one task store (imported lazily: loader workers open their own handles)."""
     from pipeline.common.store import TaskStore
 
-    return TaskStore.open(uri, storage_options=storage_options, fold=fold)
+    return TaskStore.open(uri, storage_options=storage_options)
 
 
-# --- augmentation -----------------------------------------------------------------------------
+# --- one sample ------------------------------------------------------------------------------
 
 
-def _nnunet_transforms(patch_size: Sequence[int]) -> Any:
-    """nnU-Net "moreDA"-like augmentation from MONAI dict transforms (elastic deformation off)."""
-    from monai import transforms as mt
+class TrainingCases:
+    """A store's training cases with their shapes (read once per loader worker)."""
 
-    anisotropic = max(patch_size) / min(patch_size) > 3
-    rotation = (math.pi / 6, 0.0, 0.0) if anisotropic else (math.pi / 6,) * 3
-    image, both = ["image"], ["image", "label"]
-    return mt.Compose(
-        [
-            mt.RandAffined(
-                both, prob=0.35, rotate_range=rotation, scale_range=(0.3, 0.3, 0.3),
-                mode=("bilinear", "nearest"), padding_mode="zeros",
-            ),
-            mt.RandGaussianNoised(image, prob=0.1, std=0.1),
-            mt.RandGaussianSmoothd(image, prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
-            mt.RandScaleIntensityd(image, prob=0.15, factors=0.25),  # brightness (multiplicative)
-            mt.RandScaleIntensityFixedMeand(image, prob=0.15, factors=0.25, preserve_range=True),  # contrast
-            mt.RandSimulateLowResolutiond(image, prob=0.25, zoom_range=(0.5, 1.0)),
-            mt.RandAdjustContrastd(image, prob=0.1, gamma=(0.7, 1.5), invert_image=True, retain_stats=True),
-            mt.RandAdjustContrastd(image, prob=0.3, gamma=(0.7, 1.5), retain_stats=True),
-            mt.RandFlipd(both, prob=0.5, spatial_axis=0),
-            mt.RandFlipd(both, prob=0.5, spatial_axis=1),
-            mt.RandFlipd(both, prob=0.5, spatial_axis=2),
-        ]
-    )
+    def __init__(self, source: PatchSource):
+        self.source = source
+        self.ids = source.case_ids("train")
+        if not self.ids:
+            raise ValueError(f"{getattr(source, 'uri', source)}: no training cases to sample from")
+        self._shapes: dict[str, Triple] = {}
+
+    def shape(self, case_id: str) -> Triple:
+        if case_id not in self._shapes:
+            self._shapes[case_id] = tuple(int(n) for n in self.source.case_meta(case_id).shape)  # type: ignore[assignment]
+        return self._shapes[case_id]
+
+    def foreground_voxel(self, rng: np.random.Generator, case_id: str) -> np.ndarray | None:
+        """nnU-Net's pick: a foreground class present in the case, then one of its voxels."""
+        present = [v for c, v in sorted(self.source.class_locations(case_id).items()) if c > 0 and len(v)]
+        if not present:
+            return None
+        voxels = present[int(rng.integers(len(present)))]
+        return voxels[int(rng.integers(len(voxels)))]
 
 
-def nnunet_augmentation(patch_size: Sequence[int]) -> Augment:
-    """Returns augment(image CZYX, label ZYX, seed) -> (image, label), deterministic by seed."""
-    from monai.data import set_track_meta
-
-    set_track_meta(False)
-    compose = _nnunet_transforms(patch_size)
-
-    def augment(image: np.ndarray, label: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        compose.set_random_state(seed=seed)
-        out = compose({"image": torch.as_tensor(image), "label": torch.as_tensor(label[None], dtype=torch.float32)})
-        return np.asarray(out["image"], dtype=np.float32), np.rint(np.asarray(out["label"][0])).astype(np.uint8)
-
-    return augment
-
-
-def no_augmentation(patch_size: Sequence[int]) -> Augment:
-    return lambda image, label, seed: (image, label)
+def patch_start(rng: np.random.Generator, shape: Sequence[int], patch: Sequence[int],
+                voxel: np.ndarray | None) -> Triple:
+    """Start (z, y, x) of the untransformed final patch: centred on `voxel` or uniform, inside
+    the volume where it fits, centred on the volume where it does not."""
+    start = []
+    for axis, (n, p) in enumerate(zip(shape, patch)):
+        if n <= p:
+            start.append((n - p) // 2)
+        elif voxel is None:
+            start.append(int(rng.integers(0, n - p + 1)))
+        else:
+            start.append(int(np.clip(int(voxel[axis]) - p // 2, 0, n - p)))
+    return tuple(start)  # type: ignore[return-value]
 
 
-AUGMENTATIONS: dict[str, Callable[[Sequence[int]], Augment]] = {
-    "nnunet": nnunet_augmentation,
-    "none": no_augmentation,
-}
+def inward_centre(centre: np.ndarray, reach: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Move the centre (voxel coordinates) so the box centre +- reach lies inside the volume on
+    every axis where it can; centred on the volume where it cannot."""
+    out = centre.copy()
+    for axis, n in enumerate(shape):
+        if 2 * reach[axis] <= n - 1:
+            out[axis] = np.clip(centre[axis], reach[axis], n - 1 - reach[axis])
+        else:
+            out[axis] = (n - 1) / 2
+    return out
+
+
+def keep_voxel_inside(start: np.ndarray, goal: np.ndarray, voxel: np.ndarray, matrix: np.ndarray,
+                      patch: Sequence[int]) -> np.ndarray:
+    """The point nearest `goal` on the segment start -> goal whose transformed patch still holds
+    `voxel` (one voxel in from its faces); `start` must hold it (bisection: the valid points form
+    a convex set)."""
+    inverse = np.linalg.inv(matrix)
+    limit = np.maximum((np.asarray(patch, dtype=np.float64) - 1) / 2 - 1, 0)
+
+    def holds(centre: np.ndarray) -> bool:
+        return bool(np.all(np.abs(inverse @ (voxel - centre)) <= limit + 1e-9))
+
+    if holds(goal):
+        return goal
+    low, high = 0.0, 1.0
+    for _ in range(20):
+        middle = (low + high) / 2
+        low, high = (middle, high) if holds(start + middle * (goal - start)) else (low, middle)
+    return start + low * (goal - start)
+
+
+def sample_patch(cases: TrainingCases, rng: np.random.Generator, patch: Triple, force_foreground: bool,
+                 augmentation: Augmentation) -> tuple[np.ndarray, np.ndarray]:
+    """One augmented (image CZYX float32, label ZYX uint8) training sample (module docstring)."""
+    case_id = cases.ids[int(rng.integers(len(cases.ids)))]
+    shape = cases.shape(case_id)
+    voxel = cases.foreground_voxel(rng, case_id) if force_foreground else None
+    start = patch_start(rng, shape, patch, voxel)
+    matrix = draw_spatial(rng, augmentation.spatial)
+    if matrix is None:
+        image, label = cases.source.read_patch(case_id, start, patch)
+    else:
+        reach = half_extent(matrix, patch)
+        if voxel is None:
+            centre = inward_centre(np.add(start, (np.asarray(patch) - 1) / 2), reach, shape)
+        else:
+            voxel = np.asarray(voxel, dtype=np.float64)
+            centre = keep_voxel_inside(voxel, inward_centre(voxel, reach, shape), voxel, matrix, patch)
+        low = np.floor(centre - reach).astype(int)
+        size = tuple(int(n) for n in np.ceil(centre + reach).astype(int) - low + 1)
+        region, region_label = cases.source.read_patch(case_id, tuple(int(v) for v in low), size)
+        image, label = resample_patch(region, region_label, matrix, centre - low, patch)
+    image, label = np.asarray(image, np.float32), np.asarray(label, np.uint8)
+    if augmentation.intensity:
+        image = augment_intensity(image, rng, in_plane=augmentation.spatial is not None and augmentation.spatial.in_plane)
+    return mirror(image, label, rng, augmentation.mirror_axes)
 
 
 # --- batches ------------------------------------------------------------------------------
@@ -108,21 +180,6 @@ def forced_foreground(batch_size: int, fraction: float) -> list[bool]:
     """nnU-Net's rule: the last round(B * fraction) samples of a batch must hold foreground."""
     first_forced = round(batch_size * (1 - fraction))
     return [i >= first_forced for i in range(batch_size)]
-
-
-def fit_patch(image: np.ndarray, label: np.ndarray, size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Zero-pad (centred) or centre-crop a patch to `size`; stores normally return it exact."""
-    if tuple(label.shape) == tuple(size):
-        return image, label
-    slices, pads = [], []
-    for have, want in zip(label.shape, size):
-        start = max(0, (have - want) // 2)
-        slices.append(slice(start, start + want))
-        missing = max(0, want - have)
-        pads.append((missing // 2, missing - missing // 2))
-    image = np.pad(image[(slice(None), *slices)], [(0, 0), *pads])
-    label = np.pad(label[tuple(slices)], pads)
-    return image, label
 
 
 def collate(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], task_ids: Sequence[int],
@@ -174,23 +231,20 @@ class BatchStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         if info is not None:
             torch.set_num_threads(1)
-        stores = [self.opener(uri, self.storage_options) for uri in self.store_uris]
-        augment = AUGMENTATIONS[self.augmentation](self.patch_size)
+        stores = [TrainingCases(self.opener(uri, self.storage_options)) for uri in self.store_uris]
+        augmentation = AUGMENTATIONS[self.augmentation](self.patch_size)
         for k, (epoch, index, task_ids) in enumerate(self.positions()):
             if k % workers == worker:
-                yield self.make_batch(stores, augment, epoch, index, task_ids)
+                yield self.make_batch(stores, augmentation, epoch, index, task_ids)
 
-    def make_batch(self, stores: Sequence[PatchSource], augment: Augment, epoch: int, index: int,
+    def make_batch(self, stores: Sequence[TrainingCases], augmentation: Augmentation, epoch: int, index: int,
                    task_ids: Sequence[int]) -> Batch:
         rng = np.random.default_rng([self.sampler.seed, self.sampler.rank, epoch, index])
-        images, labels = [], []
-        for task, force in zip(task_ids, forced_foreground(len(task_ids), self.foreground_fraction)):
-            image, label, _ = stores[task].sample_patch(rng, self.patch_size, force)
-            image, label = fit_patch(np.asarray(image, np.float32), np.asarray(label, np.uint8), self.patch_size)
-            image, label = augment(image, label, int(rng.integers(2**31)))
-            images.append(image)
-            labels.append(label)
-        return collate(images, labels, task_ids, self.num_classes)
+        samples = [
+            sample_patch(stores[task], rng, self.patch_size, force, augmentation)
+            for task, force in zip(task_ids, forced_foreground(len(task_ids), self.foreground_fraction))
+        ]
+        return collate([image for image, _ in samples], [label for _, label in samples], task_ids, self.num_classes)
 
 
 def make_loader(stream: BatchStream, workers: int, pin_memory: bool = False) -> DataLoader:
