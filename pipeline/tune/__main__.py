@@ -18,7 +18,7 @@ import sys
 from pipeline.common.cli import run_stage, stage_parser
 from pipeline.common.config import ConfigError, load_config
 from pipeline.common.logs import setup_logging
-from pipeline.tune.run import run
+from pipeline.tune.run import SearchError, run
 
 log = logging.getLogger("pipeline.tune")
 
@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = _parser().parse_args(argv)
-    return run_stage(lambda: _search(args), log, "search", (ConfigError, FileNotFoundError, FileExistsError, ValueError))
+    return run_stage(lambda: _search(args), log, "search", (ConfigError, SearchError))
 
 
 def _search(args: argparse.Namespace) -> None:

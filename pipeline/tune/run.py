@@ -41,6 +41,10 @@ RECORD_FILE = "uniseg_tune.json"
 TRIAL_TAG = "tune.trial_id"
 
 
+class SearchError(ValueError):
+    """A search that cannot start as asked (bad input: exit status 2, one line)."""
+
+
 @dataclass(frozen=True)
 class TuneResult:
     name: str
@@ -58,7 +62,7 @@ def run(cfg: ExperimentConfig, resume: bool = False) -> TuneResult:
     from ray import tune
 
     if not cfg.tune.space:
-        raise ValueError("tune.space is empty: give at least one dotted key to search, e.g. train.learning_rate")
+        raise SearchError("tune.space is empty: give at least one dotted key to search, e.g. train.learning_rate")
     storage = resolve_storage(cfg.ray.storage_path)
     search_dir = f"{storage.rstrip('/')}/{cfg.name}"
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
@@ -99,11 +103,11 @@ def check_search_dir(search_dir: str, name: str, resume: bool) -> bool:
     fs, path = fsspec.core.url_to_fs(search_dir)
     if not resume:
         if fs.exists(path):
-            raise FileExistsError(f"{search_dir}: search {name!r} already exists; continue it with --resume "
-                                  f"(this unpickles its saved state) or start a new one with --set name=<new name>")
+            raise SearchError(f"{search_dir}: search {name!r} already exists; continue it with --resume "
+                              f"(this unpickles its saved state) or start a new one with --set name=<new name>")
         return False
     if not tune.Tuner.can_restore(search_dir):
-        raise FileNotFoundError(f"{search_dir}: no search {name!r} to resume")
+        raise SearchError(f"{search_dir}: no search {name!r} to resume")
     return True
 
 
