@@ -191,6 +191,10 @@ def test_bad_options(raw_msd: Path, tmp_path: Path, caplog: pytest.LogCaptureFix
     with pytest.raises(SystemExit) as exit_info:
         main(["--source", str(raw_msd)])
     assert exit_info.value.code == 2 and not out.exists()
+    twin = shutil.copytree(raw_msd, tmp_path / "elsewhere" / raw_msd.name)
+    assert main(_cli("--source", str(raw_msd), "--source", str(twin), "--out", str(out))) == 2
+    _one_line(caplog, rf"{raw_msd} and {twin} would both write {out}/{raw_msd.name}.zarr")
+    assert not out.exists()
 
 
 def test_output_that_is_a_file_is_refused_before_any_work(raw_msd: Path, tmp_path: Path,

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 
 class OutputError(ValueError):
-    """The output root cannot be written; found before any work starts."""
+    """The output root cannot be written, or two sources would write one store; found before any work."""
 
 
 @dataclass
@@ -102,13 +102,24 @@ def run(
     sources: Sequence[str | Path], out: str, cfg: IngestConfig, storage_options: dict[str, Any] | None = None
 ) -> IngestReport:
     """Ingest each source dataset into `<out>/<folder name>.zarr`; see the module docstring.
-    Raises OutputError, before any work, when `out` cannot be written."""
+    Raises OutputError, before any work, when `out` cannot be written or two sources share a name."""
+    _check_distinct(sources, out)
     check_output(out, storage_options)
     with executor(cfg) as compute:
         reports = [ingest_dataset(Path(s), out, cfg, storage_options, compute) for s in sources]
     for report in reports:
         (log.info if report.ok else log.error)(report.summary())
     return IngestReport(reports)
+
+
+def _check_distinct(sources: Sequence[str | Path], out: str) -> None:
+    """Two source folders of one name would write (and overwrite) one store."""
+    first: dict[str, Path] = {}
+    for source in map(Path, sources):
+        other = first.setdefault(source.resolve().name, source)
+        if other is not source:
+            raise OutputError(f"{other} and {source} would both write {store_uri(out, source.resolve().name)}; "
+                              "give each dataset folder its own name")
 
 
 def check_output(out: str, storage_options: dict[str, Any] | None) -> None:
