@@ -204,6 +204,8 @@ def _fingerprints(
         if case.problems or (cfg.change_detection == "stat" and attrs.get("source_stat") == stats[case.case_id]):
             known[case.case_id] = attrs["source_fingerprint"]
     hashed = [c for c in spec.cases if c.case_id not in known]
+    if hashed:
+        log.info("%s: hashing the files of %d case(s) to detect changes", spec.name, len(hashed))
     hashes = compute([_task(content_fingerprint, c, key=f"hash-{spec.name}-{c.case_id}") for c in hashed])
     return known | {c.case_id: h for c, h in zip(hashed, hashes)}, stats
 
