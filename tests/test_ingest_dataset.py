@@ -147,3 +147,8 @@ def test_make_plan_pools_ct_foreground(raw_msd: Path) -> None:
     assert given.target_spacing == (1.0, 2.0, 3.0) and given.normalization[0].scheme == "ct-window"
     with pytest.raises(ValueError, match="no valid training case"):
         make_plan([], spec, IngestConfig())
+
+
+def test_a_source_given_as_dot_is_named_after_its_folder(raw_msd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(raw_msd)
+    assert read_dataset(Path(".")).name == raw_msd.name

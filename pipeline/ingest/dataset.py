@@ -109,8 +109,8 @@ def read_dataset(root: Path) -> DatasetSpec:
     if not train:
         raise DatasetError(f"{root}: no training cases found (looked in dataset.json and imagesTr/)")
     _check_unique(train + test, path)
-    return DatasetSpec(root, root.name, meta.name or root.name, layout, modalities, labels, ending,
-                       tuple(train + test))
+    name = root.resolve().name  # `--source .` is named after the folder too
+    return DatasetSpec(root, name, meta.name or name, layout, modalities, labels, ending, tuple(train + test))
 
 
 def stat_signature(case: CaseSource) -> str:
