@@ -65,11 +65,12 @@ class PatchSource(Protocol):
     def read_patch(self, case_id: str, start: Triple, size: Triple) -> tuple[np.ndarray, np.ndarray | None]: ...
 
 
-def open_store(uri: str, storage_options: dict[str, Any] | None = None) -> Any:
-    """Open one task store (imported lazily: loader workers open their own handles)."""
+def open_store(uri: str, storage_options: dict[str, Any] | None = None, fold: int | None = None) -> Any:
+    """Open one task store (imported lazily: loader workers open their own handles); `fold`: the
+    cross-validation fold held out (`data.fold`, used by the loop's batch loader)."""
     from pipeline.common.store import TaskStore
 
-    return TaskStore.open(uri, storage_options=storage_options)
+    return TaskStore.open(uri, storage_options=storage_options, fold=fold)
 
 
 # --- one sample ------------------------------------------------------------------------------
