@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from pipeline.common.config import IngestConfig
+from pipeline.common.store import TaskStore
 from pipeline.datasets.synthetic import SyntheticTask, write_task
 from pipeline.evaluate.__main__ import main as evaluate_main
 from pipeline.ingest.run import run as ingest
@@ -286,6 +287,20 @@ def test_evaluate_read_only_output_fails_before_inference(world: World, tmp_path
     assert evaluate_main(_evaluate_argv(world, world.stores[LIVER.name], output)) == 2
     (error,) = _errors(caplog)
     assert error.startswith(f"{output}: output folder is not writable (")
+
+
+def test_evaluate_corrupt_chunk_names_store_case_and_array(world: World, tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    store = tmp_path / "corrupt.zarr"
+    shutil.copytree(world.stores[LIVER.name], store)
+    case = TaskStore.open(str(store)).case_ids("validation")[0]
+    shard = next(p for p in (store / "cases" / case / "image").rglob("*") if p.is_file() and "c" in p.parts)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x10  # one bit, inside a chunk (the shard index comes first)
+    shard.write_bytes(bytes(data))
+    assert evaluate_main(_evaluate_argv(world, str(store), tmp_path / "eval")) == 2
+    (error,) = _errors(caplog)
+    assert str(store) in error and case in error and "image" in error and "\n" not in error
 
 
 def test_evaluate_missing_store(world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -90,9 +90,11 @@ def _evaluate_store(
     task = card.tasks[task_id].name
     rows, examples = [], []
     for case_id in tqdm(case_ids, desc=task, disable=None):
-        result = evaluate_case(
-            network, card, task_id, store, case_id, options.inference, options.space, options.raw_root, options.empty
-        )
+        try:
+            result = evaluate_case(network, card, task_id, store, case_id, options.inference, options.space,
+                                   options.raw_root, options.empty)
+        except StoreError as err:  # a corrupt chunk: bad input, named by store, case and array
+            raise EvaluateError(str(err)) from None
         rows += [CaseRow(task, case_id, m) for m in result.metrics]
         if result.example is not None and len(examples) < EXAMPLES_PER_TASK:
             examples.append(result.example)
