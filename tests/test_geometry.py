@@ -139,3 +139,78 @@ def test_intensity_stats() -> None:
     assert (stats.mean, stats.percentile_00_5, stats.percentile_99_5) == (500.0, 5.0, 995.0)
     with pytest.raises(ValueError, match="no foreground"):
         intensity_stats(np.array([]))
+
+
+# --- nnU-Net's separate-z rule and probability restoration -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("current", "new", "axis"),
+    [
+        ((5.0, 1.0, 1.0), (5.0, 1.0, 1.0), 0),  # thick slices
+        ((1.0, 1.0, 1.0), (1.0, 4.0, 1.0), 1),  # the target is anisotropic
+        ((3.0, 1.0, 1.0), (1.0, 1.0, 1.0), None),  # ratio 3 is not above 3
+        ((5.0, 5.0, 1.0), (1.0, 1.0, 1.0), None),  # two coarsest axes: no separate one
+    ],
+)
+def test_separate_axis_follows_nnunet(current, new, axis) -> None:
+    assert geo.separate_axis(current, new) == axis
+
+
+def test_separate_axis_is_resampled_by_nearest_neighbour() -> None:
+    """z is copied slice for slice (order 0) while x is interpolated linearly."""
+    volume = (np.arange(4)[:, None, None] * 100.0 + np.arange(6)[None, None, :] * np.ones((1, 5, 1))).astype(np.float32)
+    out = geo.resize(volume, (8, 5, 12), order=1, axis=0)
+    np.testing.assert_array_equal(out[:, 2, 5], [0, 0, 100, 100, 200, 200, 300, 300] + out[0, 2, 5])
+    np.testing.assert_allclose(out[0, 2, 1:11], 0.5 * np.arange(1, 11) - 0.25, atol=1e-5)  # x = (x' + 0.5) / 2 - 0.5
+    blurred = geo.resize(volume, (8, 5, 12), order=1)
+    assert blurred[1, 2, 5] != blurred[0, 2, 5]  # without the rule, z would be interpolated
+
+
+def _anisotropic_meta() -> geo.CaseMeta:
+    """Original grid (z, y, x) = (8, 20, 20) at (5, 1, 1) mm; stored (4, 10, 10) at (10, 2, 2) mm."""
+    affine = np.diag([1.0, 1.0, 5.0, 1.0])
+    return geo.CaseMeta(
+        original_affine=tuple(tuple(float(v) for v in row) for row in affine),
+        original_shape=(20, 20, 8), original_axcodes=("R", "A", "S"), original_spacing=(5.0, 1.0, 1.0),
+        canonical_shape=(8, 20, 20), crop_box=((0, 8), (0, 20), (0, 20)), spacing=(10.0, 2.0, 2.0), shape=(4, 10, 10),
+    )
+
+
+def test_probabilities_go_back_linearly_with_the_separate_z_rule() -> None:
+    """P(fg) rises linearly in x and crosses 0.5 at stored x = 4.8, in stored slices z >= 2 only.
+
+    Linear resampling puts the boundary at original x = 2 * 4.8 + 0.5 = 10.1, so the labels are
+    x >= 11 in original slices z >= 4 (z by nearest neighbour); the argmax taken on the stored grid
+    and copied back would give x >= 10.
+    """
+    meta = _anisotropic_meta()
+    x = np.arange(10, dtype=np.float32)
+    foreground = np.zeros((4, 10, 10), np.float32) + 0.05
+    foreground[2:] = 0.5 + (x - 4.8) / 10
+    probabilities = np.stack([1 - foreground, foreground])
+    labels, kept = geo.restore_probabilities(probabilities, meta, keep=(1,), dtype=np.float16)
+    expected = np.zeros((20, 20, 8), np.uint8)  # (x, y, z) as in the file
+    expected[11:, :, 4:] = 1
+    np.testing.assert_array_equal(labels, expected)
+    assert kept[1].dtype == np.float16 and kept[1].shape == (20, 20, 8)
+    np.testing.assert_array_equal(kept[1][:, :, 3], np.float16(0.05))  # z nearest: no blending of slices 1 and 2
+    nearest = geo.restore_array(probabilities.argmax(0).astype(np.uint8), meta, order=0)
+    assert nearest[10, 0, 4] == 1 and labels[10, 0, 4] == 0
+
+
+def test_restored_probabilities_outside_the_crop_box_are_background() -> None:
+    meta = dataclasses_replace(_anisotropic_meta(), canonical_shape=(10, 20, 20), crop_box=((2, 10), (0, 20), (0, 20)),
+                               original_shape=(20, 20, 10))
+    probabilities = np.stack([np.zeros((4, 10, 10), np.float32), np.ones((4, 10, 10), np.float32)])
+    labels, kept = geo.restore_probabilities(probabilities, meta, keep=(0, 1))
+    assert labels[:, :, :2].max() == 0 and labels[:, :, 2:].min() == 1
+    assert kept[0][:, :, :2].min() == 1.0 and kept[1][:, :, :2].max() == 0.0
+    with pytest.raises(ValueError, match="probabilities shape"):
+        geo.restore_probabilities(probabilities[:, :3], meta)
+
+
+def dataclasses_replace(meta: geo.CaseMeta, **changes) -> geo.CaseMeta:
+    import dataclasses
+
+    return dataclasses.replace(meta, **changes)

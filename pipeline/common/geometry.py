@@ -10,7 +10,14 @@ Axis conventions, in one place:
 
 `preprocess_case` / `preprocess_image` are the exact steps ingest applies; `restore_array` /
 `restore_label` undo them (resample back, pad the crop box, undo the reorientation) so a
-prediction lands on the original file's voxel grid with its affine.
+prediction lands on the original file's voxel grid with its affine. `restore_probabilities`
+is how predictions go back, as nnU-Net does it: the class probabilities are resampled (linear),
+not the label map, and the labels are their argmax on the original grid.
+
+Resampling follows nnU-Net's anisotropy rule: when the source or the target spacing has a
+largest / smallest ratio above 3 and one axis alone is the coarsest, that axis is resampled
+separately, by nearest neighbour (order 0), after the other two with the usual order (3 for
+images, 1 for probabilities), so that thick slices are not blurred into each other.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ Vec3 = tuple[float, float, float]
 Shape3 = tuple[int, int, int]
 LabelResampling = Literal["nearest", "per-class-linear"]
 CANONICAL = orientations.axcodes2ornt(("R", "A", "S"))
+ANISOTROPY_THRESHOLD = 3.0
 
 
 @dataclass(frozen=True)
@@ -140,10 +148,19 @@ def resampled_shape(shape: Shape3, spacing: Vec3, target_spacing: Vec3) -> Shape
     return tuple(max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target_spacing))
 
 
-def resize(volume: np.ndarray, shape: Shape3, order: int) -> np.ndarray:
-    """Spline-resample one (z, y, x) volume to `shape`; voxel boxes align at the volume edges."""
+def separate_axis(current: Sequence[float], new: Sequence[float]) -> int | None:
+    """nnU-Net's separate-z rule: the axis resampled on its own (by nearest neighbour) when the
+    current, else the new, spacing is anisotropic (max / min > 3) with a single coarsest axis."""
+    for spacing in (np.asarray(current, dtype=np.float64), np.asarray(new, dtype=np.float64)):
+        if spacing.max() / spacing.min() > ANISOTROPY_THRESHOLD:
+            coarsest = np.flatnonzero(spacing == spacing.max())
+            return int(coarsest[0]) if len(coarsest) == 1 else None
+    return None
+
+
+def _zoom(volume: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
     if tuple(volume.shape) == tuple(shape):
-        return volume.copy()
+        return volume
     factors = np.array(shape) / np.array(volume.shape)
     out = ndimage.zoom(volume, factors, order=order, mode="nearest", grid_mode=True)
     if out.shape != tuple(shape):
@@ -151,16 +168,33 @@ def resize(volume: np.ndarray, shape: Shape3, order: int) -> np.ndarray:
     return out
 
 
-def resample_image(image_czyx: np.ndarray, shape: Shape3, order: int) -> np.ndarray:
-    return np.stack([resize(channel, shape, order).astype(np.float32) for channel in image_czyx])
+def resize(volume: np.ndarray, shape: Shape3, order: int, axis: int | None = None) -> np.ndarray:
+    """Spline-resample one (z, y, x) volume to `shape`; voxel boxes align at the volume edges.
+
+    With `axis` (see `separate_axis`) the other two axes are resampled with `order` first and
+    `axis` afterwards by nearest neighbour.
+    """
+    if tuple(volume.shape) == tuple(shape):
+        return volume.copy()
+    if axis is None:
+        return _zoom(volume, shape, order)
+    in_plane = list(shape)
+    in_plane[axis] = volume.shape[axis]
+    return _zoom(_zoom(volume, in_plane, order), shape, 0)
 
 
-def resample_label(label_zyx: np.ndarray, shape: Shape3, mode: LabelResampling = "nearest") -> np.ndarray:
+def resample_image(image_czyx: np.ndarray, shape: Shape3, order: int, axis: int | None = None) -> np.ndarray:
+    return np.stack([resize(channel, shape, order, axis).astype(np.float32) for channel in image_czyx])
+
+
+def resample_label(
+    label_zyx: np.ndarray, shape: Shape3, mode: LabelResampling = "nearest", axis: int | None = None
+) -> np.ndarray:
     """Nearest neighbour, or nnU-Net's per-class linear (each class mask resampled linearly, argmax)."""
     if mode == "nearest" or tuple(label_zyx.shape) == tuple(shape):
         return resize(label_zyx, shape, order=0)
     classes = np.unique(label_zyx)
-    scores = np.stack([resize((label_zyx == c).astype(np.float32), shape, order=1) for c in classes])
+    scores = np.stack([resize((label_zyx == c).astype(np.float32), shape, 1, axis) for c in classes])
     return classes[np.argmax(scores, axis=0)].astype(label_zyx.dtype)
 
 
@@ -191,11 +225,12 @@ def preprocess_case(
         spacing=tuple(float(t) for t in target_spacing),
         shape=shape,
     )
-    image = resample_image(image, shape, image_order)
+    axis = separate_axis(spacing, target_spacing)
+    image = resample_image(image, shape, image_order, axis)
     if label_xyz is None:
         return image, None, meta
     label = crop(to_canonical(label_xyz[np.newaxis], affine)[0], box).astype(np.uint8)
-    return image, resample_label(label, shape, label_resampling), meta
+    return image, resample_label(label, shape, label_resampling, axis), meta
 
 
 def preprocess_image(
@@ -213,8 +248,8 @@ def preprocess_image(
 def restore_array(volume_zyx: np.ndarray, meta: CaseMeta, order: int = 0, fill: float = 0) -> np.ndarray:
     """A stored-grid (z, y, x) volume on the original file's (x, y, z) grid.
 
-    Resamples back to the crop box (spline `order`: 0 for labels, 1 for probabilities), pads
-    the box with `fill`, and undoes the reorientation.
+    Resamples back to the crop box (spline `order`, 0 for labels), pads the box with `fill`,
+    and undoes the reorientation. Predictions go back with `restore_probabilities` instead.
     """
     if tuple(volume_zyx.shape) != tuple(meta.shape):
         raise ValueError(f"volume shape {volume_zyx.shape} != stored case shape {meta.shape}")
@@ -222,6 +257,39 @@ def restore_array(volume_zyx: np.ndarray, meta: CaseMeta, order: int = 0, fill: 
     full = np.full(meta.canonical_shape, fill, dtype=volume_zyx.dtype)
     full[tuple(slice(start, stop) for start, stop in meta.crop_box)] = resize(volume_zyx, box_shape, order)
     return from_canonical(full, meta.affine)
+
+
+def restore_probabilities(
+    probabilities: np.ndarray, meta: CaseMeta, keep: Sequence[int] = (), dtype: type = np.float32
+) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """Stored-grid class probabilities (K, z, y, x) back on the original file's (x, y, z) grid.
+
+    Returns the labels (argmax of the resampled probabilities; background outside the crop box)
+    and, for each class in `keep`, its resampled probability map in `dtype` (1 for background,
+    0 for the others outside the box). Probabilities are resampled linearly with nnU-Net's
+    separate-z rule, one class at a time, so memory holds one class volume in float32 plus the
+    running maximum, however many classes there are.
+    """
+    if tuple(probabilities.shape[1:]) != tuple(meta.shape):
+        raise ValueError(f"probabilities shape {probabilities.shape[1:]} != stored case shape {meta.shape}")
+    box_shape = tuple(stop - start for start, stop in meta.crop_box)
+    box = tuple(slice(start, stop) for start, stop in meta.crop_box)
+    axis = separate_axis(meta.spacing, meta.original_spacing)
+    best = np.full(box_shape, -np.inf, dtype=np.float32)
+    labels = np.zeros(box_shape, dtype=np.uint8)
+    kept: dict[int, np.ndarray] = {}
+    for c in range(probabilities.shape[0]):
+        restored = resize(np.asarray(probabilities[c], dtype=np.float32), box_shape, 1, axis)
+        better = restored > best
+        labels[better] = c
+        np.maximum(best, restored, out=best)
+        if c in keep:
+            full = np.full(meta.canonical_shape, 1.0 if c == 0 else 0.0, dtype=dtype)
+            full[box] = restored
+            kept[c] = from_canonical(full, meta.affine)
+    full_labels = np.zeros(meta.canonical_shape, dtype=np.uint8)
+    full_labels[box] = labels
+    return from_canonical(full_labels, meta.affine), kept
 
 
 def restore_label(label_zyx: np.ndarray, meta: CaseMeta) -> nib.Nifti1Image:

@@ -32,7 +32,7 @@ from monai.data.utils import compute_importance_map
 from torch import nn
 from tqdm.auto import tqdm
 
-from pipeline.common.geometry import preprocess_image, restore_array
+from pipeline.common.geometry import preprocess_image, restore_probabilities
 from pipeline.common.intensity import ChannelNormalization
 from pipeline.common.model_card import ModelCard
 
@@ -206,8 +206,9 @@ def predict_scan(
 ) -> ScanPrediction:
     """Preprocess a raw (C, x, y, z) image as the card's task says, segment it, map it back.
 
-    Probabilities are resampled back linearly (outside the crop box: background); `foreground`
-    alone restores only the background channel.
+    The class probabilities go back to the original grid (linear, nnU-Net's separate-z rule) and
+    the labels are their argmax there; outside the crop box: background. `foreground` alone
+    keeps only the background channel.
     """
     task = card.tasks[task_id]
     if image_cxyz.shape[0] != task.in_channels:
@@ -216,12 +217,8 @@ def predict_scan(
     image, meta = preprocess_image(image_cxyz, affine, task.target_spacing, norms, task.image_order)
     volume = torch.from_numpy(image)
     stored = predict_probabilities(network, volume, task_id, task.num_classes, card.spec.patch_size, options)
-    labels = restore_array(stored.argmax(0).to(torch.uint8).numpy(), meta, order=0)
-    restored = None
-    if probabilities:
-        restored = np.stack([restore_array(p.numpy(), meta, order=1, fill=float(c == 0)) for c, p in enumerate(stored)])
-    not_background = None
-    if foreground:
-        background = restored[0] if restored is not None else restore_array(stored[0].numpy(), meta, order=1, fill=1.0)
-        not_background = 1.0 - background
+    keep = range(task.num_classes) if probabilities else (0,) if foreground else ()
+    labels, kept = restore_probabilities(stored.numpy(), meta, keep=tuple(keep))
+    restored = np.stack([kept[c] for c in range(task.num_classes)]) if probabilities else None
+    not_background = 1.0 - kept[0] if foreground else None
     return ScanPrediction(labels, restored, not_background)

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.common.geometry import restore_array
-from pipeline.common.inference import InferenceOptions, segment
+from pipeline.common.geometry import restore_probabilities
+from pipeline.common.inference import InferenceOptions, predict_probabilities
 from pipeline.common.metrics import ClassMetrics, EmptyRule, class_metrics
 from pipeline.common.model_card import ModelCard
 from pipeline.common.store import TaskStore
@@ -64,7 +64,8 @@ def evaluate_case(
     image, stored_label = store.read_case(case_id)
     task = card.tasks[task_id]
     volume = torch.from_numpy(np.asarray(image, np.float32))
-    predicted = segment(network, volume, task_id, task.num_classes, card.spec.patch_size, options).numpy()
+    probabilities = predict_probabilities(network, volume, task_id, task.num_classes, card.spec.patch_size, options)
+    predicted = probabilities.argmax(0).to(torch.uint8).numpy()
     example = None if stored_label is None else pick_slice(case_id, image, stored_label, predicted)
     meta = store.case_meta(case_id)
     if space == "store":
@@ -72,7 +73,7 @@ def evaluate_case(
             raise EvaluateError(f"{store.uri}: case {case_id} has no label (test cases have none)")
         return CaseResult(class_metrics(predicted, stored_label, task.labels, meta.spacing, empty), example)
     reference = original_reference(store, case_id, stored_label is not None, raw_root)
-    restored = restore_array(predicted, meta, order=0)
+    restored, _ = restore_probabilities(probabilities.numpy(), meta)  # as predict: probabilities, then argmax
     if restored.shape != reference.labels.shape:
         raise EvaluateError(
             f"{store.uri}: case {case_id}: restored prediction {restored.shape} != label {reference.labels.shape}"
