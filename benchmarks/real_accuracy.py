@@ -25,7 +25,8 @@ then `nice -n 10 python benchmarks/real_accuracy.py --peers /work/nnunet-venv --
 
 Printed side by side: per task and class Dice, mean, training wall and CPU seconds (the whole
 process tree, Ray or nnU-Net workers included), ratios. Every figure also goes to
-`<work>/results.json`; a run appends to it, so budgets can be run one at a time.
+`<work>/results.json` (a run appends to it, so budgets can be run one at a time) and the mean
+Dice per budget to `<work>/real_accuracy.png`.
 """
 
 from __future__ import annotations
@@ -312,6 +313,27 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([*lines, "", "training cost (ratio ours / nnU-Net: < 1 is cheaper)", *timing])
 
 
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Mean test Dice against iterations, one panel per task, both tools (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in rows})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for tool, label in (("ours", "ours"), ("nnunet", "nnU-Net v2")):
+            points = sorted((r["budget"], r[tool]["dice"][task]["mean"]) for r in rows if r["task"] == task)
+            ax.plot(*zip(*points), marker="o", label=label)
+        ax.set(title=task.split("_", 1)[-1], xlabel="iterations", ylabel="mean test Dice", xscale="log")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", type=Path, default=ROOT / "outputs" / "real_accuracy")
@@ -359,6 +381,7 @@ def main() -> None:
     complete = [r for r in results if "ours" in r and "nnunet" in r]
     if complete:
         print(table(complete))
+        plot(complete, work / "real_accuracy.png")
 
 
 if __name__ == "__main__":
