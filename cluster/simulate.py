@@ -18,6 +18,7 @@ end to end, and `tests/test_cluster_sim.py` checks it:
 from __future__ import annotations
 
 import argparse
+import http.client
 import logging
 import os
 import shutil
@@ -84,7 +85,7 @@ def s3_server() -> Iterator[dict[str, str]]:
 
 
 @contextmanager
-def mlflow_server(folder: Path, timeout_s: float = 120) -> Iterator[str]:
+def mlflow_server(folder: Path, timeout_s: float = 300) -> Iterator[str]:
     """`mlflow server` on a free loopback port: runs and registry in SQLite, artifacts stored
     under `folder` and served by the server (clients need no file access); yields its URI."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -96,7 +97,7 @@ def mlflow_server(folder: Path, timeout_s: float = 120) -> Iterator[str]:
         server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: _answers(f"{uri}/health"), timeout_s, f"MLflow server at {uri}",
+        wait_until(lambda: _healthy(f"{uri}/health"), timeout_s, f"MLflow server at {uri}",
                    alive=lambda: server.poll() is None, log_file=folder / "server.log")
         yield uri
     finally:
@@ -278,11 +279,12 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, alive
         time.sleep(1)
 
 
-def _answers(url: str) -> bool:
+def _healthy(url: str) -> bool:
+    """Whether `url` answers "OK" (another server that took the port answers otherwise)."""
     try:
-        with urllib.request.urlopen(url, timeout=2):
-            return True
-    except OSError:
+        with urllib.request.urlopen(url, timeout=2) as answer:
+            return answer.read().strip() == b"OK"
+    except (OSError, http.client.HTTPException):
         return False
 
 
