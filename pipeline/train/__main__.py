@@ -1,10 +1,14 @@
 """Train a universal segmentation network on Ray: `python -m pipeline.train --config FILE`.
 
-`python -m pipeline.train --config FILE [--set key=value ...] [--resume RUN]`.
+`python -m pipeline.train --config FILE [--set key=value ...] [--resume RUN] [--folds all|0,1,...]`.
 
 Starts a local Ray when no cluster is given (`ray.address`, RAY_ADDRESS); the same command runs
 as a Ray job: `ray job submit --working-dir . -- python -m pipeline.train --config FILE`.
 `--resume RUN` continues a stopped run (its saved config is used when --config is left out).
+`--folds` cross-validates instead: the stores' folds (from ingest) as concurrent Ray Train runs,
+a summary per task and class (mean and std over folds, pooled Dice over the out-of-fold cases),
+the fold ensemble registered (pipeline/train/folds.py); `--folds ... --resume RUN` with the same
+--config runs the folds that did not finish, each from its checkpoint.
 Exit status 1 when training failed, 2 for a bad config or command line.
 """
 
@@ -16,7 +20,9 @@ import sys
 
 from pipeline.common.cli import run_stage, stage_parser
 from pipeline.common.config import ConfigError, load_config
+from pipeline.common.ensemble import parse_folds
 from pipeline.common.logs import setup_logging
+from pipeline.train.folds import run_cv
 from pipeline.train.run import RunExistsError, config_for_resume, run
 
 log = logging.getLogger("pipeline.train")
@@ -28,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.epochs=10 (repeatable)")
     p.add_argument("--resume", metavar="RUN", help="continue the run named RUN (or at the folder RUN)")
+    p.add_argument("--folds", type=parse_folds, default=False, metavar="all|0,1,...",
+                   help="cross-validate over these folds of the stores (all: every fold), in parallel on Ray")
     return p
 
 
@@ -39,6 +47,12 @@ def _train(args: argparse.Namespace) -> None:
         cfg = config_for_resume(args.resume, args.overrides)
     else:
         raise ConfigError("give --config FILE (or --resume RUN to continue a run)")
+    if args.folds is not False:
+        if not args.config:
+            raise ConfigError("--folds needs --config FILE (also with --resume)")
+        result = run_cv(cfg, args.folds, resume=args.resume is not None)
+        log.info("done: cross-validation %s, model %s, summary %s", result.name, result.model_uri, result.files)
+        return
     log.info("done: %s", run(cfg, resume=args.resume is not None))
 
 

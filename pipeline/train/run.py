@@ -26,6 +26,7 @@ import fsspec
 
 from pipeline.common.config import ConfigError, ExperimentConfig, config_from_dict, to_dict
 from pipeline.common.services import connect_ray
+from pipeline.common.store import TaskStore
 from pipeline.common.tracking import resolve_tracking_uri
 from pipeline.train import tracking
 from pipeline.train.build import open_stores
@@ -202,7 +203,7 @@ def checkpoint_uri(path: str, storage: str) -> str:
     return path
 
 
-def check_stores(cfg: ExperimentConfig) -> None:
+def check_stores(cfg: ExperimentConfig) -> list[TaskStore]:
     """Open every store on the driver first, so a bad store fails here and not on each worker."""
     try:
         stores = open_stores(cfg.data.stores, fold=cfg.data.fold, allow_incomplete=cfg.data.allow_incomplete_stores)
@@ -210,6 +211,7 @@ def check_stores(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"data.stores: {err}") from None
     log.info("tasks: %s", ", ".join(f"{s.manifest.task_name} ({len(s.case_ids('train'))} train, "
                                     f"{len(s.case_ids('validation'))} validation)" for s in stores))
+    return stores
 
 
 def resolve_storage(storage_path: str) -> str:

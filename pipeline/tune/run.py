@@ -18,19 +18,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import fsspec
-import mlflow
 from mlflow.tracking import MlflowClient
 
-from pipeline.common.config import ExperimentConfig, config_from_dict, flatten, save_config, to_dict
-from pipeline.common.services import LOOPBACK, connect_ray, environment, start_local_ray
+from pipeline.common.config import ExperimentConfig, config_from_dict, save_config, to_dict
 from pipeline.common.tracking import ensure_experiment, resolve_tracking_uri
+from pipeline.common.trials import child_run, connect, trial_resources
 from pipeline.train.loop import RunContext
 from pipeline.train.run import fit, read_json, resolve_storage, write_json
 from pipeline.tune.space import apply_values, sampled_values, search_space, trial_config
@@ -127,37 +124,6 @@ def train_driver_fn(trial_params: dict[str, Any], base: dict[str, Any], parent_r
     MlflowClient(tracking_uri).set_terminated(run_id, "FINISHED")
 
 
-def connect(address: str | None, host: str) -> None:
-    """Join `address` (or RAY_ADDRESS); else start a local Ray on `host` whose processes know its address.
-
-    Ray Train removes the placement group of a trial that ASHA stops (its driver is killed) from
-    a helper actor that finds the cluster by address; with several Ray instances on one machine
-    and no RAY_ADDRESS it finds none, and the stopped trial's CPUs stay reserved. So a local
-    Ray started here gets a fixed GCS port and RAY_ADDRESS in the environment it inherits.
-    """
-    import ray
-
-    if ray.is_initialized() or (address not in (None, "local")) or (address is None and os.environ.get("RAY_ADDRESS")):
-        connect_ray(address, host)
-        return
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        port = sock.getsockname()[1]
-    # Loopback reaches the GCS whatever `host` is: on another host it listens on every interface.
-    with environment({"RAY_ADDRESS": f"{LOOPBACK}:{port}", "RAY_GCS_SERVER_PORT": str(port)}):
-        log.info("starting a local Ray (GCS port %d)", port)
-        start_local_ray(host)
-
-
-def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
-    """What a trial's driver reserves. Its Train workers reserve their own CPUs; with
-    `tune.trial_cpus: 0` the driver holds 1 MiB of Ray's `memory` resource instead (Tune
-    refuses an empty request), so N one-CPU trials fit on N cores."""
-    if cfg.tune.trial_cpus > 0:
-        return {"CPU": cfg.tune.trial_cpus}
-    return {"CPU": 0, "memory": float(2**20)}
-
-
 def _scheduler(cfg: ExperimentConfig) -> Any:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -192,21 +158,10 @@ def _start_parent(cfg: ExperimentConfig, tracking_uri: str) -> str:
 
 def _child_run(cfg: ExperimentConfig, values: dict[str, Any], trial_id: str, parent_id: str, tracking_uri: str) -> str:
     """The trial's MLflow run (reopened when a resumed search restarts the trial)."""
-    client = MlflowClient(tracking_uri)
-    parent = client.get_run(parent_id)
-    found = client.search_runs([parent.info.experiment_id],
-                               f"tags.mlflow.parentRunId = '{parent_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'")
-    if found:
-        client.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id
-    child = client.create_run(parent.info.experiment_id, run_name=cfg.name,
-                              tags={"mlflow.parentRunId": parent_id, TRIAL_TAG: trial_id, "stage": "tune-trial"})
-    params = {k: str(list(v) if isinstance(v, tuple) else v)[:6000] for k, v in flatten(cfg).items()
-              if not k.startswith("tune.")}
-    mlflow.set_tracking_uri(tracking_uri)
-    client.log_batch(child.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in params.items()])
-    client.log_dict(child.info.run_id, values, "trial/values.json")
-    return child.info.run_id
+    run_id, created = child_run(cfg, parent_id, tracking_uri, (TRIAL_TAG, trial_id), {"stage": "tune-trial"})
+    if created:
+        MlflowClient(tracking_uri).log_dict(run_id, values, "trial/values.json")
+    return run_id
 
 
 def _finish(cfg: ExperimentConfig, results: Any, search_dir: str, parent_id: str, tracking_uri: str) -> TuneResult:
