@@ -174,8 +174,11 @@ def simulated_cluster(env: dict[str, str]) -> Iterator[SimulatedCluster]:
     # ray.init swaps 127.0.0.1 in an address for the machine's network address unless Ray runs
     # in single-machine mode (as on macOS); the cluster listens on 127.0.0.1 only.
     saved, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
+    # After a node is lost Ray Train may first ask for the old number of workers again (its view
+    # of free resources lags); it waits this long for their placement before trying fewer.
+    job_env = env | {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}
     try:
-        ray.init(address=sim.address, runtime_env={"env_vars": env})
+        ray.init(address=sim.address, runtime_env={"env_vars": job_env})
         ray_constants.ENABLE_RAY_CLUSTER = saved
         yield sim
     finally:

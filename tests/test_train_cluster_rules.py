@@ -1,13 +1,15 @@
 """Cluster rules of the training driver, without a cluster: local paths refused on more than one
-node (one line each, naming the path and the fix), elastic worker ranges, per-rank metric names."""
+node (one line each, naming the path and the fix), elastic worker ranges, per-rank metric names, RNG states in checkpoints."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.common.config import ConfigError, config_from_dict
+from pipeline.train.checkpoint import TrainState
 from pipeline.train.run import check_paths_are_shared, worker_resources
 from pipeline.train.tracking import merge_rank_metrics
 
@@ -46,3 +48,14 @@ def test_rank_metrics_are_named_per_rank() -> None:
     reports = [{"train/loss": 0.5, "samples/A": 8.0, "rank/loss": 0.4, "epoch": 3},
                {"train/loss": 0.5, "samples/A": 8.0, "rank/loss": 0.6, "epoch": 3}]
     assert merge_rank_metrics(reports) == {"train/loss": 0.5, "samples/A": 8.0, "rank0/loss": 0.4, "rank1/loss": 0.6}
+
+
+def test_rng_states_round_trip_through_a_checkpoint_state(tmp_path: Path) -> None:
+    state = TrainState()
+    state.capture_rng()
+    expected = torch.rand(3)
+    assert state.cuda_rng is None if not torch.cuda.is_available() else len(state.cuda_rng) == torch.cuda.device_count()
+    torch.save(state.__dict__, tmp_path / "train_state.pt")  # as save_checkpoint writes it
+    restored = TrainState(**torch.load(tmp_path / "train_state.pt", weights_only=True))
+    restored.restore_rng()
+    assert torch.equal(torch.rand(3), expected)
