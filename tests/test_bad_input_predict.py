@@ -12,7 +12,7 @@ import logging
 import os
 import pickle
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -27,21 +27,10 @@ from pipeline.evaluate.__main__ import main as evaluate_main
 from pipeline.ingest.run import run as ingest
 from pipeline.predict.__main__ import main as predict_main
 from pipeline.tune.__main__ import main as tune_main
-from test_predict_world import LIVER, World, build_world, one_thread
+from test_predict_world import LIVER, World, single_thread, world  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = ("synthliver_000", "synthliver_001")
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    return build_world(tmp_path_factory.getbasetemp() / "predict-world")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    with one_thread():
-        yield
 
 
 def _scan(world: World, case: str = GOOD[0]) -> Path:
@@ -205,6 +194,24 @@ def test_a_truncated_scan_sorted_first_fails_alone(world: World, tmp_path: Path,
                          "each logged above)")
     _assert_good_outputs(world, output)
     assert not (output / "a_truncated.nii.gz").exists() and not (output / "a_truncated.json").exists()
+
+
+@pytest.mark.slow
+def test_a_truncated_scan_fails_alone_on_ray(world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import ray
+
+    inputs = _batch(world, tmp_path / "in")
+    (inputs / "a_truncated.nii.gz").write_bytes(_scan(world).read_bytes()[:2000])
+    output = tmp_path / "out"
+    try:
+        status = predict_main(_predict_argv(world, inputs, output, "--ray", "--num-workers", "1"))
+    finally:
+        ray.shutdown()
+    assert status == 2
+    assert "a_truncated.nii.gz: corrupt NIfTI data" in caplog.text
+    assert _errors(caplog)[-1] == (f"{output}: 2 of 3 scan(s) predicted; 1 failed (a_truncated.nii.gz; "
+                                   "each logged above)")
+    _assert_good_outputs(world, output)
 
 
 def test_duplicate_case_ids_fail_alone(world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

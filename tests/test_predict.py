@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -19,22 +18,11 @@ from pipeline.evaluate.run import run as evaluate
 from pipeline.predict.__main__ import parse_args
 from pipeline.predict.io import PredictError
 from pipeline.predict.run import PredictOptions, run
-from test_predict_world import LIVER, World, build_world, one_thread
+from test_predict_world import LIVER, World, single_thread, world  # noqa: F401 (fixtures)
 
 FAST = InferenceOptions(mirror_axes=())
 LIVER_TASK = LIVER.name
 VALIDATION_CASE = "synthliver_002"  # saved as ASL (ORIENTATIONS[2 % 3]), anisotropic 1.5 x 1.5 x 5 mm
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    return build_world(tmp_path_factory.getbasetemp() / "predict-world")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    with one_thread():
-        yield
 
 
 def _image(world: World, case: str = VALIDATION_CASE) -> Path:

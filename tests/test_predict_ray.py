@@ -11,12 +11,7 @@ import pytest
 
 from pipeline.common.metrics import dice
 from ray_head import ray_head
-from test_predict_world import LIVER, World, build_world
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    return build_world(tmp_path_factory.getbasetemp() / "predict-world")
+from test_predict_world import LIVER, World, world  # noqa: F401 (fixture)
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from mlflow import MlflowClient
@@ -49,6 +50,19 @@ class World:
     model_uri: str  # models:/tiny-uniseg@champion
     model_dir: Path  # the same model as a local folder (fast to load)
     card: ModelCard
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    """The world, built once per test session (import this fixture into a test module)."""
+    return build_world(tmp_path_factory.getbasetemp() / "predict-world")
+
+
+@pytest.fixture(autouse=True)
+def single_thread() -> Iterator[None]:
+    """Every test of a module that imports this fixture runs torch on one thread."""
+    with one_thread():
+        yield
 
 
 @functools.cache
