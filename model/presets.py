@@ -10,7 +10,7 @@ from torch import nn
 from model.blocks import he_init
 from model.spec import NetworkSpec
 from model.tasks import TaskSpec
-from model.topology import plan_topology
+from model.topology import activation_count, plan_patch_and_topology, plan_topology
 from model.unet import PlainUNet
 from model.universal import DoDNet, MultiHeadUNet, UniSeg
 
@@ -22,6 +22,16 @@ PRESETS: dict[str, NetworkSpec] = {
         features=(32, 64, 128, 256, 320, 320),
         strides=((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2)),
         kernels=((1, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3)),
+    ),
+    # For real scans on CPU-only machines: a 40x80x80 patch (bottleneck 5x5x5), widths 12..128;
+    # about 4x the tiny preset's compute per iteration.
+    "cpu": NetworkSpec(
+        architecture="uniseg",
+        patch_size=(40, 80, 80),
+        features=(12, 24, 48, 96, 128),
+        strides=((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2), (1, 2, 2)),
+        kernels=((3, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3)),
+        fuse_channels=32,
     ),
     # Small enough to train on two CPU cores in minutes (tests and `make demo`).
     "tiny": NetworkSpec(
@@ -68,15 +78,62 @@ def preset_spec(
     spec = PRESETS[name].replace(**{k: v for k, v in overrides.items() if v is not None})
     if patch_size is None and spacing is None:
         return spec
-    strides, kernels, patch = plan_topology(
-        patch_size or spec.patch_size, spacing or (1.0, 1.0, 1.0), max_stages=len(spec.features)
-    )
+    return replan(spec, patch_size or spec.patch_size, spacing or (1.0, 1.0, 1.0))
+
+
+def replan(spec: NetworkSpec, patch_size: Sequence[int], spacing: Sequence[float]) -> NetworkSpec:
+    """`spec` with strides and kernels planned by nnU-Net's rule for this patch and spacing, for
+    at most as many stages as it has features."""
+    strides, kernels, patch = plan_topology(patch_size, spacing, max_stages=len(spec.features))
     return spec.replace(
         patch_size=patch,
         features=spec.features[: len(strides)],
         strides=tuple(strides),
         kernels=tuple(kernels),
     )
+
+
+# UniSeg's reference network needs about 10 GB of GPU memory at batch 2 (UNISEG.md); a planned
+# network's memory is that figure scaled by its activation count (nnU-Net's planner likewise
+# compares a static estimate against a reference network's).
+REFERENCE_MEMORY_GB = 10.0
+REFERENCE_BATCH = 2
+BASE_FEATURES, MAX_FEATURES = 32, 320
+
+
+def estimated_memory_gb(spec: NetworkSpec, batch_size: int = REFERENCE_BATCH) -> float:
+    """Training memory of `spec` at `batch_size`, scaled from the reference UniSeg's 10 GB."""
+    return _memory_gb(spec.patch_size, spec.strides, spec.features, batch_size)
+
+
+def _memory_gb(patch: Sequence[int], strides: Sequence, features: Sequence[int], batch_size: int) -> float:
+    reference = PRESETS["uniseg-paper"]
+    ratio = activation_count(patch, strides, features) / activation_count(
+        reference.patch_size, reference.strides, reference.features
+    )
+    return REFERENCE_MEMORY_GB * ratio * batch_size / REFERENCE_BATCH
+
+
+def planned_spec(
+    spacing: Sequence[float],
+    median_shape: Sequence[int],
+    memory_gb: float,
+    batch_size: int = REFERENCE_BATCH,
+    **overrides: Any,
+) -> NetworkSpec:
+    """nnU-Net's 3d_fullres plan for the universal net: patch and topology from the (median)
+    spacing and median image shape, widths 32 doubling per stage up to 320, the patch shrunk
+    until the estimated training memory at `batch_size` is within `memory_gb`."""
+    template = PRESETS["uniseg-paper"].replace(**{k: v for k, v in overrides.items() if v is not None})
+
+    def features_for(stages: int) -> tuple[int, ...]:
+        return tuple(min(BASE_FEATURES * 2**s, MAX_FEATURES) for s in range(stages))
+
+    def fits(patch: tuple[int, int, int], strides: list, features: tuple[int, ...]) -> bool:
+        return _memory_gb(patch, strides, features, batch_size) <= memory_gb
+
+    patch, strides, kernels, features = plan_patch_and_topology(spacing, median_shape, features_for, fits)
+    return template.replace(patch_size=patch, strides=tuple(strides), kernels=tuple(kernels), features=features)
 
 
 def build_network(spec: NetworkSpec, tasks: Sequence[TaskSpec]) -> nn.Module:

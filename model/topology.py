@@ -4,12 +4,16 @@ Axes are (z, y, x) throughout. At every stage an axis is downsampled when its fe
 at least `min_feature_size` and its current spacing is within a factor 2 of the finest one, so
 coarse (anisotropic) axes wait until the others catch up. An axis gets 3-wide kernels once its
 spacing is within a factor 2 of the finest; before that its kernel is 1 wide.
+
+`plan_patch_and_topology` is nnU-Net's planner around that rule: start from a patch of 256^3
+voxels shaped by the spacing and capped by the median image shape, and shrink it until the
+network fits a memory budget (estimated from `activation_count`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 Triple = tuple[int, int, int]
 
@@ -64,3 +68,53 @@ def _axes_to_pool(size: list[float], spacing: list[float], min_feature_size: int
     if len(axes) == 1 and size[axes[0]] < 3 * min_feature_size:
         return []
     return axes
+
+
+def activation_count(patch_size: Sequence[int], strides: Sequence[Sequence[int]], features: Sequence[int]) -> int:
+    """Feature-map values one sample keeps for the backward pass, the quantity nnU-Net's planner
+    estimates memory from: per encoder stage two conv outputs and their norms, per decoder stage
+    the upsampled map, the skip concatenation and again two conv outputs and norms."""
+    size = [float(p) for p in patch_size]
+    total = 0.0
+    for stage, (stride, channels) in enumerate(zip(strides, features)):
+        size = [s / st for s, st in zip(size, stride)]
+        voxels = math.prod(size)
+        total += 4 * channels * voxels
+        if stage < len(features) - 1:
+            total += (channels + 2 * channels + 4 * channels) * voxels
+    return int(total)
+
+
+def initial_patch_size(spacing: Sequence[float], median_shape: Sequence[int], volume: int = 256**3) -> Triple:
+    """nnU-Net's starting patch: `volume` voxels shaped like 1 / spacing (isotropic in mm),
+    no larger than the median shape."""
+    inverse = [1.0 / s for s in spacing]
+    scale = (volume / math.prod(inverse)) ** (1 / 3)
+    return tuple(max(1, min(round(i * scale), int(m))) for i, m in zip(inverse, median_shape))  # type: ignore[return-value]
+
+
+def plan_patch_and_topology(
+    spacing: Sequence[float],
+    median_shape: Sequence[int],
+    features_for: Callable[[int], tuple[int, ...]],
+    fits: Callable[[Triple, list[Triple], tuple[int, ...]], bool],
+    max_stages: int = 6,
+) -> tuple[Triple, list[Triple], list[Triple], tuple[int, ...]]:
+    """nnU-Net's planner loop: from the initial patch, while the network does not `fit`, shrink
+    the axis that is largest relative to the median shape by its divisibility factor and re-plan.
+
+    Returns (patch_size, strides, kernels, features); `features_for(stages)` gives the widths.
+    """
+    patch = list(initial_patch_size(spacing, median_shape))
+    while True:
+        strides, kernels, planned = plan_topology(patch, spacing, max_stages=max_stages)
+        features = features_for(len(strides))
+        if fits(planned, strides, features):
+            return planned, strides, kernels, features
+        factor = total_stride(strides)
+        shrinkable = [a for a in range(3) if planned[a] > factor[a]]
+        if not shrinkable:
+            raise ValueError(f"no patch fits: even {planned} at spacing {tuple(spacing)} is over the memory budget")
+        axis = max(shrinkable, key=lambda a: planned[a] / median_shape[a])
+        patch = list(planned)
+        patch[axis] -= factor[axis]

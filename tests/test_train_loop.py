@@ -57,7 +57,8 @@ def _mixed_batch() -> dict[str, torch.Tensor]:
 def test_mixed_task_batch_trains(architecture: str) -> None:
     """One batch spanning three tasks (1, 2 and 4 channels): the loss falls when fitting it."""
     torch.manual_seed(0)
-    spec = network_spec(ModelConfig(architecture=architecture, patch_size=PATCH), [_manifest("x", 1, 2, (1.0, 1.0, 1.0))])
+    spec = network_spec(ModelConfig(preset="tiny", architecture=architecture, patch_size=PATCH),
+                        [_manifest("x", 1, 2, (1.0, 1.0, 1.0))])
     network = build_network(spec, TASKS)
     train = TrainConfig(epochs=10)
     optimizer = build_optimizer(network.parameters(), train)
@@ -83,14 +84,14 @@ def test_poly_schedule() -> None:
 def test_network_spec_replans_for_a_new_patch_with_the_median_spacing() -> None:
     manifests = [_manifest("a", 1, 2, (5.0, 1.5, 1.5)), _manifest("b", 1, 2, (3.0, 1.0, 1.0)),
                  _manifest("c", 1, 2, (4.0, 1.2, 1.2))]
-    spec = network_spec(ModelConfig(patch_size=(16, 64, 64)), manifests)
+    spec = network_spec(ModelConfig(preset="tiny", patch_size=(16, 64, 64)), manifests)
     assert spec.patch_size == (16, 64, 64)
     assert spec.strides[1] == (1, 2, 2)  # z (4 mm) is coarser than 2 x y/x (1.2 mm): not pooled first
-    assert network_spec(ModelConfig(), manifests).patch_size == (32, 64, 64)  # the preset's own
+    assert network_spec(ModelConfig(preset="tiny"), manifests).patch_size == (32, 64, 64)  # the preset's own
 
 
 def test_checkpoint_round_trip(tmp_path: Path) -> None:
-    cfg = config_from_dict({"name": "ckpt", "model": {"patch_size": list(PATCH)}})
+    cfg = config_from_dict({"name": "ckpt", "model": {"preset": "tiny", "patch_size": list(PATCH)}})
     manifests = [_manifest("ct", 1, 3, (2.0, 1.0, 1.0)), _manifest("mr", 2, 2, (3.0, 1.0, 1.0))]
     spec = network_spec(cfg.model, manifests)
     network = build_network(spec, [TaskSpec("ct", 3, 1), TaskSpec("mr", 2, 2)])

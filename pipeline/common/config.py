@@ -87,7 +87,8 @@ class IngestConfig:
 class ModelConfig:
     """Network preset plus the overrides a search or an experiment may change."""
 
-    preset: Literal["tiny", "uniseg-paper"] = "tiny"
+    preset: Literal["tiny", "cpu", "uniseg-paper"] | None = None  # None: planned from the stores (nnU-Net's planner)
+    memory_gb: PositiveFloat = 8.0  # training memory budget of a planned network at batch 2 (nnU-Net's default)
     architecture: Literal["uniseg", "multihead", "dodnet"] = "uniseg"
     patch_size: tuple[PositiveInt, PositiveInt, PositiveInt] | None = None
     features: tuple[PositiveInt, ...] | None = None

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from model.presets import PRESETS, preset_spec
+from model.presets import PRESETS, planned_spec, preset_spec, replan
 from model.spec import NetworkSpec
 from model.tasks import TaskSpec, check_task_table
 from pipeline.common.config import ExperimentConfig, ModelConfig
@@ -36,24 +36,44 @@ def task_specs(manifests: Sequence[StoreManifest]) -> list[TaskSpec]:
     return [TaskSpec(m.task_name, m.num_classes, m.num_channels) for m in manifests]
 
 
-def network_spec(model: ModelConfig, manifests: Sequence[StoreManifest]) -> NetworkSpec:
-    """The preset with the config's overrides; a new patch size or feature list re-plans the
-    topology with nnU-Net's rule for the median target spacing of the tasks."""
-    replan = model.patch_size is not None or model.features is not None
-    patch = model.patch_size or PRESETS[model.preset].patch_size
-    spacing = tuple(float(s) for s in np.median([m.target_spacing for m in manifests], axis=0)) if replan else None
-    return preset_spec(
-        model.preset,
-        patch_size=patch if replan else None,
-        spacing=spacing,
-        architecture=model.architecture,
-        features=model.features,
-        prompt_channels=model.prompt_channels,
-        prompt_size=model.prompt_size,
-        fuse_channels=model.fuse_channels,
-        deep_supervision=model.deep_supervision,
-        prompt_last_stage=model.prompt_last_stage,
-    )
+def network_spec(
+    model: ModelConfig, manifests: Sequence[StoreManifest], median_shapes: Sequence[Sequence[int]] | None = None
+) -> NetworkSpec:
+    """The network for these tasks, with the config's overrides.
+
+    `model.preset` names a preset; unset, nnU-Net's planner chooses patch, topology and widths
+    for the tasks' median target spacing and the median of their median shapes
+    (`median_shapes`, one per task, see `task_median_shapes`) within `model.memory_gb`. A new
+    patch size or feature list re-plans the topology with nnU-Net's rule for that spacing.
+    """
+    spacing = tuple(float(s) for s in np.median([m.target_spacing for m in manifests], axis=0))
+    overrides = {
+        "architecture": model.architecture, "prompt_channels": model.prompt_channels,
+        "prompt_size": model.prompt_size, "fuse_channels": model.fuse_channels,
+        "deep_supervision": model.deep_supervision, "prompt_last_stage": model.prompt_last_stage,
+    }
+    replanned = model.patch_size is not None or model.features is not None
+    if model.preset is not None:
+        patch = model.patch_size or PRESETS[model.preset].patch_size
+        return preset_spec(model.preset, patch_size=patch if replanned else None,
+                           spacing=spacing if replanned else None, features=model.features, **overrides)
+    if not median_shapes:
+        raise ValueError("model.preset is not set, so the network is planned from the tasks' median image "
+                         "shapes: pass them (pipeline.train.build.task_median_shapes) or name a preset")
+    median_shape = tuple(int(n) for n in np.median(np.asarray(median_shapes), axis=0))
+    spec = planned_spec(spacing, median_shape, model.memory_gb, **overrides)
+    if not replanned:
+        return spec
+    return replan(spec.replace(features=model.features or spec.features), model.patch_size or spec.patch_size, spacing)
+
+
+def task_median_shapes(stores: Sequence[TaskStore]) -> list[tuple[int, int, int]]:
+    """Per store, the median (z, y, x) shape of its training cases at its target spacing."""
+    shapes = []
+    for store in stores:
+        cases = [store.case_meta(c).shape for c in store.case_ids("train")]
+        shapes.append(tuple(int(n) for n in np.median(np.asarray(cases), axis=0)))
+    return shapes
 
 
 def model_card(cfg: ExperimentConfig, spec: NetworkSpec, manifests: Sequence[StoreManifest], epoch: int) -> ModelCard:

@@ -34,7 +34,7 @@ from pipeline.common.metrics import metric_name
 from pipeline.common.model_card import unwrap
 from pipeline.common.store import StoreManifest, TaskStore
 from pipeline.train import finetune
-from pipeline.train.build import model_card, network_spec, open_stores, task_specs
+from pipeline.train.build import model_card, network_spec, open_stores, task_median_shapes, task_specs
 from pipeline.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from pipeline.train.data import Batch, BatchStream, make_loader, open_store
 from pipeline.train.optim import build_optimizer, set_learning_rate
@@ -96,7 +96,7 @@ def build_parts(cfg: ExperimentConfig, rank: int, device: torch.device) -> Parts
     if cfg.finetune.pretrained:
         spec, network = finetune.transferred_network(cfg, manifests)
     else:
-        spec = network_spec(cfg.model, manifests)
+        spec = network_spec(cfg.model, manifests, task_median_shapes(stores) if cfg.model.preset is None else None)
         network = build_network(spec, task_specs(manifests))
     network = network.to(device)
     sampler = build_sampler(
