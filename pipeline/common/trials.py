@@ -1,7 +1,6 @@
 """Ray Tune trials that each drive a Ray Train run: what `pipeline.tune` (a search) and
 `pipeline.train --folds` (cross-validation) share.
 
-- `connect`: join the cluster, or start a local Ray whose processes know its address;
 - `trial_resources`: what a trial's driver reserves (its Train workers reserve their own);
 - `child_run`: the MLflow run of one trial under the job's parent run, reopened when the trial
   runs again (a resumed job, a retried trial).
@@ -9,9 +8,6 @@
 
 from __future__ import annotations
 
-import logging
-import os
-import socket
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,32 +15,6 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from pipeline.common.config import ExperimentConfig, flatten
-from pipeline.common.services import LOOPBACK, connect_ray, environment, start_local_ray
-
-log = logging.getLogger(__name__)
-
-
-def connect(address: str | None, host: str) -> None:
-    """Join `address` (or RAY_ADDRESS); else start a local Ray on `host` whose processes know its address.
-
-    Ray Train removes the placement group of a trial that ASHA stops (its driver is killed) from
-    a helper actor that finds the cluster by address; with several Ray instances on one machine
-    and no RAY_ADDRESS it finds none, and the stopped trial's CPUs stay reserved. So a local
-    Ray started here gets a fixed GCS port and RAY_ADDRESS in the environment it inherits.
-    """
-    import ray
-
-    if ray.is_initialized() or (address not in (None, "local")) or (address is None and os.environ.get("RAY_ADDRESS")):
-        connect_ray(address, host)
-        return
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        port = sock.getsockname()[1]
-    # Loopback reaches the GCS whatever `host` is: on another host it listens on every interface.
-    with environment({"RAY_ADDRESS": f"{LOOPBACK}:{port}", "RAY_GCS_SERVER_PORT": str(port)}):
-        log.info("starting a local Ray (GCS port %d)", port)
-        start_local_ray(host)
-
 
 def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
     """What a trial's driver reserves. Its Train workers reserve their own CPUs; with

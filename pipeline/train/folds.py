@@ -45,9 +45,10 @@ from pipeline.common.config import ConfigError, ExperimentConfig, config_from_di
 from pipeline.common.inference import InferenceOptions, segment
 from pipeline.common.metrics import class_metrics
 from pipeline.common.model_card import CARD_FILE, WEIGHTS_FILE, ModelCard, build_from_card, write_ensemble_dir
+from pipeline.common.services import connect_ray
 from pipeline.common.store import TaskStore
 from pipeline.common.tracking import resolve_tracking_uri
-from pipeline.common.trials import child_run, connect, trial_resources
+from pipeline.common.trials import child_run, trial_resources
 from pipeline.train import tracking
 from pipeline.train.cv_summary import OutOfFoldRow, mlflow_metrics, overall, summarise, write_summary
 from pipeline.train.loop import RunContext
@@ -102,7 +103,7 @@ def run_cv(cfg: ExperimentConfig, folds: Sequence[int] | None = None, resume: bo
     parent_id = record["parent_run_id"] if record else _start_parent(cfg, tracking_uri, chosen)
     outcomes = {o["fold"]: FoldOutcome(**o) for o in (record or {}).get("outcomes", [])}
     _write_record(run_dir, cfg, parent_id, chosen, outcomes, "running")
-    connect(cfg.ray.address, cfg.ray.host)
+    connect_ray(cfg.ray.address, cfg.ray.host)
     check_paths_are_shared(cfg, storage, tracking_uri, cluster_nodes(cfg))
     todo = [f for f in chosen if f not in outcomes or outcomes[f].status != "finished"]
     log.info("cross-validation %s: folds %s (%s to run) on Ray; MLflow parent run %s", cfg.name,

@@ -26,8 +26,9 @@ import fsspec
 from mlflow.tracking import MlflowClient
 
 from pipeline.common.config import ExperimentConfig, config_from_dict, save_config, to_dict
+from pipeline.common.services import connect_ray
 from pipeline.common.tracking import ensure_experiment, resolve_tracking_uri
-from pipeline.common.trials import child_run, connect, trial_resources
+from pipeline.common.trials import child_run, trial_resources
 from pipeline.train.loop import RunContext
 from pipeline.train.run import fit, read_json, resolve_storage, write_json
 from pipeline.tune.space import apply_values, sampled_values, search_space, trial_config
@@ -64,7 +65,7 @@ def run(cfg: ExperimentConfig, resume: bool = False) -> TuneResult:
     search_dir = f"{storage.rstrip('/')}/{cfg.name}"
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     restorable = check_search_dir(search_dir, cfg.name, resume)
-    connect(cfg.ray.address, cfg.ray.host)
+    connect_ray(cfg.ray.address, cfg.ray.host)
     record = read_json(f"{search_dir}/{RECORD_FILE}") if restorable else None
     parent_id = record["parent_run_id"] if record else _start_parent(cfg, tracking_uri)
     write_json(f"{search_dir}/{RECORD_FILE}", {"parent_run_id": parent_id, "tracking_uri": tracking_uri, "config": to_dict(cfg)})
