@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.common.config import ExperimentConfig, flatten
 
+
 def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
     """What a trial's driver reserves. Its Train workers reserve their own CPUs; with
     `tune.trial_cpus: 0` the driver holds 1 MiB of Ray's `memory` resource instead (Tune
