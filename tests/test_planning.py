@@ -75,3 +75,20 @@ def test_small_presets_build_and_run(name: str) -> None:
     with torch.no_grad():
         out = network(torch.zeros(1, 1, *spec.patch_size), 0)
     assert out[0].shape == (1, 3, *spec.patch_size)
+
+
+def test_task_median_shapes_reads_the_training_cases() -> None:
+    from types import SimpleNamespace
+
+    from pipeline.train.build import task_median_shapes
+
+    class Store:
+        shapes = {"a": (10, 100, 90), "b": (30, 120, 80), "c": (20, 80, 70), "v": (99, 999, 999)}
+
+        def case_ids(self, split: str = "all") -> list[str]:
+            return ["a", "b", "c"] if split == "train" else list(self.shapes)
+
+        def case_meta(self, case_id: str) -> SimpleNamespace:
+            return SimpleNamespace(shape=self.shapes[case_id])
+
+    assert task_median_shapes([Store()]) == [(20, 100, 80)]
