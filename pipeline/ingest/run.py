@@ -21,17 +21,15 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import dask
-import fsspec
 from dask.delayed import Delayed
 
-from pipeline.common.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+from pipeline.common.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, output_folder_problem
 from pipeline.common.config import IngestConfig
 from pipeline.common.store import FORMAT_VERSION, StoreError, StoreManifest
 from pipeline.ingest import writer
@@ -124,14 +122,9 @@ def _check_distinct(sources: Sequence[str | Path], out: str) -> None:
 
 def check_output(out: str, storage_options: dict[str, Any] | None) -> None:
     """Create `out` if needed and write (then delete) a probe object in it; OutputError if that fails."""
-    try:
-        fs, path = fsspec.core.url_to_fs(out, **(storage_options or {}))
-        probe = f"{path.rstrip('/')}/.ingest-write-check-{os.getpid()}"
-        fs.makedirs(path, exist_ok=True)
-        fs.pipe_file(probe, b"")
-        fs.rm_file(probe)
-    except OSError as err:
-        raise OutputError(f"{out}: output folder is not writable ({err.strerror or err})") from None
+    problem = output_folder_problem(out, storage_options)
+    if problem:
+        raise OutputError(problem)
 
 
 def ingest_dataset(
