@@ -23,7 +23,7 @@ from pipeline.common.config import IngestConfig, load_config
 from pipeline.common.inference import InferenceOptions
 from pipeline.common.mlflow_model import load_model
 from pipeline.common.store import TaskStore
-from pipeline.common.trials import connect
+from pipeline.common.services import connect_ray
 from pipeline.datasets.synthetic import SyntheticTask, write_task
 from pipeline.evaluate.folder import score_folder
 from pipeline.evaluate.run import EvaluateOptions
@@ -43,7 +43,7 @@ FAST = InferenceOptions(mirror_axes=(), amp=False)
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
-    connect(None, "127.0.0.1")
+    connect_ray(None, "127.0.0.1")
     yield
     ray.shutdown()
 
@@ -167,7 +167,8 @@ def test_cross_validation_ensemble_predict_and_folder_evaluation(tmp_path: Path,
     assert result.model_uri == "models:/cv-ensemble/1"
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     _, card = load_model(result.model_uri)
-    assert card.folds == (0, 1, 2) and card.metadata["cross_validation"]["dice_pooled"] == pytest.approx(liver.pooled)
+    task_mean = next(r for r in result.summary if r.class_id is None)
+    assert card.folds == (0, 1, 2) and card.metadata["cross_validation"]["dice_pooled"] == pytest.approx(task_mean.pooled)
 
     # The ensemble predicts the test scans; folder evaluation scores them against labelsTs.
     out = tmp_path / "predictions"
