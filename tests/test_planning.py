@@ -66,11 +66,10 @@ def test_network_spec_plans_when_no_preset_is_named() -> None:
     assert named.patch_size == PRESETS["cpu"].patch_size
 
 
-@pytest.mark.parametrize("name", ["tiny", "cpu"])
-def test_small_presets_build_and_run(name: str) -> None:
+def test_cpu_preset_builds_and_runs() -> None:
     import torch
 
-    spec = PRESETS[name]
+    spec = PRESETS["cpu"]
     network = build_network(spec, [TaskSpec("a", 3, 1)])
     with torch.no_grad():
         out = network(torch.zeros(1, 1, *spec.patch_size), 0)
