@@ -230,8 +230,10 @@ def _run_folds(cfg: ExperimentConfig, folds: list[int], run_dir: str, parent_id:
     )
     results = tuner.fit()
     outcomes = {}
-    for result in results:
-        fold = int(result.config["fold"])
+    for position, result in enumerate(results):
+        # A trial lost before it started (its actor killed, e.g. out of memory) has no config;
+        # results come in the order of the fold grid.
+        fold = int((result.config or {}).get("fold", folds[position]))
         state = read_json(f"{run_dir}/folds/{cfg.name}-fold{fold}/{FOLD_RECORD}") or {}
         error = None if result.error is None else _error_line(result.error)
         finished = error is None and state.get("checkpoint") is not None
