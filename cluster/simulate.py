@@ -84,28 +84,31 @@ def s3_server() -> Iterator[dict[str, str]]:
         server.stop()
 
 
-@contextmanager
-def mlflow_server(folder: Path, timeout_s: float = 300) -> Iterator[str]:
+class MlflowServer:
     """`mlflow server` on a free loopback port: runs and registry in SQLite, artifacts stored
-    under `folder` and served by the server (clients need no file access); yields its URI."""
-    folder.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    command = [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-               "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-               "--artifacts-destination", str(folder / "artifacts")]
-    with open(folder / "server.log", "w") as out:
-        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: _healthy(f"{uri}/health"), timeout_s, f"MLflow server at {uri}",
-                   alive=lambda: server.poll() is None, log_file=folder / "server.log")
-        yield uri
-    finally:
-        server.terminate()
+    under `folder` and served by the server (clients need no file access). It starts in the
+    background; `wait` until it answers."""
+
+    def __init__(self, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.log_file = folder / "server.log"
+        self.uri = f"http://127.0.0.1:{free_port()}"
+        command = [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", self.uri.rsplit(":", 1)[1],
+                   "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+                   "--artifacts-destination", str(folder / "artifacts")]
+        with open(self.log_file, "w") as out:
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(self, timeout_s: float = 300) -> None:
+        wait_until(lambda: _healthy(f"{self.uri}/health"), timeout_s, f"MLflow server at {self.uri}",
+                   alive=lambda: self.process.poll() is None, log_file=self.log_file)
+
+    def stop(self) -> None:
+        self.process.terminate()
         try:
-            server.wait(timeout=30)
+            self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            server.kill()
+            self.process.kill()
 
 
 class SimulatedCluster:
@@ -116,9 +119,11 @@ class SimulatedCluster:
 
         self.env = env
         self.temp_dir = tempfile.mkdtemp(prefix="raysim-", dir="/tmp")  # Ray's socket paths must stay short
+        # Every simulated node's raylet sees the whole machine's memory; Ray's per-node memory
+        # monitor would kill workers for what the other nodes (and other programs) use: off.
         self.cluster = Cluster(initialize_head=True, head_node_args=self._node_args(
             num_cpus=HEAD_CPUS, gcs_server_port=free_port(), include_dashboard=False, dashboard_port=free_port(),
-            temp_dir=self.temp_dir))
+            temp_dir=self.temp_dir, _system_config={"memory_monitor_refresh_ms": 0}))
         self.nodes: dict[str, Any] = {}
         for name in WORKER_NODES:
             self.add(name)
@@ -185,6 +190,27 @@ def simulated_cluster(env: dict[str, str]) -> Iterator[SimulatedCluster]:
         ray_constants.ENABLE_RAY_CLUSTER = saved
         ray.shutdown()
         sim.shutdown()
+
+
+@dataclass(frozen=True)
+class Services:
+    sim: SimulatedCluster
+    s3_env: dict[str, str]  # the AWS variables that reach the S3 server
+    tracking_uri: str
+
+
+@contextmanager
+def cluster_services(folder: Path) -> Iterator[Services]:
+    """The S3 server, the MLflow server (starting while the Ray cluster starts) and the cluster,
+    with this process connected as the driver. The caller puts `s3_env` into its environment."""
+    with s3_server() as env:
+        server = MlflowServer(folder / "mlflow")
+        try:
+            with simulated_cluster(env) as sim:
+                server.wait()
+                yield Services(sim, env, server.uri)
+        finally:
+            server.stop()
 
 
 def write_raw_data(folder: Path) -> list[Path]:
@@ -313,16 +339,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's line per S3 request
     shutil.rmtree(args.out, ignore_errors=True)
     sources = write_raw_data(args.out / "raw")
-    with s3_server() as env, mlflow_server(args.out / "mlflow") as tracking_uri:
-        os.environ.update(env)  # the driver reads and writes S3 too
-        with simulated_cluster(env) as sim:
-            demo(sim, env, tracking_uri, sources, args.out)
+    with cluster_services(args.out) as services:
+        os.environ.update(services.s3_env)  # the driver reads and writes S3 too
+        demo(services, sources, args.out)
     return 0
 
 
-def demo(sim: SimulatedCluster, env: dict[str, str], tracking_uri: str, sources: list[Path], out: Path) -> None:
+def demo(services: Services, sources: list[Path], out: Path) -> None:
+    sim, tracking_uri = services.sim, services.tracking_uri
     log.info("cluster: head + %s on %s; S3 at %s; MLflow at %s", ", ".join(sim.nodes), sim.address,
-             env["AWS_ENDPOINT_URL"], tracking_uri)
+             services.s3_env["AWS_ENDPOINT_URL"], tracking_uri)
     stores = ingest_to_s3(sources)
     cfg = elastic_config(out, stores, tracking_uri)
     elastic = train_losing_a_node(sim, cfg)

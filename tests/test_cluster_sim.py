@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
@@ -21,13 +20,11 @@ from mlflow.tracking import MlflowClient
 
 from cluster.simulate import (
     TASKS,
-    SimulatedCluster,
+    Services,
+    cluster_services,
     elastic_config,
     ingest_to_s3,
-    mlflow_server,
     predict_in_fresh_process,
-    s3_server,
-    simulated_cluster,
     train_losing_a_node,
     write_raw_data,
 )
@@ -39,34 +36,30 @@ from pipeline.train.run import read_record
 pytestmark = pytest.mark.slow
 
 
-@dataclass(frozen=True)
-class Services:
-    sim: SimulatedCluster
-    s3_env: dict[str, str]
-    tracking_uri: str
-    folder: Path
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cluster_sim")
 
 
 @pytest.fixture(scope="module")
-def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
-    folder = tmp_path_factory.mktemp("cluster_sim")
+def services(folder: Path) -> Iterator[Services]:
     if ray.is_initialized():  # left by another module
         ray.shutdown()
     env = pytest.MonkeyPatch()
-    with s3_server() as s3_env, mlflow_server(folder / "mlflow") as tracking_uri:
-        for key, value in s3_env.items():
+    with cluster_services(folder) as started:
+        for key, value in started.s3_env.items():
             env.setenv(key, value)  # the driver reads and writes S3 too
         try:
-            with simulated_cluster(s3_env) as sim:
-                yield Services(sim, s3_env, tracking_uri, folder)
+            yield started
         finally:
             env.undo()
 
 
-def test_local_store_path_fails_at_start_with_one_line(services: Services, caplog: pytest.LogCaptureFixture) -> None:
-    local_store = services.folder / "Task01_Local.zarr"
+def test_local_store_path_fails_at_start_with_one_line(services: Services, folder: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    local_store = folder / "Task01_Local.zarr"
     local_store.mkdir()
-    config = services.folder / "local.yaml"
+    config = folder / "local.yaml"
     config.write_text(yaml.safe_dump({
         "name": "local-paths", "data": {"stores": [str(local_store)]},
         "ray": {"storage_path": "s3://uniseg/ray"}, "mlflow": {"tracking_uri": services.tracking_uri},
@@ -81,11 +74,11 @@ def test_local_store_path_fails_at_start_with_one_line(services: Services, caplo
     assert MlflowClient(services.tracking_uri).get_experiment_by_name("uniseg") is None
 
 
-def test_elastic_run_loses_a_node_and_grows_back(services: Services) -> None:
-    sources = write_raw_data(services.folder / "raw")
+def test_elastic_run_loses_a_node_and_grows_back(services: Services, folder: Path) -> None:
+    sources = write_raw_data(folder / "raw")
     stores = ingest_to_s3(sources)
     assert stores == [f"s3://uniseg/stores/{t.name}.zarr" for t in TASKS]
-    cfg = elastic_config(services.folder, stores, services.tracking_uri)
+    cfg = elastic_config(folder, stores, services.tracking_uri)
     outcome = train_losing_a_node(services.sim, cfg)
     assert outcome.error is None, outcome.error
     assert outcome.spanned == ["node-a", "node-b"], "two workers should run on the two trainer nodes"
@@ -121,5 +114,5 @@ def test_elastic_run_loses_a_node_and_grows_back(services: Services) -> None:
     assert client.get_model_version("elastic-model", "1").run_id == result.mlflow_run_id
     scan = next((sources[0] / "imagesTs").glob("*.nii.gz"))
     labels = predict_in_fresh_process(result.model_uri, services.tracking_uri, TASKS[0].name, scan,
-                                      services.folder / "predictions")
+                                      folder / "predictions")
     assert nib.load(labels).shape == nib.load(scan).shape
