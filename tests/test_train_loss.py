@@ -95,24 +95,46 @@ def _ddp_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
     return logits, label, num_classes, tasks
 
 
+def _tiny_network() -> torch.nn.Module:
+    from model.presets import build_network, preset_spec
+    from model.tasks import TaskSpec
+
+    torch.manual_seed(0)
+    spec = preset_spec("tiny", patch_size=(8, 16, 16), spacing=(1.0, 1.0, 1.0))
+    return build_network(spec, [TaskSpec("a", 3, 1), TaskSpec("b", 2, 1)])
+
+
+def _ddp_images() -> torch.Tensor:
+    return torch.randn(4, 1, 8, 16, 16, generator=torch.Generator().manual_seed(8))
+
+
 def _rank_loss(rank: int, port: int, out: str) -> None:
+    """One rank: the loss on its half of the logits, then a DDP step of a tiny UniSeg on its half."""
     import torch.distributed as dist
 
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        logits, label, num_classes, tasks = (t[2 * rank : 2 * rank + 2] for t in _ddp_batch())
+        mine = slice(2 * rank, 2 * rank + 2)
+        logits, label, num_classes, tasks = (t[mine] for t in _ddp_batch())
         logits = logits.clone().requires_grad_()
         dice = soft_dice(logits, label, num_classes, tasks)
         loss = deep_supervision_loss([logits], label, num_classes, tasks)
         loss.backward()
-        torch.save({"dice": dice.detach(), "loss": loss.detach(), "grad": logits.grad}, f"{out}/rank{rank}.pt")
+        model = torch.nn.parallel.DistributedDataParallel(_tiny_network(), find_unused_parameters=True)
+        outputs = model(_ddp_images()[mine], tasks)
+        deep_supervision_loss(outputs, label[:, :, :8, :8].repeat(1, 1, 2, 2), num_classes, tasks).backward()
+        grads = {k: p.grad for k, p in model.module.named_parameters() if p.grad is not None}
+        torch.save({"dice": dice.detach(), "loss": loss.detach(), "grad": logits.grad, "params": grads},
+                   f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 def test_batch_dice_is_gathered_over_ranks_as_one_batch(tmp_path) -> None:
     """2 gloo ranks give the Dice of the concatenated batch, and (after DDP's averaging over
-    ranks) the gradient a single process gets on that batch."""
+    ranks) the gradient a single process gets on that batch, for the logits and for a network
+    trained under DistributedDataParallel."""
     import socket
 
     import torch.multiprocessing as mp
@@ -134,3 +156,15 @@ def test_batch_dice_is_gathered_over_ranks_as_one_batch(tmp_path) -> None:
         assert result["dice"].item() == pytest.approx(dice.item(), rel=1e-6)
         torch.testing.assert_close(result["grad"] / WORLD, logits.grad[2 * r : 2 * r + 2], rtol=1e-5, atol=1e-9)
     assert sum(r["loss"].item() for r in ranks) / WORLD == pytest.approx(loss.item(), rel=1e-6)
+
+    network = _tiny_network()
+    outputs = network(_ddp_images(), tasks)
+    deep_supervision_loss(outputs, label[:, :, :8, :8].repeat(1, 1, 2, 2), num_classes, tasks).backward()
+    trained = {name: p for name, p in network.named_parameters() if p.grad is not None}
+    assert trained.keys() == ranks[0]["params"].keys() and len(trained) > 40
+    largest = max(p.grad.abs().max() for p in trained.values())
+    for name, parameter in trained.items():
+        # DDP's averaged gradient is the single process's; biases before an instance norm have
+        # none (float noise), hence the absolute tolerance relative to the largest gradient.
+        torch.testing.assert_close(ranks[0]["params"][name], parameter.grad, rtol=1e-4, atol=1e-5 * largest)
+        torch.testing.assert_close(ranks[1]["params"][name], ranks[0]["params"][name])
