@@ -5,7 +5,9 @@
 - `loop`: `train_fn_per_worker`, run by Ray Train on every rank;
 - `sampling`: task samplers (balanced, proportional, temperature) with checkpointable state;
 - `data`: the batch stream (store patches, foreground oversampling, nnU-Net augmentation);
-- `loss`, `optim`: Dice + CE with deep supervision; optimizers and lr schedules by name;
+- `augment`: nnU-Net v2's spatial and intensity augmentation as pure functions of a generator;
+- `loss`, `optim`: Dice + CE with deep supervision (batch Dice gathered over DDP ranks);
+  optimizers and lr schedules by name;
 - `validation`: per-task, per-class Dice on the stores' validation splits;
 - `checkpoint`, `build`, `tracking`: checkpoints (model folder + train state), config-to-network
   and model card, MLflow logging and plots;
