@@ -228,9 +228,10 @@ def ingest_to_s3(sources: list[Path], prefix: str = f"s3://{BUCKET}/stores") -> 
 
 
 def elastic_config(folder: Path, stores: list[str], tracking_uri: str, name: str = "elastic",
-                   epochs: int = 14) -> ExperimentConfig:
+                   epochs: int = 20) -> ExperimentConfig:
     """The tiny preset, elastic over 1-2 workers (one per `trainer` node), everything on S3 and
-    the MLflow server; a checkpoint every epoch so a lost node costs at most the epoch it was in."""
+    the MLflow server; a checkpoint every epoch so a lost node costs at most the epoch it was in.
+    Epochs are short (4 iterations); 20 of them leave room for the node to leave and return."""
     raw = {
         "name": name,
         "data": {"stores": stores},
@@ -238,7 +239,7 @@ def elastic_config(folder: Path, stores: list[str], tracking_uri: str, name: str
         "train": {"epochs": epochs, "iterations_per_epoch": 4, "batch_size": 2, "validate_every": epochs,
                   "checkpoint_every": 1, "loader_workers": 0, "amp": False, "log_every": 4},
         "ray": {"num_workers": [1, 2], "cpus_per_worker": 1, "resources_per_worker": {"trainer": 1},
-                "storage_path": f"s3://{BUCKET}/ray", "max_failures": 4, "elastic_resize_interval_s": 5},
+                "storage_path": f"s3://{BUCKET}/ray", "max_failures": 4, "elastic_resize_interval_s": 2},
         "mlflow": {"tracking_uri": tracking_uri, "experiment": "cluster-sim", "registered_model": f"{name}-model"},
     }
     path = folder / f"{name}.yaml"
