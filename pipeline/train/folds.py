@@ -352,8 +352,14 @@ def _describe(outcome: FoldOutcome, max_failures: int) -> str:
 
 
 def _error_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[-1] if text else type(error).__name__
+    """A trial's error in one line: the exception raised in the trial (the last line of a Ray task
+    error's traceback), or the first line of an error of Ray itself (e.g. workers killed for memory)."""
+    from ray.exceptions import RayTaskError
+
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return (lines[-1] if isinstance(error, RayTaskError) else f"{type(error).__name__}: {lines[0]}")[:400]
 
 
 def _cell(value: Any) -> Any:
