@@ -72,6 +72,9 @@ def test_host_helpers() -> None:
 # --- the listening sockets of running stages --------------------------------------------
 
 
+TRAINING_PROCESSES = ("_run_train_fn", "RayTrainWorker", "pt_data_worker")  # a Train worker, its loaders
+
+
 def _listening(pid: int) -> set[tuple[str, int, str]]:
     """(address, port, process name) of every TCP listener and bound UDP socket of `pid`'s tree."""
     try:
@@ -85,7 +88,7 @@ def _listening(pid: int) -> set[tuple[str, int, str]]:
         if conn.pid in tree and listening and conn.laddr:
             try:
                 name = tree[conn.pid].name()
-            except psutil.NoSuchProcess:
+            except psutil.Error:
                 name = "?"
             found.add((conn.laddr.ip, conn.laddr.port, name))
     return found
@@ -136,5 +139,11 @@ def test_ingest_and_train_listen_on_loopback_only(raw_msd: Path, tmp_path: Path)
              "--set", "mlflow.registered_model=null"]
     trained = _run_and_watch(train, env)
     assert any(name == "gcs_server" for *_, name in trained), trained
-    assert _off_loopback(trained) == []
+    # The one exception, while the workers train: torch.distributed's rendezvous store (a TCPStore
+    # in the rank-0 Train worker, its socket inherited by the data-loader processes) listens on
+    # every interface; torch 2.13 has no option to bind it (docs/architecture.md, "Local services
+    # listen on loopback"). So: one port at most, held by training processes only.
+    off = _off_loopback(trained)
+    assert all(any(t in name for t in TRAINING_PROCESSES) for *_, name in off), off
+    assert len({port for _, port, _ in off}) <= 1, off
     assert _mode(home / ".ray" / "auth_token") == 0o600
