@@ -8,38 +8,22 @@ import numpy as np
 import pytest
 import torch
 from test_inference import PointwiseNet
+from test_train_loop import PATCH, TASKS, _mixed_batch
 
 from model.presets import build_network, preset_spec
-from model.tasks import TaskSpec
 from pipeline.common.config import TrainConfig
 from pipeline.common.inference import InferenceOptions, predict_probabilities
-from pipeline.train.data import collate
 from pipeline.train.optim import build_optimizer
 from pipeline.train.step import train_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-TASKS = [TaskSpec("ct", 3, 1), TaskSpec("mr", 2, 2), TaskSpec("brain", 4, 4)]
-PATCH = (16, 32, 32)
 CUDA = torch.device("cuda")
 
 
 def _tiny_network(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return build_network(preset_spec("tiny", patch_size=PATCH), TASKS)
-
-
-def _mixed_batch(seed: int = 0) -> dict[str, torch.Tensor]:
-    """One sample per task (1, 2 and 4 channels), each label a box per foreground class."""
-    rng = np.random.default_rng(seed)
-    images, labels = [], []
-    for task in TASKS:
-        label = np.zeros(PATCH, np.uint8)
-        for c in range(1, task.num_classes):
-            label[2 * c : 2 * c + 6, 4:20, 4 * c : 4 * c + 8] = c
-        images.append(rng.normal(size=(task.in_channels, *PATCH)).astype(np.float32) + label)
-        labels.append(label)
-    return collate(images, labels, [0, 1, 2], [t.num_classes for t in TASKS])
 
 
 def test_training_steps_with_amp_on_cuda() -> None:

@@ -41,8 +41,9 @@ def _manifest(name: str, channels: int, classes: int, spacing: tuple[float, floa
     )
 
 
-def _mixed_batch() -> dict[str, torch.Tensor]:
-    rng = np.random.default_rng(0)
+def _mixed_batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    """One sample per task (1, 2 and 4 channels), each label a box per foreground class."""
+    rng = np.random.default_rng(seed)
     images, labels = [], []
     for task in TASKS:
         label = np.zeros(PATCH, np.uint8)
