@@ -41,7 +41,7 @@ def fold_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
 
 
 def _probabilities(network: torch.nn.Module, image: torch.Tensor, task: int, tta: bool) -> torch.Tensor:
-    options = InferenceOptions(mirror_axes=(0, 1, 2) if tta else (), amp=False)
+    options = InferenceOptions(mirror_axes=(2,) if tta else (), amp=False)  # one axis: the same code path, 2 passes
     return predict_probabilities(network, image, task, CARD.tasks[task].num_classes, PATCH, options)
 
 
