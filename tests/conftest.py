@@ -3,9 +3,11 @@ copy before changing them)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import s3fs
 
 from pipeline.datasets.synthetic import SyntheticTask, write_task
 
@@ -30,3 +32,11 @@ def raw_msd(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def raw_nnunet(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny 2-channel MR task in the nnU-Net v2 layout (one file per channel)."""
     return write_task(tmp_path_factory.mktemp("nnunet"), TINY_MR, layout="nnunetv2")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_s3_clients() -> Iterator[None]:
+    """s3fs caches filesystems by their arguments, not by the AWS_* variables that point a test at
+    its moto server: without this, a later test reuses a client of an earlier test's stopped server."""
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()

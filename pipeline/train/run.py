@@ -139,8 +139,8 @@ def fit(cfg: ExperimentConfig, storage: str, context: RunContext, callbacks: Seq
     from ray.train.torch import TorchConfig, TorchTrainer
 
     connect_ray(cfg.ray.address, cfg.ray.host)
-    if context.mlflow_run_id:
-        callbacks = [*callbacks, tracking.EpochMetricsCallback(context.tracking_uri, context.mlflow_run_id)]
+    if context.mlflow_run_id:  # logged first: a Tune trial stopped at its report never runs the later callbacks
+        callbacks = [tracking.EpochMetricsCallback(context.tracking_uri, context.mlflow_run_id), *callbacks]
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"experiment": to_dict(cfg), "context": asdict(context)},
