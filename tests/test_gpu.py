@@ -103,14 +103,17 @@ def _ddp_step_worker(config: dict) -> None:
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_two_worker_nccl_step(tmp_path) -> None:
     """Two Ray Train workers, one GPU each, NCCL: different batches, different losses, and after
-    the step both hold the same weights (DDP averaged the gradients)."""
+    the step both hold the same weights (DDP averaged the gradients). NCCL on the loopback interface,
+    as a local Ray's training sets it up."""
     ray = pytest.importorskip("ray")
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.train.process_group import LoopbackTorchConfig
 
     ray.init(num_gpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
     try:
-        trainer = TorchTrainer(_ddp_step_worker, torch_config=TorchConfig(backend="nccl"),
+        trainer = TorchTrainer(_ddp_step_worker, torch_config=LoopbackTorchConfig(backend="nccl"),
                                scaling_config=ScalingConfig(num_workers=2, use_gpu=True),
                                run_config=RunConfig(storage_path=str(tmp_path)))
         ranks = trainer.fit().metrics["ranks"]

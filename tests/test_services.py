@@ -134,16 +134,11 @@ def test_ingest_and_train_listen_on_loopback_only(raw_msd: Path, tmp_path: Path)
 
     train = [sys.executable, "-m", "pipeline.train", "--config", "configs/tiny-cpu.yaml",
              "--set", f"data.stores=[{stores / (raw_msd.name + '.zarr')}]", "--set", "train.epochs=1",
-             "--set", "train.iterations_per_epoch=2", "--set", "train.validate_every=1", "--set", "ray.num_workers=1",
+             "--set", "train.iterations_per_epoch=2", "--set", "train.validate_every=1", "--set", "ray.num_workers=2",
              "--set", f"ray.storage_path={tmp_path / 'ray'}", "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db",
              "--set", "mlflow.registered_model=null"]
     trained = _run_and_watch(train, env)
     assert any(name == "gcs_server" for *_, name in trained), trained
-    # The one exception, while the workers train: torch.distributed's rendezvous store (a TCPStore
-    # in the rank-0 Train worker, its socket inherited by the data-loader processes) listens on
-    # every interface; torch 2.13 has no option to bind it (docs/architecture.md, "Local services
-    # listen on loopback"). So: one port at most, held by training processes only.
-    off = _off_loopback(trained)
-    assert all(any(t in name for t in TRAINING_PROCESSES) for *_, name in off), off
-    assert len({port for _, port, _ in off}) <= 1, off
+    assert any(any(t in name for t in TRAINING_PROCESSES) for *_, name in trained), trained  # store, gloo seen
+    assert _off_loopback(trained) == []
     assert _mode(home / ".ray" / "auth_token") == 0o600

@@ -136,7 +136,9 @@ def fit(cfg: ExperimentConfig, storage: str, context: RunContext, callbacks: Seq
     """Build the TorchTrainer for the config and run it to the end (a ray.train.Result);
     `callbacks` go to its RunConfig (a Tune trial passes its report callback)."""
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.train.process_group import torch_config
 
     connect_ray(cfg.ray.address, cfg.ray.host)
     if context.mlflow_run_id:  # logged first: a Tune trial stopped at its report never runs the later callbacks
@@ -144,7 +146,7 @@ def fit(cfg: ExperimentConfig, storage: str, context: RunContext, callbacks: Seq
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"experiment": to_dict(cfg), "context": asdict(context)},
-        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+        torch_config=torch_config(cfg.ray.use_gpu),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.ray.num_workers,
             use_gpu=cfg.ray.use_gpu,
