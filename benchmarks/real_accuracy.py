@@ -15,7 +15,7 @@ then `nice -n 10 python benchmarks/real_accuracy.py --peers /work/nnunet-venv --
    3d_fullres`, our fold-0 split as its `splits_final.json`, and its plan edited to our network
    and patch: features, strides, kernels, 2 convs per stage, batch size.
 3. Per budget and task, one single-task network per tool (ours: a one-task multi-head net, a
-   plain U-Net; tiny preset with `--patch`), `budget / --iterations` epochs of `--iterations`
+   plain U-Net; `--preset` (tiny by default) with `--patch`), `budget / --iterations` epochs of `--iterations`
    iterations (poly learning rate per epoch in both), 1 torch thread and 1 data-loading process
    each. nnU-Net runs a small trainer subclass (`nnUNetTrainer_RealAccuracy`, written into the
    peers venv) that only sets epochs and iterations, one thread, one validation batch per epoch
@@ -192,12 +192,13 @@ def test_dice(predictions: Path, raw_task: Path, labels: Sequence[str]) -> dict[
 
 def our_config(work: Path, name: str, stores: Sequence[Path], architecture: str, args: argparse.Namespace,
                budget: int, **model: Any) -> dict[str, Any]:
-    """The experiment config of one of our runs: tiny preset, `args.patch`, `budget` iterations."""
+    """The experiment config of one of our runs: `args.preset`, `args.patch`, `budget` iterations."""
     epochs = max(1, budget // args.iterations)
+    patch = {"patch_size": list(args.patch)} if args.patch else {}
     return {
         "name": name,
         "data": {"stores": [str(s) for s in stores]},
-        "model": {"preset": "tiny", "architecture": architecture, "patch_size": list(args.patch), **model},
+        "model": {"preset": args.preset, "architecture": architecture, **patch, **model},
         "train": {"epochs": epochs, "iterations_per_epoch": args.iterations, "batch_size": args.batch_size,
                   "validate_every": epochs, "checkpoint_every": epochs, "loader_workers": 1, "amp": False,
                   "log_every": 10_000, "seed": args.seed},
@@ -343,7 +344,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", type=int, nargs="+", default=[250, 500, 1000, 2000], help="training iterations")
     p.add_argument("--iterations", type=int, default=50, help="iterations per epoch (both tools)")
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--patch", type=int, nargs=3, default=[32, 64, 64], help="patch (z, y, x) of both tools")
+    p.add_argument("--preset", choices=("tiny", "cpu"), default="tiny", help="our network preset, given to both tools")
+    p.add_argument("--patch", type=int, nargs=3, help="patch (z, y, x) of both tools (default: the preset's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tools", nargs="+", choices=("ours", "nnunet"), default=["ours", "nnunet"])
     return p
@@ -365,7 +367,8 @@ def main() -> None:
             manifest = TaskStore.open(str(store)).manifest
             cfg = config_from_dict(our_config(work, "probe", [store], "multihead", args, budget))
             spec = network_spec(cfg.model, [manifest])
-            row: dict[str, Any] = {"budget": budget, "task": task, "seed": args.seed, "spec": spec.to_dict(),
+            row: dict[str, Any] = {"budget": budget, "task": task, "seed": args.seed, "preset": args.preset,
+                                   "spec": spec.to_dict(),
                                    "our_spacing": list(manifest.target_spacing), "load_average": os.getloadavg()}
             if "ours" in args.tools:
                 config = our_config(work, f"ours-{task}-{budget}-s{args.seed}-{time.strftime('%H%M%S')}", [store],

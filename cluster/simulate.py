@@ -22,7 +22,6 @@ import http.client
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from typing import Any
 import yaml
 
 from pipeline.common.config import ExperimentConfig, IngestConfig, load_config
+from pipeline.common.services import free_port, single_machine_mode
 from pipeline.datasets.synthetic import SyntheticTask, write_task
 from pipeline.train.run import TrainResult, read_record, run
 
@@ -57,12 +57,6 @@ TASKS = (
     SyntheticTask("Task02_SimProstate", ("T2", "ADC"), ("background", "peripheral zone", "transition zone"),
                   spacing=(1.0, 1.0, 3.0), shape=(32, 32, 16), num_cases=4),
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager
@@ -172,22 +166,17 @@ class SimulatedCluster:
 def simulated_cluster(env: dict[str, str]) -> Iterator[SimulatedCluster]:
     """The cluster, with this process connected to it as the driver (as `ray job submit` would)."""
     import ray
-    from ray._private import ray_constants
 
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     sim = SimulatedCluster(env)
-    # ray.init swaps 127.0.0.1 in an address for the machine's network address unless Ray runs
-    # in single-machine mode (as on macOS); the cluster listens on 127.0.0.1 only.
-    saved, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
     # After a node is lost Ray Train may first ask for the old number of workers again (its view
     # of free resources lags); it waits this long for their placement before trying fewer.
     job_env = env | {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}
     try:
-        ray.init(address=sim.address, runtime_env={"env_vars": job_env})
-        ray_constants.ENABLE_RAY_CLUSTER = saved
+        with single_machine_mode():  # the cluster listens on 127.0.0.1 only
+            ray.init(address=sim.address, runtime_env={"env_vars": job_env})
         yield sim
     finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved
         ray.shutdown()
         sim.shutdown()
 

@@ -8,7 +8,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipeline.common.services import free_port
 
 VENV_BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 180
@@ -41,12 +42,6 @@ class RayHead:
             if "No available agent" not in job.stdout + job.stderr or time.monotonic() > deadline:
                 return job
             time.sleep(5)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from moto.server import ThreadedMotoServer
 
 from pipeline.common.config import ExperimentConfig, load_config
 from pipeline.common.mlflow_model import load_model
+from pipeline.common.services import free_port
 from pipeline.common.store import TaskStore
 from pipeline.datasets.synthetic import write_collection
 from pipeline.train.__main__ import main
@@ -65,9 +65,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def s3_env() -> Iterator[dict[str, str]]:
     """A moto S3 server on a free loopback port, and the AWS variables that point at it."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
@@ -215,11 +213,6 @@ def test_killed_worker_is_restarted_from_the_checkpoint_on_s3(
     assert card.metadata["epochs_trained"] == 3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_ray_job_submit_against_a_started_cluster(stores: list[str], workdir: Path) -> None:
@@ -228,10 +221,10 @@ def test_ray_job_submit_against_a_started_cluster(stores: list[str], workdir: Pa
     config = write_config(workdir, stores, "job", train=train)
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
     env.pop("RAY_ADDRESS", None)
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     # Every port Ray would otherwise take from a fixed default, so other Ray clusters on this
     # machine (other test runs) cannot take the job agent's port.
-    ports = [f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+    ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                                       "runtime-env-agent-port", "metrics-export-port",
                                                       "ray-client-server-port")]
     temp_dir = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")  # Ray's socket paths must stay short

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from model.universal import MASKED_LOGIT, mask_classes
+from pipeline.common.services import free_port
 from pipeline.train.loss import deep_supervision_loss, deep_supervision_weights, downsample_label, soft_dice
 
 
@@ -135,13 +136,9 @@ def test_batch_dice_is_gathered_over_ranks_as_one_batch(tmp_path) -> None:
     """2 gloo ranks give the Dice of the concatenated batch, and (after DDP's averaging over
     ranks) the gradient a single process gets on that batch, for the logits and for a network
     trained under DistributedDataParallel."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.start_processes(_rank_loss, args=(port, str(tmp_path)), nprocs=WORLD, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 

@@ -72,24 +72,38 @@ def connect_ray(address: str | None = None, host: str = LOOPBACK, **init_kwargs:
 def start_local_ray(host: str = LOOPBACK, **init_kwargs: Any) -> None:
     """A new single-node Ray whose processes and dashboard listen on `host` (see the module doc)."""
     import ray
-    from ray._private import ray_constants
 
     private_token_file(create=True)
     loopback = is_loopback(host)
     node_ip = None if loopback or host in ALL_INTERFACES else host
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     # Loopback reaches the GCS whatever `host` is: on another host it listens on every interface.
     env = {"RAY_ADDRESS": f"{LOOPBACK}:{port}", "RAY_GCS_SERVER_PORT": str(port)}
-    saved = ray_constants.ENABLE_RAY_CLUSTER
     log.info("starting a local Ray listening on %s (GCS port %d)", host, port)
-    with environment(env | ({_SINGLE_MACHINE_MODE: "0"} if loopback else {})):
-        ray_constants.ENABLE_RAY_CLUSTER = saved and not loopback
+    with environment(env), single_machine_mode(loopback):
+        ray.init(address="local", _node_ip_address=node_ip, dashboard_host=host, **init_kwargs)
+
+
+@contextlib.contextmanager
+def single_machine_mode(on: bool = True) -> Iterator[None]:
+    """Ray's single-machine mode for the duration (when `on`): Ray then keeps 127.0.0.1 as a node's
+    and an address's IP instead of replacing it by the machine's network address."""
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    with environment({_SINGLE_MACHINE_MODE: "0"} if on else {}):
+        ray_constants.ENABLE_RAY_CLUSTER = saved and not on
         try:
-            ray.init(address="local", _node_ip_address=node_ip, dashboard_host=host, **init_kwargs)
+            yield
         finally:
             ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port free on `host` now."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def dask_cluster_options(host: str = LOOPBACK) -> dict[str, str]:
