@@ -31,6 +31,7 @@ from pipeline.common.store import StoreManifest
 CARD_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
+FOLD_KEY = "fold"  # metadata of a single network trained with data.fold: the fold it held out
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,16 @@ class ModelCard:
     @property
     def folds(self) -> tuple[int, ...]:
         return tuple(m.fold for m in self.members)
+
+    @property
+    def held_out_folds(self) -> tuple[int, ...]:
+        """The cross-validation folds this model's networks held out in training: an ensemble's
+        member folds, a single network's `metadata["fold"]` (data.fold), or () for a network
+        trained on the stores' default split (fold 0 held out)."""
+        if self.members:
+            return self.folds
+        fold = self.metadata.get(FOLD_KEY)
+        return () if fold is None else (int(fold),)
 
     def select_folds(self, folds: tuple[int, ...] | None) -> ModelCard:
         """The card of the ensemble of `folds` only (None: all); ValueError naming the known folds."""
@@ -210,6 +221,7 @@ def write_ensemble_dir(fold_dirs: Mapping[int, str | Path], directory: str | Pat
     members = tuple(Member(f"fold_{k}.safetensors", k) for k in cards)
     for member in members:
         shutil.copyfile(Path(fold_dirs[member.fold]) / WEIGHTS_FILE, directory / member.file)
-    card = replace(first, members=members, metadata={**first.metadata, **(metadata or {})})
+    kept = {k: v for k, v in first.metadata.items() if k != FOLD_KEY}  # the members name their folds
+    card = replace(first, members=members, metadata={**kept, **(metadata or {})})
     (directory / CARD_FILE).write_text(card.to_json())
     return directory

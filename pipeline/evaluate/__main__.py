@@ -5,9 +5,11 @@ Model mode: segments the stores' cases (a fold ensemble averages its folds' soft
 picks some) and writes metrics.csv (per case and class: Dice, HD95, false positive and negative
 voxels), summary.md, summary.json (nnU-Net's keys), boxplot_<task>.png and slices_<task>.png
 (example slices: image, reference, prediction) into --output and logs them, with the summary
-metrics, to the MLflow run of the model. Folder mode scores any folder of predicted label maps
-against a folder of references (same file names, same voxel grids: one line per mismatch) into
-the same report files. Dice uses nnU-Net's empty-reference rule unless --empty-reference monai.
+metrics, to the MLflow run of the model. --split val (and train) are the cases of the fold the
+model held out in training (`data.fold`; fold 0 by default); of a fold ensemble, --split val
+needs one fold picked (--folds k: fold k's held-out cases, fold k's weights). Folder mode
+scores any folder of predicted label maps against a folder of references (same file names,
+same voxel grids: one line per mismatch) into the same report files. Dice uses nnU-Net's empty-reference rule unless --empty-reference monai.
 Exit status 1 when the evaluation failed, 2 for bad input (model, store, folders, options).
 
 Examples:
@@ -53,7 +55,9 @@ def parse_args(argv: list[str] | None = None) -> EvaluateOptions | FolderOptions
                         help="Dice where the reference lacks a class: nnunet (0 if predicted, NaN if neither "
                              "has it; default) or monai (always NaN)")
     parser.add_argument("--split", choices=("val", "validation", "test", "train"), default="val",
-                        help="which cases of each store to score (default val; test cases need labels)")
+                        help="which cases of each store to score (default val: those of the fold the model held "
+                             "out in training; a fold ensemble needs --folds k or --split test; test cases need "
+                             "labels)")
     parser.add_argument("--space", choices=("original", "store"), default="original",
                         help="score on the source files' grids (default) or on the stores' resampled grids")
     parser.add_argument("--raw-root", type=Path, help="folder holding the raw dataset folders, if moved since ingest")

@@ -4,6 +4,11 @@ For each store: the model task of the same name (the store's task name or datase
 the split's cases, one prediction per case (sliding window on the stored image), scored in the
 chosen space (`pipeline.evaluate.cases`). Then the report (`pipeline.evaluate.report`) goes to
 the output folder and, when the model came from MLflow, to the model's run.
+
+The train and validation splits are those of the cross-validation fold the model held out in
+training (its card's `held_out_folds`: `data.fold`, or the one fold of an ensemble picked with
+`--folds k`; fold 0 for a model trained on the stores' default split). A fold ensemble of
+several folds has no such split: every fold trained on the others' validation cases.
 """
 
 from __future__ import annotations
@@ -64,8 +69,9 @@ def run(options: EvaluateOptions) -> Evaluation:
         mlflow.set_tracking_uri(options.tracking_uri)
     split = SPLIT_ALIASES.get(options.split, options.split)
     network, card = _load(options.model, options.device, options.folds)
-    stores = [_open(uri, options.storage_options) for uri in options.stores]
-    plan = [(store, _task_id(card, store), _cases(store, split)) for store in stores]
+    fold = None if split == "test" else held_out_fold(card, options.split)
+    stores = [_open(uri, options.storage_options, fold) for uri in options.stores]
+    plan = [(store, _task_id(card, store), _cases(store, split, fold)) for store in stores]
     problem = output_folder_problem(str(options.output))
     if problem:
         raise EvaluateError(problem)
@@ -75,7 +81,8 @@ def run(options: EvaluateOptions) -> Evaluation:
         rows += task_rows
         if task_examples:
             examples[card.tasks[task_id].name] = task_examples
-    title = f"Evaluation of {options.model} on the {split} split ({options.space} space)"
+    of_fold = "" if fold is None else f" of fold {fold}"
+    title = f"Evaluation of {options.model} on the {split} split{of_fold} ({options.space} space)"
     summaries, files = write_report(rows, options.output, title)
     files += write_slices(examples, {t.name: t.labels for t in card.tasks}, options.output)
     metrics = mlflow_metrics(summaries, split)
@@ -108,9 +115,24 @@ def _load(uri: str, device: str, folds: tuple[int, ...] | None) -> tuple[nn.Modu
         raise EvaluateError(str(err)) from None
 
 
-def _open(uri: str, storage_options: dict[str, Any] | None) -> TaskStore:
+def held_out_fold(card: ModelCard, split: str) -> int | None:
+    """The fold whose cases the model held out in training, which `split` (train or validation)
+    is taken from; None: the stores' default split (fold 0). EvaluateError for an ensemble of
+    several folds."""
+    folds = card.held_out_folds
+    if len(folds) > 1:
+        raise EvaluateError(
+            f"--split {split}: every fold of this ensemble (folds {', '.join(map(str, folds))}) saw the others' "
+            "validation cases in training; use --split test, or --folds k to score fold k's held-out cases with "
+            "that fold's weights")
+    if folds:
+        log.info("the %s split is that of fold %d, the fold the model held out in training", split, folds[0])
+    return folds[0] if folds else None
+
+
+def _open(uri: str, storage_options: dict[str, Any] | None, fold: int | None) -> TaskStore:
     try:
-        return TaskStore.open(uri, storage_options)
+        return TaskStore.open(uri, storage_options, fold=fold)
     except StoreError as err:
         raise EvaluateError(str(err)) from None
 
@@ -134,13 +156,14 @@ def _check_channels(task: TaskCard, store: TaskStore) -> None:
                             f"{task.name} takes {len(expected)} ({', '.join(expected)})")
 
 
-def _cases(store: TaskStore, split: str) -> list[str]:
+def _cases(store: TaskStore, split: str, fold: int | None) -> list[str]:
     try:
         case_ids = store.case_ids(split)
     except ValueError as err:
         raise EvaluateError(f"{store.uri}: {err}") from None
     if not case_ids:
-        raise EvaluateError(f"{store.uri}: no cases in the {split} split")
+        of_fold = "" if fold is None else f" of fold {fold} (the store has {len(store.manifest.folds)} folds)"
+        raise EvaluateError(f"{store.uri}: no cases in the {split} split{of_fold}")
     return case_ids
 
 

@@ -11,7 +11,7 @@ from model.presets import PRESETS, planned_spec, preset_spec, replan
 from model.spec import NetworkSpec
 from model.tasks import TaskSpec, check_task_table
 from pipeline.common.config import ExperimentConfig, ModelConfig
-from pipeline.common.model_card import ModelCard, TaskCard
+from pipeline.common.model_card import FOLD_KEY, ModelCard, TaskCard
 from pipeline.common.store import StoreManifest, TaskStore
 
 
@@ -77,12 +77,14 @@ def task_median_shapes(stores: Sequence[TaskStore]) -> list[tuple[int, int, int]
 
 
 def model_card(cfg: ExperimentConfig, spec: NetworkSpec, manifests: Sequence[StoreManifest], epoch: int) -> ModelCard:
-    """Everything `predict` needs: network spec (patch size included) and the task table."""
+    """Everything `predict` needs: network spec (patch size included) and the task table; with
+    `data.fold`, the cross-validation fold held out (`metadata["fold"]`: evaluate's validation split)."""
     return ModelCard(
         spec=spec,
         tasks=tuple(TaskCard.from_manifest(m) for m in manifests),
         metadata={"run": cfg.name, "epochs_trained": epoch, "stores": list(cfg.data.stores),
                   "patch_size": list(spec.patch_size)}
+        | ({FOLD_KEY: cfg.data.fold} if cfg.data.fold is not None else {})
         | ({"pretrained": cfg.finetune.pretrained, "from_scratch": cfg.finetune.from_scratch}
            if cfg.finetune.pretrained else {}),
     )
