@@ -22,6 +22,7 @@ from pipeline.common.config import FinetuneConfig, TrainConfig, load_config
 from pipeline.common.mlflow_model import load_model
 from pipeline.datasets.synthetic import SyntheticTask, write_task
 from pipeline.finetune.__main__ import main
+from pipeline.train.checkpoint import STATE_FILE
 from pipeline.train.finetune import apply_schedule, build_finetune_optimizer, freeze_encoder, layer_ids, warmup_factor
 from pipeline.train.run import run as train_run
 
@@ -113,19 +114,20 @@ def write_config(tmp: Path, stores: list[str], name: str, **train: object) -> Pa
     return path
 
 
-def frozen_epoch_weights(run_dir: Path, epochs_trained: int) -> dict[str, torch.Tensor]:
-    """The weights of the run's checkpoint written after `epochs_trained` epochs."""
+def checkpoint_after(run_dir: Path, epochs_trained: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """The weights and the optimizer state of the run's checkpoint written after `epochs_trained` epochs."""
     for folder in sorted(run_dir.glob("checkpoint_*")):
         network, card = load_model(str(folder))
         if card.metadata["epochs_trained"] == epochs_trained:
-            return network.state_dict()
+            return network.state_dict(), torch.load(folder / STATE_FILE, weights_only=True)["optimizer"]
     raise AssertionError(f"{run_dir}: no checkpoint after {epochs_trained} epochs")
 
 
 @pytest.mark.slow
 def test_finetune_from_registered_model(stores: dict[str, list[str]], tmp_path: Path, local_ray: None) -> None:
     """A universal model (1 worker) fine-tuned on a new task by 2 DDP workers: the encoder frozen
-    for the first of 2 epochs stays bit-identical in that epoch's checkpoint, then trains."""
+    for the first of 2 epochs stays bit-identical in that epoch's checkpoint, and gathers no
+    momentum there (frozen, not trained at lr 0), then trains."""
     cfg = load_config(write_config(tmp_path, stores["upstream"], "universal"))
     universal = train_run(cfg)
     client = MlflowClient(cfg.mlflow.tracking_uri)
@@ -143,9 +145,12 @@ def test_finetune_from_registered_model(stores: dict[str, list[str]], tmp_path: 
     assert card.spec.architecture == "plain" and [t.name for t in card.tasks] == [NEW.name]
     assert card.metadata["pretrained"] == "models:/ft-universal/1"
     source_state, tuned_state = source.state_dict(), tuned.state_dict()
-    frozen_state = frozen_epoch_weights(tmp_path / "ray" / "spleen", 1)
+    frozen_state, frozen_optimizer = checkpoint_after(tmp_path / "ray" / "spleen", 1)
     encoder = [n for n in tuned_state if n.startswith("encoder.") and n in source_state]
     assert encoder and all(torch.equal(frozen_state[n], source_state[n]) for n in encoder), "frozen encoder changed"
+    encoder_ids = {i for group in frozen_optimizer["param_groups"] if group["encoder"] for i in group["params"]}
+    assert encoder_ids and frozen_optimizer["state"], frozen_optimizer["param_groups"]
+    assert not encoder_ids & set(frozen_optimizer["state"]), "the frozen encoder gathered optimizer state"
     assert any(not torch.equal(tuned_state[n], source_state[n]) for n in encoder), "thawed encoder did not train"
     decoder = [n for n in tuned_state if n.startswith("decoder.stages.") and n.endswith("weight")]
     assert any(not torch.equal(frozen_state[n], source_state[n]) for n in decoder), "decoder did not train"
