@@ -4,7 +4,7 @@ Each entry breaks a copy of the tiny MSD task (`Task09_Bad`) in one way and runs
 (`pipeline.ingest.__main__.main`, in-process Dask scheduler) next to an intact source; it checks
 the exit status, that the problem is one log line naming the file (and key or case), and that
 nothing good was lost: the intact source is ingested, the bad dataset's other cases are stored,
-and a re-run never deletes a stored good case. Disk-full and read-only output run the CLI in a
+and a re-run never deletes a stored good case, nor hides that it failed. Disk-full and read-only output run the CLI in a
 user + mount namespace on a real tmpfs (skipped where `unshare` is not allowed).
 """
 
@@ -20,6 +20,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import nibabel as nib
@@ -71,7 +72,9 @@ class Bad:
     """One bad input: how to break the copy, the exit status, a regex of the one-line message,
     and which good data must survive: "dataset" (the intact source is ingested; nothing of the
     bad one is), "case" (the bad dataset's other cases are stored, the case is recorded as
-    failed), "rerun" (the bad case's stored copy from a first, good run is kept, marked stale)."""
+    failed), "rerun" (the bad case's stored copy from a first, good run is kept, marked stale),
+    "dataset rerun" (the whole dataset fails at a re-run: the store of the first, good run keeps
+    every case, its manifest records the failure)."""
 
     name: str
     breaks: Callable[[Path], object]
@@ -132,6 +135,11 @@ CATALOGUE = [
     Bad("label missing at re-run", lambda r: _label(r).unlink(), rf"labelsTr/{CASE}.nii.gz: missing label", "rerun"),
     Bad("image corrupt at re-run", lambda r: _truncate(_image(r)), rf"imagesTr/{CASE}.nii.gz: cannot read NIfTI",
         "rerun"),
+    # a re-run failing for the whole dataset: the store of the good run is kept, marked failed
+    Bad("dataset.json invalid at re-run", lambda r: _edit_json(r, lambda m: m["training"][1].update(image=None)),
+        r"Task09_Bad/dataset.json: training.1.image: Input should be a valid string", "dataset rerun"),
+    Bad("source folder gone at re-run", shutil.rmtree, r"Task09_Bad/dataset.json: dataset.json not found",
+        "dataset rerun"),
 ]
 
 
@@ -152,16 +160,19 @@ def test_bad_input(bad: Bad, raw_msd: Path, tmp_path: Path, caplog: pytest.LogCa
     raw = shutil.copytree(raw_msd, tmp_path / BAD)
     out = tmp_path / "out"
     sources = ["--source", str(raw)] + (["--source", str(raw_msd)] if bad.scope == "dataset" else [])
-    if bad.scope == "rerun":
+    if bad.scope in ("rerun", "dataset rerun"):
         assert main(_cli(*sources, "--out", str(out))) == 0
         before = TaskStore.open(str(out / f"{BAD}.zarr")).read_case(CASE)
     bad.breaks(raw)
     caplog.clear()
     assert main(_cli(*sources, "--out", str(out))) == bad.status
-    _one_line(caplog, bad.message)
+    line = _one_line(caplog, bad.message)
     if bad.scope == "dataset":
         assert len(TaskStore.open(str(out / f"{raw_msd.name}.zarr")).case_ids()) == 5
-        assert not (out / f"{BAD}.zarr" / "zarr.json").exists()
+        assert not (out / f"{BAD}.zarr").exists()
+        return
+    if bad.scope == "dataset rerun":
+        _check_marked_failed(str(out / f"{BAD}.zarr"), line, before, caplog)
         return
     store = TaskStore.open(str(out / f"{BAD}.zarr"))
     others = {f"tinyliver_00{i}" for i in range(5)} - {CASE}
@@ -175,6 +186,21 @@ def test_bad_input(bad: Bad, raw_msd: Path, tmp_path: Path, caplog: pytest.LogCa
             np.testing.assert_array_equal(got, want)
         with pytest.raises(StoreError, match="did not finish cleanly: 1 stale case.*allow_incomplete_stores"):
             TaskStore.open(store.uri, allow_incomplete=False)
+
+
+def _check_marked_failed(uri: str, line: str, before: tuple, caplog: pytest.LogCaptureFixture) -> None:
+    """The store of the earlier, good ingest: every case as it was, the failure in its manifest,
+    a warning on open, refused unless incomplete stores are allowed."""
+    caplog.clear()
+    store = TaskStore.open(uri)
+    assert f"{uri}: its last ingest did not finish cleanly: it failed at " in caplog.text
+    assert len(store.case_ids()) == 5 and store.manifest.failed == {} and store.manifest.stale == {}
+    for got, want in zip(store.read_case(CASE), before):
+        np.testing.assert_array_equal(got, want)
+    marked = store.manifest.last_ingest_failed
+    assert marked["reason"] == line and datetime.fromisoformat(marked["at"]).tzinfo is not None
+    with pytest.raises(StoreError, match="did not finish cleanly: it failed at .*allow_incomplete_stores"):
+        TaskStore.open(uri, allow_incomplete=False)
 
 
 def _store(raw_msd: Path, out: Path) -> str:
@@ -242,6 +268,27 @@ def test_training_refuses_an_incomplete_store_unless_told(raw_msd: Path, tmp_pat
         check_stores(config_from_dict(data, "<test>"))
     data["data"]["allow_incomplete_stores"] = True
     check_stores(config_from_dict(data, "<test>"))
+
+
+def test_failed_ingest_mark_stops_training_until_a_good_ingest_clears_it(raw_msd: Path, tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    from pipeline.common.config import ConfigError
+    from pipeline.train.run import check_stores
+
+    raw, out = shutil.copytree(raw_msd, tmp_path / BAD), tmp_path / "out"
+    assert main(_cli("--source", str(raw), "--out", str(out))) == 0
+    good = (raw / "dataset.json").read_text()
+    (raw / "dataset.json").write_text("[]")
+    assert main(_cli("--source", str(raw), "--out", str(out))) == 2
+    data = {"data": {"stores": [str(out / f"{BAD}.zarr")]}}
+    with pytest.raises(ConfigError, match="did not finish cleanly: it failed at .*dataset.json must hold an object"):
+        check_stores(config_from_dict(data, "<test>"))
+    check_stores(config_from_dict({"data": data["data"] | {"allow_incomplete_stores": True}}, "<test>"))
+    (raw / "dataset.json").write_text(good)
+    caplog.set_level(logging.INFO)
+    assert main(_cli("--source", str(raw), "--out", str(out))) == 0
+    assert "0 ingested, 5 unchanged, 0 failed" in caplog.text
+    assert TaskStore.open(str(out / f"{BAD}.zarr"), allow_incomplete=False).manifest.last_ingest_failed == {}
 
 
 def test_content_change_with_mtime_restored_is_seen(raw_msd: Path, tmp_path: Path,

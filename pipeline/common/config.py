@@ -44,7 +44,7 @@ class DataConfig:
 
     stores: tuple[str, ...] = ()
     fold: NonNegativeInt | None = None  # cross-validation fold held out for validation (None: the stores' split, fold 0)
-    allow_incomplete_stores: bool = False  # train on a store whose last ingest left failed or stale cases
+    allow_incomplete_stores: bool = False  # train on a store whose last ingest failed or left failed/stale cases
 
     @field_validator("stores")
     @classmethod

@@ -27,9 +27,11 @@ Chunks equal to the fill value are not written (nor is an all-zero shard: the ca
 A store without a manifest is an unfinished ingest and does not open. The root attrs and the
 manifest both carry the format version; every reader checks both. Older stores (1: plain 64^3
 chunks; 2: no per-chunk checksums) are refused: re-ingest them with --overwrite. The manifest
-records the cases the last ingest could not write (`failed`) and the stored cases it kept
-although their source now fails or is missing (`stale`); such a store opens with a warning,
-and training refuses it unless told (`data.allow_incomplete_stores`).
+records the cases the last ingest could not write (`failed`), the stored cases it kept
+although their source now fails or is missing (`stale`) and, when a later ingest of the source
+failed as a whole (dataset.json invalid, the folder gone), when and why (`last_ingest_failed`;
+the cases are the earlier ingest's); such a store opens with a warning, and training refuses it
+unless told (`data.allow_incomplete_stores`). A successful ingest writes a manifest without them.
 """
 
 from __future__ import annotations
@@ -100,6 +102,8 @@ class StoreManifest:
     stale: dict[str, str] = dataclasses.field(default_factory=dict)  # kept from an earlier ingest: id -> why
     format_version: int = FORMAT_VERSION
     folds: list[list[str]] = dataclasses.field(default_factory=list)  # held-out cases per fold (ingest.split)
+    # {"at": ISO 8601 UTC time, "reason": one line} when the last ingest of the source failed as a whole
+    last_ingest_failed: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -121,9 +125,12 @@ class StoreManifest:
         )
 
     def incomplete(self) -> str | None:
-        """Why the last ingest did not end cleanly (failed or stale cases), or None."""
+        """Why the last ingest did not end cleanly (it failed as a whole; failed or stale cases), or None."""
         parts = [f"{len(cases)} {kind} case(s) ({', '.join(sorted(cases)[:5])}{', ...' if len(cases) > 5 else ''})"
                  for kind, cases in (("failed", self.failed), ("stale", self.stale)) if cases]
+        if self.last_ingest_failed:
+            parts.insert(0, f"it failed at {self.last_ingest_failed['at']} ({self.last_ingest_failed['reason']}), "
+                            "the cases are those of an earlier ingest")
         return "its last ingest did not finish cleanly: " + ", ".join(parts) if parts else None
 
     def to_dict(self) -> dict[str, Any]:
@@ -152,6 +159,7 @@ class StoreManifest:
             stale=dict(raw["stale"]),
             format_version=raw["format_version"],
             folds=[list(f) for f in raw.get("folds", [])],
+            last_ingest_failed=dict(raw.get("last_ingest_failed", {})),
         )
 
 
@@ -351,9 +359,10 @@ class TaskStore:
         fold: int | None = None,
     ) -> TaskStore:
         """Open a finished store; raises StoreError when it is missing, unfinished or of another
-        format version. A store whose last ingest left failed or stale cases opens with a warning,
-        or raises when `allow_incomplete` is False (training's default). With `fold`, that
-        cross-validation fold is the validation split (`StoreManifest.with_fold`)."""
+        format version. A store whose last ingest failed (as a whole: `last_ingest_failed`) or left
+        failed or stale cases opens with a warning, or raises when `allow_incomplete` is False
+        (training's default). With `fold`, that cross-validation fold is the validation split
+        (`StoreManifest.with_fold`)."""
         try:
             root = open_group(uri, storage_options)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as err:

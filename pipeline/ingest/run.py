@@ -10,9 +10,12 @@ with nothing changed writes nothing.
 Nothing good is lost: a case that fails at a re-run (a file missing, unreadable, a full disk)
 keeps its stored copy from the earlier ingest, marked stale in the manifest; cases that failed
 without a stored copy are listed as failed there. Only cases no longer listed by the source are
-removed. One bad source never stops the others. Exit status (`IngestReport.exit_status`): 0 all
-done, 2 bad input (a dataset, case or option; one line per problem), 1 something else failed
-(a full disk, a bug: logged, with a traceback for a bug).
+removed. A re-run that fails for the whole dataset (dataset.json invalid, the folder gone, no
+plan) leaves a finished store's cases as they were and records the failure in its manifest
+(`last_ingest_failed`: when, why), so that readers warn; the next successful ingest clears it.
+One bad source never stops the others. Exit status (`IngestReport.exit_status`): 0 all done, 2
+bad input (a dataset, case or option; one line per problem), 1 something else failed (a full
+disk, a bug: logged, with a traceback for a bug).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +150,22 @@ def ingest_dataset(
         log.exception("%s: ingest failed", report.store or source)
         report.error = f"{report.store or source}: {type(err).__name__}: {' '.join(str(err).split())}"
         report.crashed = True
+    if report.error is not None:
+        _mark_store(report.store or store_uri(out, source.resolve().name), storage_options, report.error)
     return report
+
+
+def _mark_store(uri: str, storage_options: dict[str, Any] | None, error: str) -> None:
+    """A dataset that failed as a whole: its store from an earlier ingest, if any, keeps its
+    cases and says in its manifest that its last ingest failed (readers warn, training refuses)."""
+    at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    try:
+        marked = writer.mark_last_ingest_failed(uri, storage_options, at, "; ".join(error.splitlines()))
+    except OSError as err:  # a full disk: the store is unfinished or says so already
+        log.warning("%s: could not record the failed ingest in the manifest (%s)", uri, err.strerror or err)
+        return
+    if marked:
+        log.warning("%s: kept the store of an earlier ingest; its manifest records that this ingest failed", uri)
 
 
 def _ingest_dataset(

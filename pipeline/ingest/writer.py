@@ -16,6 +16,7 @@ Zarr v3 `crc32c` codec after Blosc), so readers detect any corrupt chunk.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -119,6 +120,21 @@ def clear_manifest(root: zarr.Group) -> None:
 
 def write_manifest(root: zarr.Group, manifest: StoreManifest) -> None:
     root.attrs[MANIFEST] = manifest.to_dict()
+
+
+def mark_last_ingest_failed(uri: str, storage_options: dict[str, Any] | None, at: str, reason: str) -> bool:
+    """Record in the manifest of the finished store at `uri` that the last ingest of its source
+    failed as a whole (`at`, `reason`), its cases untouched; False when there is no such store
+    of this format version (nothing to mark)."""
+    try:  # read-only first: opening a missing local store for writing would create its folder
+        raw = read_manifest(store.open_group(uri, storage_options))
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+        return False
+    if raw is None or raw.get(FORMAT_VERSION_KEY) != FORMAT_VERSION:
+        return False
+    manifest = dataclasses.replace(StoreManifest.from_dict(raw), last_ingest_failed={"at": at, "reason": reason})
+    write_manifest(store.open_group(uri, storage_options, mode="r+"), manifest)
+    return True
 
 
 def read_plan(root: zarr.Group) -> dict[str, Any] | None:

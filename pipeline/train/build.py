@@ -21,7 +21,8 @@ def open_stores(
 ) -> list[TaskStore]:
     """Open every store of `data.stores`; the order is the task order of the network. With `fold`,
     each store validates on that cross-validation fold (`data.fold`). A store whose last ingest
-    left failed or stale cases is refused unless `allow_incomplete` (`data.allow_incomplete_stores`)."""
+    failed or left failed or stale cases is refused unless `allow_incomplete`
+    (`data.allow_incomplete_stores`)."""
     if not uris:
         raise ValueError("data.stores is empty: give the stores written by `python -m pipeline.ingest`")
     stores = [TaskStore.open(uri, storage_options, allow_incomplete=allow_incomplete, fold=fold) for uri in uris]
