@@ -8,9 +8,11 @@ $(PY):
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
+# torch named in both installs: a fresh resolve of the project otherwise swapped the CPU build
+# (seconds, from local disk) for a CUDA one (GBs, 30 min on a slow link).
 $(VENV)/.installed: $(PY) pyproject.toml
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test]" torch==2.13.0
 	touch $@
 
 venv: $(VENV)/.installed
