@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.common.config import config_from_dict
+from pipeline.common.config import ExperimentConfig, config_from_dict
 from pipeline.common.logs import setup_logging
 from pipeline.datasets.real_dev import TASKS as REAL_TASKS
 from pipeline.train.run import run
@@ -149,7 +149,8 @@ def cross_validate(args: argparse.Namespace, name: str, model: str, stores: list
     return record
 
 
-def test_task_dice(args: argparse.Namespace, model_uri: str | None, cfg: Any, store: str, fold: int) -> dict[str, float]:
+def test_task_dice(args: argparse.Namespace, model_uri: str | None, cfg: ExperimentConfig, store: str,
+                   fold: int) -> dict[str, float]:
     """Fold `fold`'s model of a fold ensemble on a real task's test cases, scored on their original grids."""
     from real_accuracy import label_names, test_dice
 
