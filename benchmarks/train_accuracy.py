@@ -143,13 +143,13 @@ def cross_validate(args: argparse.Namespace, name: str, model: str, stores: list
     record = {"name": name, "model": model, "seconds": seconds, "folds": folds,
               "out_of_fold": out_of_fold, "classes": [dataclasses.asdict(r) for r in result.summary]}
     if args.real:
-        record["test"] = {task: [test_task_dice(args, result.model_uri, cfg, store, fold)["mean"] for fold in folds]
+        record["test"] = {task: [score_test_cases(args, result.model_uri, cfg, store, fold)["mean"] for fold in folds]
                           for task, store in zip(out_of_fold, stores)}
         log.info("%s: test Dice per task and fold %s", name, record["test"])
     return record
 
 
-def test_task_dice(args: argparse.Namespace, model_uri: str | None, cfg: ExperimentConfig, store: str,
+def score_test_cases(args: argparse.Namespace, model_uri: str | None, cfg: ExperimentConfig, store: str,
                    fold: int) -> dict[str, float]:
     """Fold `fold`'s model of a fold ensemble on a real task's test cases, scored on their original grids."""
     from real_accuracy import label_names, test_dice
