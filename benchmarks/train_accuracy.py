@@ -171,13 +171,10 @@ def score_test_cases(args: argparse.Namespace, model_uri: str | None, cfg: Exper
 
 def train_real(args: argparse.Namespace, name: str, model: str, stores: list[str], epochs: int) -> dict[str, Any]:
     """Real set: train in a subprocess, test Dice on the original grids (real_accuracy.py's path)."""
-    from real_accuracy import our_config, train_and_score_ours
+    from real_accuracy import train_and_score_ours
 
     architecture = architecture_of(model)
-    config = our_config(args.work, name, [Path(s) for s in stores], architecture, args, epochs * args.iterations,
-                        **model_overrides(args, model))
-    config["ray"]["num_workers"] = args.workers
-    result = train_and_score_ours(args.work, config, args.work / "raw")
+    result = train_and_score_ours(args.work, experiment_config(args, name, model, stores, epochs), args.work / "raw")
     per_task = {t: d["mean"] for t, d in result["dice"].items()}
     log.info("%s: test Dice %s in %.0f s", name, per_task, result["wall_s"])
     return result | {"architecture": architecture, "seconds": result["wall_s"], "task_dice": per_task}
