@@ -6,6 +6,7 @@ Dice computed by hand (and, on a built pair, the empty-reference rule)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ from pipeline.predict.run import run as predict
 from pipeline.train.cv_summary import OutOfFoldRow, markdown, summarise
 from pipeline.train.folds import FOLD_TAG, fold_config, run_cv
 from pipeline.train.loop import RunContext
+from pipeline.train.run import concurrent_runs
 from test_ingest_split import write_test_labels
 
 TASK = SyntheticTask("Task05_CvLiver", ("CT",), ("background", "liver", "tumour"), spacing=(1.5, 1.5, 4.0),
@@ -110,6 +112,19 @@ def test_fold_config_validates_on_its_fold_and_leaves_retries_to_tune(tmp_path: 
     fold = fold_config(cfg, 2)
     assert (fold.name, fold.data.fold, fold.ray.max_failures, fold.mlflow.registered_model) == ("cv-fold2", 2, 0, None)
     assert fold.train == cfg.train and fold.model == cfg.model
+
+
+def test_folds_start_as_many_at_once_as_a_local_ray_holds(tmp_path: Path, local_ray: None,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    cpus = int(ray.cluster_resources()["CPU"])
+    (tmp_path / "s.zarr").mkdir()
+    cfg = load_config(_config(tmp_path, str(tmp_path / "s.zarr")))
+    assert concurrent_runs(cfg, 9) == min(9, 2 * cpus)  # one worker of 0.5 CPU per fold
+    assert concurrent_runs(cfg, 1) == 1
+    greedy = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, cpus_per_worker=float(cpus + 1)))
+    assert concurrent_runs(greedy, 9) == 1  # never none: that one waits for its workers
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # a joined cluster: its autoscaler adds nodes
+    assert concurrent_runs(cfg, 9) == 9
 
 
 @pytest.mark.slow

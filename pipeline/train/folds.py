@@ -4,8 +4,9 @@ Fold k is a Ray Train run of the config with `data.fold: k` (it trains on the st
 folds and validates on fold k, pipeline/ingest/split.py), named `<name>-fold<k>` and kept under
 `<ray.storage_path>/<name>/folds/`. The folds run as concurrent trials of one Ray Tune job over
 a fold grid, sharing the cluster: a trial's driver reserves almost nothing (`tune.trial_cpus`),
-its Train workers `ray.num_workers` x (`ray.cpus_per_worker`, a GPU with `ray.use_gpu`), so as
-many folds run at once as the cluster holds and the others queue.
+its Train workers `ray.num_workers` x (`ray.cpus_per_worker`, a GPU with `ray.use_gpu`). On a
+local Ray as many folds start at once as its resources hold (`run.concurrent_runs`) and the
+others queue; on a joined cluster all start, and their workers wait for the autoscaler's nodes.
 
 Failures: a fold that fails (a lost worker or node, an error) is retried as a whole, up to
 `ray.max_failures` times, and each retry continues from that fold's last checkpoint (Ray Train
@@ -53,8 +54,8 @@ from pipeline.train import tracking
 from pipeline.train.cv_summary import OutOfFoldRow, mlflow_metrics, overall, summarise, write_summary
 from pipeline.train.loop import RunContext
 from pipeline.train.run import (
-    RunExistsError, check_paths_are_shared, check_stores, checkpoint_uri, cluster_nodes, fit, read_json, resolve_storage,
-    write_json,
+    RunExistsError, check_paths_are_shared, check_stores, checkpoint_uri, cluster_nodes, concurrent_runs, fit, read_json,
+    resolve_storage, write_json,
 )
 
 log = logging.getLogger(__name__)
@@ -213,7 +214,7 @@ def _score_cases(weights: bytes, card_json: str, stores: list[str], fold: int, a
 
 def _run_folds(cfg: ExperimentConfig, folds: list[int], run_dir: str, parent_id: str, tracking_uri: str,
                contexts: Mapping[int, RunContext]) -> dict[int, FoldOutcome]:
-    """The folds as one Tune job (a trial per fold, all allowed at once); their outcomes."""
+    """The folds as one Tune job (a trial per fold, as many at once as `concurrent_runs` allows); their outcomes."""
     from ray import tune
 
     trainable = tune.with_resources(
@@ -224,7 +225,7 @@ def _run_folds(cfg: ExperimentConfig, folds: list[int], run_dir: str, parent_id:
     tuner = tune.Tuner(
         trainable,
         param_space={"fold": tune.grid_search(folds)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=len(folds)),
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent_runs(cfg, len(folds))),
         run_config=tune.RunConfig(name="tune", storage_path=run_dir, verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures)),
     )

@@ -182,6 +182,20 @@ def cluster_nodes(cfg: ExperimentConfig) -> int:
     return 1 if all(room.get(k, 0) >= v for k, v in need.items()) else 2
 
 
+def concurrent_runs(cfg: ExperimentConfig, wanted: int) -> int:
+    """How many training runs of `cfg` (cross-validation folds) to start at once: on a local Ray,
+    as many as its resources hold with their minimum workers each (at least 1; the others wait
+    for a free slot instead of timing out asking for workers); on a joined cluster all `wanted`,
+    since an autoscaler adds nodes for them."""
+    import ray
+
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        return wanted
+    room = ray.cluster_resources()
+    need = {k: v * cfg.ray.worker_range[0] for k, v in worker_resources(cfg).items() if v > 0}
+    return max(1, min([wanted, *(int(room.get(k, 0) // v) for k, v in need.items())]))
+
+
 def check_paths_are_shared(cfg: ExperimentConfig, storage: str, tracking_uri: str, nodes: int) -> None:
     """On more than one node, refuse paths that only this machine has (one line per path), unless
     `ray.shared_filesystem` says every node mounts them at the same place."""
