@@ -25,13 +25,15 @@ then `nice -n 10 python benchmarks/real_accuracy.py --peers /work/nnunet-venv --
 
 Printed side by side: per task and class Dice, mean, training wall and CPU seconds (the whole
 process tree, Ray or nnU-Net workers included), ratios. Every figure also goes to
-`<work>/results.json` (a run appends to it, so budgets can be run one at a time) and the mean
-Dice per budget to `<work>/real_accuracy.png`.
+`<work>/results.json` (a run appends to it under a lock: budgets can be run one at a time, and
+`--tools ours` beside `--tools nnunet`, a core each; the report pairs each tool's newest run per
+budget, task, seed and preset) and the mean Dice per budget to `<work>/real_accuracy.png`.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import os
@@ -295,20 +297,41 @@ def train_and_score_nnunet(work: Path, peers: Path, task: str, budget: int, args
     return {"name": name, "wall_s": cost.wall_s, "cpu_s": cost.cpu_s, "dice": {task: test_dice(out, work / "raw" / task, labels)}}
 
 
+# --- results ------------------------------------------------------------------------------------
+
+def append_result(results_file: Path, row: dict[str, Any]) -> None:
+    """Add one row to results.json under a lock: `--tools ours` and `--tools nnunet` may run side by side."""
+    with open(results_file.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = json.loads(results_file.read_text()) if results_file.is_file() else []
+        partial = results_file.with_suffix(".partial")
+        partial.write_text(json.dumps([*results, row], indent=2))
+        partial.replace(results_file)
+
+
+def paired(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per budget, task, seed and preset holding both tools: each tool's newest run of it."""
+    joined: dict[tuple, dict[str, Any]] = {}
+    for row in results:
+        key = (row["budget"], row["task"], row["seed"], row.get("preset", "tiny"))
+        joined[key] = joined.get(key, {}) | row
+    return [row for row in joined.values() if "ours" in row and "nnunet" in row]
+
+
 # --- report -------------------------------------------------------------------------------------
 
 def table(rows: list[dict[str, Any]]) -> str:
     """Side by side per budget and task: per-class and mean Dice, wall and CPU s, ratios."""
-    lines = [f"{'budget':>6} {'task':<24} {'class':<14} {'ours':>6} {'nnU-Net':>7} {'diff':>6}"]
-    timing = [f"{'budget':>6} {'task':<24} {'ours wall s':>11} {'nnU wall s':>10} {'ours CPU s':>10} "
+    lines = [f"{'budget':>6} {'task':<24} {'seed':>4} {'class':<14} {'ours':>6} {'nnU-Net':>7} {'diff':>6}"]
+    timing = [f"{'budget':>6} {'task':<24} {'seed':>4} {'ours wall s':>11} {'nnU wall s':>10} {'ours CPU s':>10} "
               f"{'nnU CPU s':>9} {'wall x':>6} {'CPU x':>6}"]
-    for row in rows:
+    for row in sorted(rows, key=lambda r: (r["budget"], r["task"], r["seed"])):
         ours, peer = row["ours"]["dice"][row["task"]], row["nnunet"]["dice"][row["task"]]
+        run = f"{row['budget']:>6} {row['task']:<24} {row['seed']:>4}"
         for name in ours:
-            lines.append(f"{row['budget']:>6} {row['task']:<24} {name:<14} {ours[name]:>6.3f} {peer[name]:>7.3f} "
-                         f"{ours[name] - peer[name]:>+6.3f}")
+            lines.append(f"{run} {name:<14} {ours[name]:>6.3f} {peer[name]:>7.3f} {ours[name] - peer[name]:>+6.3f}")
         o, n = row["ours"], row["nnunet"]
-        timing.append(f"{row['budget']:>6} {row['task']:<24} {o['wall_s']:>11.0f} {n['wall_s']:>10.0f} "
+        timing.append(f"{run} {o['wall_s']:>11.0f} {n['wall_s']:>10.0f} "
                       f"{o['cpu_s']:>10.0f} {n['cpu_s']:>9.0f} {o['wall_s'] / n['wall_s']:>6.2f} "
                       f"{o['cpu_s'] / n['cpu_s']:>6.2f}")
     return "\n".join([*lines, "", "training cost (ratio ours / nnU-Net: < 1 is cheaper)", *timing])
@@ -361,7 +384,6 @@ def main() -> None:
     if "nnunet" in args.tools:
         install_trainer(args.peers)
     results_file = work / "results.json"
-    results = json.loads(results_file.read_text()) if results_file.is_file() else []
     for budget in sorted(args.budgets):
         for task, store in stores.items():
             manifest = TaskStore.open(str(store)).manifest
@@ -378,10 +400,9 @@ def main() -> None:
                 row["nnunet_plan"] = prepare_nnunet(work, args.peers, task, store, spec, args.batch_size)
                 row["nnunet"] = train_and_score_nnunet(work, args.peers, task, budget, args,
                                                        label_names(manifest.labels))
-            results.append(row)
-            results_file.write_text(json.dumps(results, indent=2))
+            append_result(results_file, row)
             log.info("%s", json.dumps({k: row[k] for k in ("budget", "task", "ours", "nnunet") if k in row}))
-    complete = [r for r in results if "ours" in r and "nnunet" in r]
+    complete = paired(json.loads(results_file.read_text()))
     if complete:
         print(table(complete))
         plot(complete, work / "real_accuracy.png")

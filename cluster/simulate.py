@@ -60,9 +60,9 @@ TASKS = (
 
 
 @contextmanager
-def s3_server() -> Iterator[dict[str, str]]:
-    """A moto S3 server on a free loopback port with bucket `uniseg`; yields the AWS variables
-    that point clients (boto3, s3fs, pyarrow) at it."""
+def s3_server(bucket: str = BUCKET) -> Iterator[dict[str, str]]:
+    """A moto S3 server on a free loopback port with `bucket`; yields the AWS variables that point
+    clients (boto3, s3fs, pyarrow) at it."""
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -72,7 +72,7 @@ def s3_server() -> Iterator[dict[str, str]]:
     env = CREDENTIALS | {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
     try:
         boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
-                     aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=BUCKET)
+                     aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=bucket)
         yield env
     finally:
         server.stop()

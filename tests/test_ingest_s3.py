@@ -9,30 +9,19 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import numpy as np
 import pytest
-from moto.server import ThreadedMotoServer
 
+from cluster.simulate import CREDENTIALS, s3_server
 from pipeline.common.config import IngestConfig
-from pipeline.common.services import free_port
 from pipeline.common.store import TaskStore
 from pipeline.ingest.run import run
-
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
-                          aws_secret_access_key="testing", region_name="us-east-1")
-    client.create_bucket(Bucket="stores")
-    yield endpoint
-    server.stop()
+    with s3_server(bucket="stores") as env:
+        yield env["AWS_ENDPOINT_URL"]
 
 
 @pytest.fixture

@@ -59,11 +59,13 @@ def test_activation_count_by_hand() -> None:
 def test_network_spec_plans_when_no_preset_is_named() -> None:
     manifests = [_manifest((1.0, 1.0, 1.0)), _manifest((1.0, 1.0, 1.0))]
     spec = network_spec(ModelConfig(memory_gb=0.5), manifests, [(60, 90, 90), (140, 170, 140)])
-    assert spec == planned_spec((1.0, 1.0, 1.0), (100, 130, 115), 0.5).replace(fuse_channels=82)
+    assert spec == planned_spec((1.0, 1.0, 1.0), (100, 130, 115), 0.5)
     with pytest.raises(ValueError, match="median image shapes"):
         network_spec(ModelConfig(), manifests)
     named = network_spec(ModelConfig(preset="cpu"), manifests)
     assert named.patch_size == PRESETS["cpu"].patch_size
+    assert named.fuse_channels == PRESETS["cpu"].fuse_channels == 82
+    assert network_spec(ModelConfig(preset="cpu", fuse_channels=8), manifests).fuse_channels == 8
 
 
 def test_cpu_preset_builds_and_runs() -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipeline.common.services import dask_cluster_options, is_loopback, private_token_file
+from pipeline.common.services import cluster_address, dask_cluster_options, is_loopback, private_token_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,6 +67,15 @@ def test_host_helpers() -> None:
     assert not is_loopback("0.0.0.0") and not is_loopback("192.0.2.7")
     assert dask_cluster_options() == {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}
     assert dask_cluster_options("::1")["dashboard_address"] == "[::1]:0"
+
+
+def test_cluster_address_joins_only_a_named_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cluster_address(None) is None and cluster_address("local") is None
+    assert cluster_address("ray://head:10001") == "ray://head:10001"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")  # as `ray job submit` sets it
+    assert cluster_address(None) == "10.0.0.5:6379"
+    assert cluster_address("local") is None
 
 
 # --- the listening sockets of running stages --------------------------------------------

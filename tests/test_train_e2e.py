@@ -19,7 +19,6 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import fsspec
 import mlflow
 import numpy as np
@@ -28,8 +27,8 @@ import ray
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
-from moto.server import ThreadedMotoServer
 
+from cluster.simulate import s3_server
 from pipeline.common.config import ExperimentConfig, load_config
 from pipeline.common.mlflow_model import load_model
 from pipeline.common.services import free_port
@@ -65,15 +64,8 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def s3_env() -> Iterator[dict[str, str]]:
     """A moto S3 server on a free loopback port, and the AWS variables that point at it."""
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
-                 aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket="train")
-    yield env
-    server.stop()
+    with s3_server(bucket="train") as env:
+        yield env
 
 
 @pytest.fixture(scope="module")

@@ -94,7 +94,7 @@ class ModelConfig:
     features: tuple[PositiveInt, ...] | None = None
     prompt_channels: PositiveInt = 1
     prompt_size: tuple[PositiveInt, PositiveInt, PositiveInt] | None = None
-    fuse_channels: PositiveInt = 82
+    fuse_channels: PositiveInt | None = None  # None: the preset's (82, the paper's, in every preset)
     deep_supervision: bool = True
     prompt_last_stage: bool = False  # UniSeg: the task prompt also enters the last decoder stage (not in the paper)
 

@@ -59,14 +59,21 @@ def connect_ray(address: str | None = None, host: str = LOOPBACK, **init_kwargs:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # workers use this venv, never `uv run`
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address and address != "local":
+    address = cluster_address(address)
+    if address:
         log.info("connecting to Ray at %s", address)
         private_token_file(create=False)
         ray.init(address=address, **init_kwargs)
     else:
         start_local_ray(host, **init_kwargs)
     return True
+
+
+def cluster_address(address: str | None = None) -> str | None:
+    """The Ray cluster to join: `address`, else RAY_ADDRESS; None (start a local Ray) when neither
+    is set or it is "local"."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    return None if address == "local" else address
 
 
 def start_local_ray(host: str = LOOPBACK, **init_kwargs: Any) -> None:

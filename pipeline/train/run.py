@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 import fsspec
 
 from pipeline.common.config import ConfigError, ExperimentConfig, config_from_dict, to_dict
-from pipeline.common.services import connect_ray
+from pipeline.common.services import cluster_address, connect_ray
 from pipeline.common.store import TaskStore
 from pipeline.common.tracking import resolve_tracking_uri
 from pipeline.train import tracking
@@ -175,7 +174,7 @@ def cluster_nodes(cfg: ExperimentConfig) -> int:
     import ray
 
     alive = [n for n in ray.nodes() if n.get("Alive")]
-    if len(alive) > 1 or not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+    if len(alive) > 1 or not cluster_address(cfg.ray.address):
         return len(alive)
     room = ray.cluster_resources()
     need = {k: v * cfg.ray.worker_range[1] for k, v in worker_resources(cfg).items()}
@@ -189,7 +188,7 @@ def concurrent_runs(cfg: ExperimentConfig, wanted: int) -> int:
     since an autoscaler adds nodes for them."""
     import ray
 
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+    if cluster_address(cfg.ray.address):
         return wanted
     room = ray.cluster_resources()
     need = {k: v * cfg.ray.worker_range[0] for k, v in worker_resources(cfg).items() if v > 0}
