@@ -123,6 +123,8 @@ def test_folds_start_as_many_at_once_as_a_local_ray_holds(tmp_path: Path, local_
     assert concurrent_runs(cfg, 1) == 1
     greedy = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, cpus_per_worker=float(cpus + 1)))
     assert concurrent_runs(greedy, 9) == 1  # never none: that one waits for its workers
+    with_driver = dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, trial_cpus=0.5))
+    assert concurrent_runs(with_driver, 9) == min(9, cpus)  # the trial's driver CPU counts too
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # a joined cluster: its autoscaler adds nodes
     assert concurrent_runs(cfg, 9) == 9
 

@@ -222,7 +222,7 @@ class TuneConfig:
 
     space: dict[str, SearchParam] = dataclasses.field(default_factory=dict)
     num_samples: PositiveInt = 8
-    max_concurrent_trials: PositiveInt = 2
+    max_concurrent_trials: PositiveInt | None = None  # None: as many as the Ray cluster holds (run.concurrent_runs)
     scheduler: Literal["asha", "fifo"] = "asha"
     grace_period: PositiveInt = 1
     reduction_factor: PositiveFloat = 2.0

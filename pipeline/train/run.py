@@ -182,16 +182,18 @@ def cluster_nodes(cfg: ExperimentConfig) -> int:
 
 
 def concurrent_runs(cfg: ExperimentConfig, wanted: int) -> int:
-    """How many training runs of `cfg` (cross-validation folds) to start at once: on a local Ray,
-    as many as its resources hold with their minimum workers each (at least 1; the others wait
-    for a free slot instead of timing out asking for workers); on a joined cluster all `wanted`,
-    since an autoscaler adds nodes for them."""
+    """How many training runs of `cfg` (cross-validation folds, search trials) to start at once: on
+    a local Ray, as many as its resources hold with their minimum workers and the trial driver's
+    `tune.trial_cpus` each (at least 1; the others wait for a free slot instead of timing out
+    asking for workers); on a joined cluster all `wanted`, since an autoscaler adds nodes for them."""
     import ray
 
     if cluster_address(cfg.ray.address):
         return wanted
     room = ray.cluster_resources()
-    need = {k: v * cfg.ray.worker_range[0] for k, v in worker_resources(cfg).items() if v > 0}
+    need = {k: v * cfg.ray.worker_range[0] for k, v in worker_resources(cfg).items()}
+    need["CPU"] = need.get("CPU", 0.0) + cfg.tune.trial_cpus
+    need = {k: v for k, v in need.items() if v > 0}
     return max(1, min([wanted, *(int(room.get(k, 0) // v) for k, v in need.items())]))
 
 

@@ -30,7 +30,7 @@ from pipeline.common.services import connect_ray
 from pipeline.common.tracking import ensure_experiment, resolve_tracking_uri
 from pipeline.common.trials import child_run, trial_resources
 from pipeline.train.loop import RunContext
-from pipeline.train.run import fit, read_json, resolve_storage, write_json
+from pipeline.train.run import concurrent_runs, fit, read_json, resolve_storage, write_json
 from pipeline.tune.space import apply_values, sampled_values, search_space, trial_config
 
 log = logging.getLogger(__name__)
@@ -78,10 +78,11 @@ def run(cfg: ExperimentConfig, resume: bool = False) -> TuneResult:
         log.info("resuming search %s from %s", cfg.name, search_dir)
         tuner = tune.Tuner.restore(search_dir, trainable, resume_errored=True)
     else:
+        concurrent = cfg.tune.max_concurrent_trials or concurrent_runs(cfg, cfg.tune.num_samples)
         tuner = tune.Tuner(
             trainable,
             param_space=search_space(cfg.tune),
-            tune_config=tune.TuneConfig(num_samples=cfg.tune.num_samples, max_concurrent_trials=cfg.tune.max_concurrent_trials,
+            tune_config=tune.TuneConfig(num_samples=cfg.tune.num_samples, max_concurrent_trials=concurrent,
                                         scheduler=_scheduler(cfg), search_alg=_searcher(cfg)),
             run_config=tune.RunConfig(name=cfg.name, storage_path=storage, verbose=0),
         )
