@@ -150,7 +150,7 @@ def cross_validate(args: argparse.Namespace, name: str, model: str, stores: list
 
 
 def score_test_cases(args: argparse.Namespace, model_uri: str | None, cfg: ExperimentConfig, store: str,
-                   fold: int) -> dict[str, float]:
+                     fold: int) -> dict[str, float]:
     """Fold `fold`'s model of a fold ensemble on a real task's test cases, scored on their original grids."""
     from real_accuracy import label_names, test_dice
 
