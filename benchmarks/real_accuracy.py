@@ -27,7 +27,9 @@ Printed side by side: per task and class Dice, mean, training wall and CPU secon
 process tree, Ray or nnU-Net workers included), ratios. Every figure also goes to
 `<work>/results.json` (a run appends to it under a lock: budgets can be run one at a time, and
 `--tools ours` beside `--tools nnunet`, a core each; the report pairs each tool's newest run per
-budget, task, seed and preset) and the mean Dice per budget to `<work>/real_accuracy.png`.
+budget, task, seed and preset), the mean Dice per budget to `<work>/real_accuracy.png`, and where
+a budget ran with several seeds, mean ± std over seeds of both tools and of their paired
+difference to `<work>/seeds.json`.
 """
 
 from __future__ import annotations
@@ -322,6 +324,34 @@ def paired(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [row for row in joined.values() if "ours" in row and "nnunet" in row]
 
 
+def over_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per budget, task and preset with 2 or more seeds: mean Dice over seeds of each tool and of
+    the paired difference (ours - nnU-Net), with their sample standard deviations."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["budget"], row["task"], row.get("preset", "tiny")), []).append(row)
+    summary = []
+    for (budget, task, preset), group in sorted(groups.items()):
+        if len(group) < 2:
+            continue
+        ours = np.array([r["ours"]["dice"][task]["mean"] for r in group])
+        peer = np.array([r["nnunet"]["dice"][task]["mean"] for r in group])
+        stats = {name: {"mean": float(v.mean()), "std": float(v.std(ddof=1))}
+                 for name, v in (("ours", ours), ("nnunet", peer), ("difference", ours - peer))}
+        summary.append({"budget": budget, "task": task, "preset": preset,
+                        "seeds": sorted(r["seed"] for r in group), **stats})
+    return summary
+
+
+def seed_table(summary: list[dict[str, Any]]) -> str:
+    lines = [f"{'budget':>6} {'task':<28} {'seeds':<7} {'ours':>13} {'nnU-Net':>13} {'ours - nnU-Net':>15}"]
+    for s in summary:
+        cell = lambda k: f"{s[k]['mean']:.3f} ± {s[k]['std']:.3f}"  # noqa: E731
+        lines.append(f"{s['budget']:>6} {s['task']:<28} {','.join(map(str, s['seeds'])):<7} {cell('ours'):>13} "
+                     f"{cell('nnunet'):>13} {s['difference']['mean']:>+8.3f} ± {s['difference']['std']:.3f}")
+    return "\n".join(lines)
+
+
 # --- report -------------------------------------------------------------------------------------
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -411,6 +441,10 @@ def main() -> None:
     if complete:
         print(table(complete))
         plot(complete, work / "real_accuracy.png")
+        summary = over_seeds(complete)
+        if summary:
+            (work / "seeds.json").write_text(json.dumps(summary, indent=2))
+            print("\nmean ± std over seeds (test Dice, mean of foreground classes)\n" + seed_table(summary))
 
 
 if __name__ == "__main__":

@@ -47,3 +47,17 @@ def test_cv_statistics_pairs_each_task_with_its_own_single_task_net() -> None:
     assert stats["uni"]["b"]["difference"] == [0.0, -0.25]
     assert stats["single"]["mean"]["folds"] == [0.5, 0.5]
     assert "difference_mean" not in stats["single"]["a"]
+
+
+def test_real_accuracy_over_seeds_pairs_each_seed_and_skips_single_seed_budgets() -> None:
+    from benchmarks.real_accuracy import over_seeds
+
+    def row(budget: int, seed: int, ours: float, peer: float) -> dict:
+        return {"budget": budget, "task": "T", "seed": seed, "preset": "tiny",
+                "ours": {"dice": {"T": {"mean": ours}}}, "nnunet": {"dice": {"T": {"mean": peer}}}}
+
+    rows = [row(250, 0, 0.75, 0.5), row(250, 1, 0.5, 0.5), row(250, 2, 1.0, 0.5), row(500, 0, 0.5, 0.5)]
+    (summary,) = over_seeds(rows)
+    assert (summary["budget"], summary["seeds"]) == (250, [0, 1, 2])
+    assert summary["ours"] == {"mean": 0.75, "std": 0.25} and summary["nnunet"] == {"mean": 0.5, "std": 0.0}
+    assert summary["difference"] == {"mean": 0.25, "std": 0.25}
