@@ -344,12 +344,13 @@ def over_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def seed_table(summary: list[dict[str, Any]]) -> str:
-    lines = [f"{'budget':>6} {'task':<28} {'seeds':<7} {'ours':>13} {'nnU-Net':>13} {'ours - nnU-Net':>15}"]
+    """`over_seeds` as a Markdown table (what benchmarks/README.md shows)."""
+    lines = ["| iterations | task | seeds | ours | nnU-Net v2 | ours - nnU-Net (paired) |", "|---:|---|---|---:|---:|---:|"]
     for s in summary:
         cell = lambda k: f"{s[k]['mean']:.3f} ± {s[k]['std']:.3f}"  # noqa: E731
-        lines.append(f"{s['budget']:>6} {s['task']:<28} {','.join(map(str, s['seeds'])):<7} {cell('ours'):>13} "
-                     f"{cell('nnunet'):>13} {s['difference']['mean']:>+8.3f} ± {s['difference']['std']:.3f}")
-    return "\n".join(lines)
+        lines.append(f"| {s['budget']} | {s['task']} | {', '.join(map(str, s['seeds']))} | {cell('ours')} | "
+                     f"{cell('nnunet')} | {s['difference']['mean']:+.3f} ± {s['difference']['std']:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 # --- report -------------------------------------------------------------------------------------
