@@ -67,6 +67,22 @@ def _shifted_affine(path: Path) -> np.ndarray:
     return affine
 
 
+def _set_affine(path: Path, affine: np.ndarray) -> None:
+    """Save the image with `affine` as its sform and no qform (nibabel cannot derive a qform from
+    a singular affine)."""
+    nifti = nib.load(path)
+    header = nifti.header.copy()
+    header.set_sform(affine, code=1)
+    header.set_qform(None, code=0)
+    nib.save(nib.Nifti1Image(np.asarray(nifti.dataobj), None, header), path)
+
+
+def _nan_affine(path: Path) -> np.ndarray:
+    affine = nib.load(path).affine.copy()
+    affine[2, 3] = np.nan
+    return affine
+
+
 @dataclass(frozen=True)
 class Bad:
     """One bad input: how to break the copy, the exit status, a regex of the one-line message,
@@ -129,6 +145,10 @@ CATALOGUE = [
     Bad("fractional label", lambda r: _rewrite(_label(r), lambda a: (a * 0.5).astype(np.float32)),
         rf"labelsTr/{CASE}.nii.gz: label values are not integers", "case"),
     Bad("2D image", lambda r: _rewrite(_image(r), lambda a: a[:, :, :1]), rf"imagesTr/{CASE}.nii.gz: 2D image", "case"),
+    Bad("singular image affine", lambda r: _set_affine(_image(r), np.diag([1.5, 1.5, 0.0, 1.0])),
+        rf"imagesTr/{CASE}.nii.gz: singular affine \(voxel sizes 1.5, 1.5, 0 mm", "case"),
+    Bad("NaN in image affine", lambda r: _set_affine(_image(r), _nan_affine(_image(r))),
+        rf"imagesTr/{CASE}.nii.gz: affine holds NaN or infinite values", "case"),
     Bad("too many channels", lambda r: _rewrite(_image(r), lambda a: np.stack([a, a], axis=-1)),
         rf"imagesTr/{CASE}.nii.gz: 2 channels, dataset.json declares 1", "case"),
     # a re-run after a good ingest: the stored case is kept, marked stale
