@@ -34,6 +34,7 @@ from pipeline.ingest.__main__ import main
 
 BAD = "Task09_Bad"
 CASE = "tinyliver_001"
+TEST_CASE = "tinyliver_004"
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -83,6 +84,11 @@ def _nan_affine(path: Path) -> np.ndarray:
     return affine
 
 
+def _test_entries_with_labels(meta: dict) -> None:
+    """MONAI datalist test entries that name label files (not written)."""
+    meta["test"] = [{"image": path, "label": path.replace("imagesTs", "labelsTs")} for path in meta["test"]]
+
+
 @dataclass(frozen=True)
 class Bad:
     """One bad input: how to break the copy, the exit status, a regex of the one-line message,
@@ -97,6 +103,7 @@ class Bad:
     message: str
     scope: str
     status: int = 2
+    case: str = CASE  # the case that fails (scopes "case" and "rerun")
 
 
 CATALOGUE = [
@@ -119,6 +126,13 @@ CATALOGUE = [
         r"Task09_Bad/dataset.json: 'modality' indices must be 0..0", "dataset"),
     Bad("label ids with a gap", lambda r: _edit_json(r, lambda m: m.update(labels={"0": "bg", "2": "x"})),
         r"Task09_Bad/dataset.json: label ids must be 0..N-1", "dataset"),
+    Bad("region-based labels",
+        lambda r: _edit_json(r, lambda m: m.update(labels={"background": 0, "liver": [1, 2], "tumour": 2})),
+        r"Task09_Bad/dataset.json: labels.liver: region-based label \[1, 2\] is not supported", "dataset"),
+    Bad("labels in neither form", lambda r: _edit_json(r, lambda m: m.update(labels={"background": "0", "a": "1"})),
+        r"Task09_Bad/dataset.json: labels: must map id -> name \(.*\) or name -> id", "dataset"),
+    Bad("test entry neither path nor object", lambda r: _edit_json(r, lambda m: m.update(test=[3])),
+        r"Task09_Bad/dataset.json: test.0: Input should be a file path or an object with an 'image' key", "dataset"),
     Bad("file_ending not NIfTI", lambda r: _edit_json(r, lambda m: m.update(file_ending=".mha")),
         r"Task09_Bad/dataset.json: file_ending '.mha' is not supported", "dataset"),
     Bad("no training cases", lambda r: _edit_json(r, lambda m: m.update(training=[])),
@@ -131,6 +145,8 @@ CATALOGUE = [
     Bad("missing label", lambda r: _label(r).unlink(), rf"labelsTr/{CASE}.nii.gz: missing label for case {CASE}",
         "case"),
     Bad("missing image", lambda r: _image(r).unlink(), rf"imagesTr/{CASE}.nii.gz: missing image", "case"),
+    Bad("missing listed test label", lambda r: _edit_json(r, _test_entries_with_labels),
+        rf"labelsTs/{TEST_CASE}.nii.gz: missing label for case {TEST_CASE}", "case", case=TEST_CASE),
     Bad("truncated image", lambda r: _truncate(_image(r)), rf"imagesTr/{CASE}.nii.gz: cannot read NIfTI", "case"),
     Bad("image not NIfTI", lambda r: _image(r).write_bytes(gzip.compress(b"not a nifti file" * 40)),
         rf"imagesTr/{CASE}.nii.gz: cannot read NIfTI", "case"),
@@ -182,7 +198,7 @@ def test_bad_input(bad: Bad, raw_msd: Path, tmp_path: Path, caplog: pytest.LogCa
     sources = ["--source", str(raw)] + (["--source", str(raw_msd)] if bad.scope == "dataset" else [])
     if bad.scope in ("rerun", "dataset rerun"):
         assert main(_cli(*sources, "--out", str(out))) == 0
-        before = TaskStore.open(str(out / f"{BAD}.zarr")).read_case(CASE)
+        before = TaskStore.open(str(out / f"{BAD}.zarr")).read_case(bad.case)
     bad.breaks(raw)
     caplog.clear()
     assert main(_cli(*sources, "--out", str(out))) == bad.status
@@ -195,14 +211,15 @@ def test_bad_input(bad: Bad, raw_msd: Path, tmp_path: Path, caplog: pytest.LogCa
         _check_marked_failed(str(out / f"{BAD}.zarr"), line, before, caplog)
         return
     store = TaskStore.open(str(out / f"{BAD}.zarr"))
-    others = {f"tinyliver_00{i}" for i in range(5)} - {CASE}
+    others = {f"tinyliver_00{i}" for i in range(5)} - {bad.case}
     assert others <= set(store.case_ids())
     if bad.scope == "case":
-        assert CASE not in store.case_ids() and list(store.manifest.failed) == [CASE]
-        assert store.manifest.failed[CASE] and store.manifest.stale == {}
+        assert bad.case not in store.case_ids() and list(store.manifest.failed) == [bad.case]
+        assert store.manifest.failed[bad.case] and store.manifest.stale == {}
     else:
-        assert CASE in store.case_ids("train") + store.case_ids("validation") and list(store.manifest.stale) == [CASE]
-        for got, want in zip(store.read_case(CASE), before):
+        assert bad.case in store.case_ids("train") + store.case_ids("validation")
+        assert list(store.manifest.stale) == [bad.case]
+        for got, want in zip(store.read_case(bad.case), before):
             np.testing.assert_array_equal(got, want)
         with pytest.raises(StoreError, match="did not finish cleanly: 1 stale case.*allow_incomplete_stores"):
             TaskStore.open(store.uri, allow_incomplete=False)
