@@ -34,6 +34,7 @@ from pipeline.ingest.__main__ import main
 
 BAD = "Task09_Bad"
 CASE = "tinyliver_001"
+TEST_CASE = "tinyliver_004"
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -67,6 +68,27 @@ def _shifted_affine(path: Path) -> np.ndarray:
     return affine
 
 
+def _set_affine(path: Path, affine: np.ndarray) -> None:
+    """Save the image with `affine` as its sform and no qform (nibabel cannot derive a qform from
+    a singular affine)."""
+    nifti = nib.load(path)
+    header = nifti.header.copy()
+    header.set_sform(affine, code=1)
+    header.set_qform(None, code=0)
+    nib.save(nib.Nifti1Image(np.asarray(nifti.dataobj), None, header), path)
+
+
+def _nan_affine(path: Path) -> np.ndarray:
+    affine = nib.load(path).affine.copy()
+    affine[2, 3] = np.nan
+    return affine
+
+
+def _test_entries_with_labels(meta: dict) -> None:
+    """MONAI datalist test entries that name label files (not written)."""
+    meta["test"] = [{"image": path, "label": path.replace("imagesTs", "labelsTs")} for path in meta["test"]]
+
+
 @dataclass(frozen=True)
 class Bad:
     """One bad input: how to break the copy, the exit status, a regex of the one-line message,
@@ -81,6 +103,7 @@ class Bad:
     message: str
     scope: str
     status: int = 2
+    case: str = CASE  # the case that fails (scopes "case" and "rerun")
 
 
 CATALOGUE = [
@@ -103,6 +126,13 @@ CATALOGUE = [
         r"Task09_Bad/dataset.json: 'modality' indices must be 0..0", "dataset"),
     Bad("label ids with a gap", lambda r: _edit_json(r, lambda m: m.update(labels={"0": "bg", "2": "x"})),
         r"Task09_Bad/dataset.json: label ids must be 0..N-1", "dataset"),
+    Bad("region-based labels",
+        lambda r: _edit_json(r, lambda m: m.update(labels={"background": 0, "liver": [1, 2], "tumour": 2})),
+        r"Task09_Bad/dataset.json: labels.liver: region-based label \[1, 2\] is not supported", "dataset"),
+    Bad("labels in neither form", lambda r: _edit_json(r, lambda m: m.update(labels={"background": "0", "a": "1"})),
+        r"Task09_Bad/dataset.json: labels: must map id -> name \(.*\) or name -> id", "dataset"),
+    Bad("test entry neither path nor object", lambda r: _edit_json(r, lambda m: m.update(test=[3])),
+        r"Task09_Bad/dataset.json: test.0: Input should be a file path or an object with an 'image' key", "dataset"),
     Bad("file_ending not NIfTI", lambda r: _edit_json(r, lambda m: m.update(file_ending=".mha")),
         r"Task09_Bad/dataset.json: file_ending '.mha' is not supported", "dataset"),
     Bad("no training cases", lambda r: _edit_json(r, lambda m: m.update(training=[])),
@@ -115,6 +145,8 @@ CATALOGUE = [
     Bad("missing label", lambda r: _label(r).unlink(), rf"labelsTr/{CASE}.nii.gz: missing label for case {CASE}",
         "case"),
     Bad("missing image", lambda r: _image(r).unlink(), rf"imagesTr/{CASE}.nii.gz: missing image", "case"),
+    Bad("missing listed test label", lambda r: _edit_json(r, _test_entries_with_labels),
+        rf"labelsTs/{TEST_CASE}.nii.gz: missing label for case {TEST_CASE}", "case", case=TEST_CASE),
     Bad("truncated image", lambda r: _truncate(_image(r)), rf"imagesTr/{CASE}.nii.gz: cannot read NIfTI", "case"),
     Bad("image not NIfTI", lambda r: _image(r).write_bytes(gzip.compress(b"not a nifti file" * 40)),
         rf"imagesTr/{CASE}.nii.gz: cannot read NIfTI", "case"),
@@ -129,6 +161,10 @@ CATALOGUE = [
     Bad("fractional label", lambda r: _rewrite(_label(r), lambda a: (a * 0.5).astype(np.float32)),
         rf"labelsTr/{CASE}.nii.gz: label values are not integers", "case"),
     Bad("2D image", lambda r: _rewrite(_image(r), lambda a: a[:, :, :1]), rf"imagesTr/{CASE}.nii.gz: 2D image", "case"),
+    Bad("singular image affine", lambda r: _set_affine(_image(r), np.diag([1.5, 1.5, 0.0, 1.0])),
+        rf"imagesTr/{CASE}.nii.gz: singular affine \(voxel sizes 1.5, 1.5, 0 mm", "case"),
+    Bad("NaN in image affine", lambda r: _set_affine(_image(r), _nan_affine(_image(r))),
+        rf"imagesTr/{CASE}.nii.gz: affine holds NaN or infinite values", "case"),
     Bad("too many channels", lambda r: _rewrite(_image(r), lambda a: np.stack([a, a], axis=-1)),
         rf"imagesTr/{CASE}.nii.gz: 2 channels, dataset.json declares 1", "case"),
     # a re-run after a good ingest: the stored case is kept, marked stale
@@ -162,7 +198,7 @@ def test_bad_input(bad: Bad, raw_msd: Path, tmp_path: Path, caplog: pytest.LogCa
     sources = ["--source", str(raw)] + (["--source", str(raw_msd)] if bad.scope == "dataset" else [])
     if bad.scope in ("rerun", "dataset rerun"):
         assert main(_cli(*sources, "--out", str(out))) == 0
-        before = TaskStore.open(str(out / f"{BAD}.zarr")).read_case(CASE)
+        before = TaskStore.open(str(out / f"{BAD}.zarr")).read_case(bad.case)
     bad.breaks(raw)
     caplog.clear()
     assert main(_cli(*sources, "--out", str(out))) == bad.status
@@ -175,14 +211,15 @@ def test_bad_input(bad: Bad, raw_msd: Path, tmp_path: Path, caplog: pytest.LogCa
         _check_marked_failed(str(out / f"{BAD}.zarr"), line, before, caplog)
         return
     store = TaskStore.open(str(out / f"{BAD}.zarr"))
-    others = {f"tinyliver_00{i}" for i in range(5)} - {CASE}
+    others = {f"tinyliver_00{i}" for i in range(5)} - {bad.case}
     assert others <= set(store.case_ids())
     if bad.scope == "case":
-        assert CASE not in store.case_ids() and list(store.manifest.failed) == [CASE]
-        assert store.manifest.failed[CASE] and store.manifest.stale == {}
+        assert bad.case not in store.case_ids() and list(store.manifest.failed) == [bad.case]
+        assert store.manifest.failed[bad.case] and store.manifest.stale == {}
     else:
-        assert CASE in store.case_ids("train") + store.case_ids("validation") and list(store.manifest.stale) == [CASE]
-        for got, want in zip(store.read_case(CASE), before):
+        assert bad.case in store.case_ids("train") + store.case_ids("validation")
+        assert list(store.manifest.stale) == [bad.case]
+        for got, want in zip(store.read_case(bad.case), before):
             np.testing.assert_array_equal(got, want)
         with pytest.raises(StoreError, match="did not finish cleanly: 1 stale case.*allow_incomplete_stores"):
             TaskStore.open(store.uri, allow_incomplete=False)

@@ -76,6 +76,19 @@ def _volume(shape: tuple[int, ...]) -> Callable[[World, Path], Path]:
     return write
 
 
+def _affine(name: str, change: Callable[[np.ndarray], np.ndarray]) -> Callable[[World, Path], Path]:
+    """The good scan with its affine changed, saved as the sform alone (no qform can hold a singular one)."""
+    def write(world: World, folder: Path) -> Path:
+        image = nib.load(_scan(world))
+        header = image.header.copy()
+        header.set_sform(change(image.affine), code=1)
+        header.set_qform(None, code=0)
+        nib.save(nib.Nifti1Image(np.asarray(image.dataobj), None, header), folder / name)
+        return folder / name
+
+    return write
+
+
 def _truncated(world: World, folder: Path) -> Path:
     (folder / "truncated.nii.gz").write_bytes(_scan(world).read_bytes()[:2000])
     return folder / "truncated.nii.gz"
@@ -120,6 +133,10 @@ PREDICT_CATALOGUE = {
     "1x1x1": (_volume((1, 1, 1)), [], "flat_1x1x1.nii.gz: 2D image of shape (1, 1, 1); 3D volumes are required"),
     "512x512x1": (_volume((512, 512, 1)), [],
                   "flat_512x512x1.nii.gz: 2D image of shape (512, 512, 1); 3D volumes are required"),
+    "singular-affine": (_affine("flat_axis.nii.gz", lambda a: a @ np.diag([1.0, 1.0, 0.0, 1.0])), [],
+                        "flat_axis.nii.gz: singular affine (voxel sizes 1.5, 1.5, 0 mm"),
+    "nan-affine": (_affine("nan_affine.nii.gz", lambda a: a * [1, 1, 1, np.nan]), [],  # NaN translation
+                   "nan_affine.nii.gz: affine holds NaN or infinite values"),
     "missing-model": (_good, ["--model", "models:/absent@champion"], "models:/absent@champion: model not found"),
 }
 

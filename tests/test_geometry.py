@@ -59,6 +59,21 @@ def test_nifti_channels_from_4d_or_channel_files() -> None:
         geo.nifti_channels([nib.Nifti1Image(data[..., 0], LPS), nib.Nifti1Image(data[..., 0], np.eye(4))])
 
 
+def test_volume_problem_needs_3d_and_an_invertible_finite_affine() -> None:
+    sheared = LPS + np.array([[0, 1.0, 0, 0], [0] * 4, [0] * 4, [0] * 4])  # sheared, still invertible
+    for affine in (LPS, PERMUTED, sheared):
+        assert geo.volume_problem((8, 8, 8), affine) is None
+    assert geo.volume_problem((8, 8, 1), LPS).startswith("2D image of shape (8, 8, 1)")
+    flat = LPS @ np.diag([1.0, 1.0, 0.0, 1.0])
+    assert geo.volume_problem((8, 8, 8), flat).startswith("singular affine (voxel sizes 2, 3, 0 mm")
+    parallel = LPS.copy()
+    parallel[:3, 1] = [2.0, 0.0, 1e-9]  # the y axis along the x axis: no zero size, still singular
+    assert geo.volume_problem((8, 8, 8), parallel).startswith("singular affine (voxel sizes 2, 2, 4 mm")
+    nan = LPS.copy()
+    nan[1, 3] = np.nan
+    assert geo.volume_problem((8, 8, 8, 2), nan).startswith("affine holds NaN or infinite values")
+
+
 def test_bounding_box_and_crop() -> None:
     mask = np.zeros((5, 6, 7), dtype=bool)
     mask[1:3, 2, 3:6] = True

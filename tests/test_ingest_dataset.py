@@ -1,18 +1,28 @@
-"""dataset.json in MSD and nnU-Net v2 form, case listing, and the plan's pure parts."""
+"""dataset.json in MSD, MONAI datalist and nnU-Net v2 form, case listing, and the plan's pure parts."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pipeline.common.config import IngestConfig
+from pipeline.common.store import TaskStore
+from pipeline.datasets.synthetic import Layout, SyntheticTask, write_task
 from pipeline.ingest.dataset import DatasetError, content_fingerprint, read_dataset, stat_signature
 from pipeline.ingest.plan import CaseSummary, make_plan, target_spacing
+from pipeline.ingest.run import run
+from test_ingest_split import write_test_labels
+
+DIALECT = SyntheticTask("Task08_Dialect", ("CT",), ("background", "organ"), spacing=(2.0, 2.0, 4.0),
+                        shape=(16, 16, 16), num_cases=2, num_test_cases=1)
+TRAIN, TEST = ["dialect_000", "dialect_001"], "dialect_002"
 
 
 def test_msd_layout(raw_msd: Path) -> None:
@@ -46,6 +56,70 @@ def test_msd_entries_with_per_channel_files(raw_msd: Path, tmp_path: Path) -> No
     assert spec.cases[2].problems == (f"{root}/labelsTr/tinyliver_002.nii.gz: missing label for case tinyliver_002",)
 
 
+def _monai(meta: dict, test_labels: bool) -> None:
+    """A MONAI datalist: entries as objects with a `fold` key; test labels (when given) at ./labelsTest/."""
+    meta["training"] = [entry | {"fold": i % 2} for i, entry in enumerate(meta["training"])]
+    meta["test"] = [{"image": path, "fold": 0} for path in meta["test"]]
+    if test_labels:
+        for entry in meta["test"]:
+            entry["label"] = entry["image"].replace("imagesTs", "labelsTest")
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """One dataset.json dialect: the synthetic layout it starts from and how its dataset.json is
+    changed; `test_labels`: the test entry names its label file."""
+
+    name: str
+    layout: Layout
+    edit: Callable[[dict], object]
+    test_labels: bool = False
+
+
+DIALECTS = [
+    Dialect("MSD lists of paths", "msd", lambda m: None),
+    Dialect("MONAI objects with extra keys", "msd", lambda m: _monai(m, test_labels=False)),
+    Dialect("MONAI test entries with labels", "msd", lambda m: _monai(m, test_labels=True), test_labels=True),
+    Dialect("nnU-Net v2", "nnunetv2", lambda m: None),
+    Dialect("MSD with name -> id labels", "msd", lambda m: m.update(labels={"background": 0, "organ": 1})),
+    Dialect("nnU-Net v2 with id -> name labels", "nnunetv2",
+            lambda m: m.update(labels={"0": "background", "1": "organ"})),
+]
+
+
+@pytest.fixture(scope="module")
+def dialect_sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny dialect task in each synthetic layout, with test labels in labelsTest/ (read-only)."""
+    sources = {}
+    for layout in ("msd", "nnunetv2"):
+        sources[layout] = write_task(tmp_path_factory.mktemp(layout), DIALECT, layout)
+        write_test_labels(sources[layout], DIALECT)
+        (sources[layout] / "labelsTs").rename(sources[layout] / "labelsTest")
+    return sources
+
+
+@pytest.mark.parametrize("dialect", DIALECTS, ids=[d.name for d in DIALECTS])
+def test_every_dialect_is_ingested(dialect: Dialect, dialect_sources: dict[str, Path], tmp_path: Path) -> None:
+    raw = shutil.copytree(dialect_sources[dialect.layout], tmp_path / DIALECT.name)
+    meta = json.loads((raw / "dataset.json").read_text())
+    dialect.edit(meta)
+    (raw / "dataset.json").write_text(json.dumps(meta))
+    spec = read_dataset(raw)
+    assert spec.labels == {0: "background", 1: "organ"}
+    assert [(c.case_id, c.is_test, c.label is not None) for c in spec.cases] == [
+        (TRAIN[0], False, True), (TRAIN[1], False, True), (TEST, True, dialect.test_labels)]
+    assert run([raw], str(tmp_path / "out"), IngestConfig(scheduler="synchronous")).ok
+    store = TaskStore.open(str(tmp_path / "out" / f"{DIALECT.name}.zarr"))
+    assert sorted(store.case_ids("train") + store.case_ids("validation")) == TRAIN
+    assert store.case_ids("test") == [TEST] and store.manifest.labels == {0: "background", 1: "organ"}
+    image, label = store.read_case(TEST)
+    if dialect.test_labels:
+        assert label is not None and label.shape == image.shape[1:] and label.max() == 1
+        assert store.case_sources(TEST)[-1] == f"labelsTest/{TEST}.nii.gz"
+    else:
+        assert label is None
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -56,10 +130,17 @@ def test_msd_entries_with_per_channel_files(raw_msd: Path, tmp_path: Path) -> No
         ('{"modality": {"0": "CT"}, "labels": {"0": "bg", "1": "a"}, "training": [{"image": null, "label": "l"}]}',
          r"dataset.json: training.0.image: Input should be a valid string \(got None\)$"),
         ('{"modality": {"0": "CT"}, "labels": {"0": "bg", "1": "a"}, "test": ["a.nii.gz", 3]}',
-         "dataset.json: test.1: Input should be a valid string"),
+         r"dataset.json: test.1: Input should be a file path or an object with an 'image' key \(got 3\)$"),
+        ('{"modality": {"0": "CT"}, "labels": {"0": "bg", "1": "a"}, "test": [{"label": "l.nii.gz"}]}',
+         "dataset.json: test.0.image: Field required$"),
         ('{"modality": {"0": "CT"}}', "dataset.json: labels: Field required$"),
         ('{"modality": {"1": "CT"}, "labels": {"0": "bg", "1": "a"}}', "indices must be 0..0"),
-        ('{"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": [1, 2]}}', "region-based"),
+        ('{"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": [1, 2]}}',
+         r"dataset.json: labels.a: region-based label \[1, 2\] is not supported \(one integer id per class\)$"),
+        ('{"modality": {"0": "CT"}, "labels": {"background": 0, "a": 1, "b": 1}}',
+         r"dataset.json: labels: ids \[1\] given to more than one class"),
+        ('{"modality": {"0": "CT"}, "labels": {"background": 0, "a": "1"}}',
+         r"dataset.json: labels: must map id -> name \(.*\) or name -> id \(.*\), got"),
         ('{"modality": {"0": "CT"}, "labels": {"0": "bg"}}', "2 <= N <= 256"),
         ('{"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1}}', "no training cases found"),
         ('{"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1}, "file_ending": ".mha"}',

@@ -39,6 +39,7 @@ Shape3 = tuple[int, int, int]
 LabelResampling = Literal["nearest", "per-class-linear"]
 CANONICAL = orientations.axcodes2ornt(("R", "A", "S"))
 ANISOTROPY_THRESHOLD = 3.0
+SINGULAR_AFFINE = 1e-6  # |det| of the affine's unit-length voxel axes below this: singular
 
 
 @dataclass(frozen=True)
@@ -70,11 +71,25 @@ def _as_tuple(value: Any) -> Any:
     return tuple(_as_tuple(v) for v in value) if isinstance(value, list | tuple) else value
 
 
-def volume_problem(shape: Sequence[int]) -> str | None:
-    """Why a NIfTI of `shape` ((x, y, z) or (x, y, z, C)) is not a 3D volume, or None when it is:
-    each spatial axis needs 2 voxels or more (ingest and predict both refuse such images)."""
+def volume_problem(shape: Sequence[int], affine: np.ndarray) -> str | None:
+    """Why a NIfTI of `shape` ((x, y, z) or (x, y, z, C)) and `affine` is not a 3D volume in
+    millimetres, or None when it is: each spatial axis needs 2 voxels or more, and the affine must
+    be finite and invertible (ingest and predict both refuse such images)."""
     if len(shape) < 3 or min(shape[:3]) < 2:
         return f"2D image of shape {tuple(shape)}; 3D volumes are required"
+    return _affine_problem(np.asarray(affine, dtype=np.float64))
+
+
+def _affine_problem(affine: np.ndarray) -> str | None:
+    """A non-finite affine, or one whose voxel axes are zero or (nearly) parallel: no spacing, no
+    orientation, nothing to resample to."""
+    if not np.isfinite(affine).all():
+        return "affine holds NaN or infinite values; the header's sform/qform must map voxels to millimetres"
+    sizes = nib.affines.voxel_sizes(affine)
+    if sizes.min() <= 0 or abs(np.linalg.det(affine[:3, :3] / sizes)) < SINGULAR_AFFINE:
+        shown = ", ".join(f"{s:.4g}" for s in sizes)
+        return (f"singular affine (voxel sizes {shown} mm, axes not independent); the header's sform/qform "
+                "must map voxels to millimetres")
     return None
 
 

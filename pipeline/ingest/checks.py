@@ -60,8 +60,8 @@ def _read(path: Path) -> tuple[np.ndarray | None, np.ndarray | None, list[str]]:
         return None, None, [f"{path}: cannot read NIfTI: {type(err).__name__}: {' '.join(str(err).split())}"]
 
 
-def _spatial_problems(path: Path, shape: tuple[int, ...]) -> list[str]:
-    problem = volume_problem(shape)
+def _spatial_problems(path: Path, shape: tuple[int, ...], affine: np.ndarray) -> list[str]:
+    problem = volume_problem(shape, affine)
     return [f"{path}: {problem}"] if problem else []
 
 
@@ -75,7 +75,7 @@ def _load_image(case: CaseSource, num_channels: int) -> tuple[np.ndarray | None,
     for path in case.images:
         data, file_affine, file_problems = _read(path)
         if data is not None:
-            file_problems = _spatial_problems(path, data.shape) + _finite_problems(path, data)
+            file_problems = _spatial_problems(path, data.shape, file_affine) + _finite_problems(path, data)
             if data.ndim > 4 or (data.ndim == 4 and len(case.images) > 1):
                 file_problems.append(f"{path}: image of shape {data.shape}; expected 3D per channel file")
             elif channels and (data.shape[:3] != channels[0].shape[1:] or not _same_affine(file_affine, affine)):

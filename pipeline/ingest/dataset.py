@@ -1,11 +1,16 @@
-"""Read a raw dataset folder: its dataset.json (MSD or nnU-Net v2 form) and the list of cases.
+"""Read a raw dataset folder: its dataset.json (MSD, MONAI datalist or nnU-Net v2 form) and the cases.
 
-MSD: `modality` {"0": "CT"}, `labels` {"0": "background", ...}, `training` [{"image", "label"}],
-optional `test`; an image is one 3D/4D file, or (nnU-Net-converted MSD) one file per channel
-named `<case>_0000.nii.gz`. nnU-Net v2: `channel_names`, `labels` {"background": 0, ...},
-`file_ending`; cases are found as `imagesTr/<case>_0000<file_ending>` (or as a label in
-`labelsTr/`, so that a case whose image went missing is reported, not forgotten). Both:
-`imagesTs/` cases have no labels.
+Channels: `channel_names` (nnU-Net v2), else `modality` (MSD), {"0": "CT"}. Labels: id -> name
+({"0": "background"}, MSD) or name -> id ({"background": 0}, nnU-Net), told apart by their keys
+and values, whichever layout; region-based labels (lists of ids) are refused.
+Cases are listed or found:
+- listed: `training` [{"image", "label"}] (MSD; MONAI datalists add keys such as `fold`, which are
+  ignored) and `test`, each entry a path (MSD) or {"image"} with an optional "label" (MONAI);
+  an image is one 3D/4D file, or (nnU-Net-converted MSD) one file per channel named
+  `<case>_0000.nii.gz`;
+- found (without the list): `imagesTr/<case>_0000<file_ending>` (or a label in `labelsTr/`, so
+  that a case whose image went missing is reported, not forgotten) and `imagesTs/`.
+A test case has a label when its entry gives one, or (`split.with_test_labels`) from `labelsTs/`.
 
 dataset.json is checked against a schema (pydantic) before any case is listed or read: every
 problem is one line naming dataset.json and the key (`training.3.image: ...`). A case id given
@@ -23,7 +28,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 MSD_ENDING = ".nii.gz"
 NIFTI_ENDINGS = (".nii.gz", ".nii")
@@ -39,8 +45,26 @@ class _Strict(BaseModel):
 
 
 class _TrainingEntry(_Strict):
+    """MSD's {"image", "label"}; a MONAI datalist entry's other keys (`fold`) are ignored."""
+
     image: str = Field(min_length=1)
     label: str = Field(min_length=1)
+
+
+class _TestEntry(_Strict):
+    """A path (MSD), or {"image"} with an optional "label" (MONAI datalist)."""
+
+    image: str = Field(min_length=1)
+    label: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_path(cls, entry: Any) -> Any:
+        if isinstance(entry, str):
+            return {"image": entry}
+        if not isinstance(entry, dict):
+            raise PydanticCustomError("test_entry", "Input should be a file path or an object with an 'image' key")
+        return entry
 
 
 class _DatasetJson(_Strict):
@@ -49,10 +73,10 @@ class _DatasetJson(_Strict):
     name: str | None = None
     modality: dict[str, str] | None = None  # MSD
     channel_names: dict[str, str] | None = None  # nnU-Net v2
-    labels: dict[str, Any]  # MSD: id -> name; nnU-Net v2: name -> id
+    labels: dict[str, Any]  # id -> name (MSD) or name -> id (nnU-Net v2)
     file_ending: str = MSD_ENDING
     training: list[_TrainingEntry] | None = None
-    test: list[str] | None = None
+    test: list[_TestEntry] | None = None
 
 
 @dataclass(frozen=True)
@@ -61,7 +85,7 @@ class CaseSource:
 
     case_id: str
     images: tuple[Path, ...]  # one file per channel, or a single 3D/4D file
-    label: Path | None  # None for a test case
+    label: Path | None  # None for a test case without one
     is_test: bool = False
     problems: tuple[str, ...] = ()
 
@@ -75,7 +99,7 @@ class DatasetSpec:
     root: Path
     name: str  # folder name: the store is <name>.zarr
     task_name: str  # dataset.json "name", else the folder name
-    layout: Literal["msd", "nnunetv2"]
+    layout: Literal["msd", "nnunetv2"]  # training cases listed in dataset.json (msd) or found in imagesTr/
     modalities: tuple[str, ...]
     labels: dict[int, str]
     file_ending: str
@@ -91,25 +115,25 @@ def read_dataset(root: Path) -> DatasetSpec:
     root = Path(root)
     path = root / "dataset.json"
     meta = _validated(_read_json(path), path)
-    layout = "nnunetv2" if meta.channel_names is not None else "msd"
-    channels_key = "channel_names" if layout == "nnunetv2" else "modality"
+    channels_key = "channel_names" if meta.channel_names is not None else "modality"
     modalities = _modalities(getattr(meta, channels_key), channels_key, path)
-    labels = _labels(meta.labels, layout, path)
+    labels = _labels(meta.labels, path)
     ending = meta.file_ending
     if ending not in NIFTI_ENDINGS:
         raise DatasetError(f"{path}: file_ending {ending!r} is not supported (NIfTI only)")
-    if layout == "msd" and meta.training is not None:
-        train = [_msd_case(root, entry, len(modalities), ending) for entry in meta.training]
+    if meta.training is not None:
+        train = [_listed_case(root, entry, len(modalities), ending, is_test=False) for entry in meta.training]
     else:
         train = _discover(root, "imagesTr", len(modalities), ending, with_labels=True)
-    if layout == "msd" and meta.test is not None:
-        test = [_msd_test_case(root, entry, len(modalities), ending) for entry in meta.test]
+    if meta.test is not None:
+        test = [_listed_case(root, entry, len(modalities), ending, is_test=True) for entry in meta.test]
     else:
         test = _discover(root, "imagesTs", len(modalities), ending, with_labels=False)
     if not train:
         raise DatasetError(f"{root}: no training cases found (looked in dataset.json and imagesTr/)")
     _check_unique(train + test, path)
     name = root.resolve().name  # `--source .` is named after the folder too
+    layout = "msd" if meta.training is not None else "nnunetv2"
     return DatasetSpec(root, name, meta.name or name, layout, modalities, labels, ending, tuple(train + test))
 
 
@@ -188,38 +212,49 @@ def _modalities(channels: dict[str, str] | None, key: str, path: Path) -> tuple[
     return tuple(name for _, name in ordered)
 
 
-def _labels(raw: dict[str, Any], layout: str, path: Path) -> dict[int, str]:
+def _labels(raw: dict[str, Any], path: Path) -> dict[int, str]:
+    """Label id -> name from `labels` in either form (`_label_pairs`): ids 0..N-1, one per class."""
     if not raw:
         raise DatasetError(f"{path}: 'labels' must be a non-empty mapping, got {raw!r}")
-    pairs = raw.items() if layout == "msd" else ((v, k) for k, v in raw.items())
-    try:
-        labels = {int(k): str(v) for k, v in pairs}
-    except (TypeError, ValueError):
-        raise DatasetError(f"{path}: 'labels' ids must be integers (region-based labels are not supported)") from None
-    if sorted(labels) != list(range(len(labels))) or len(labels) < 2 or len(labels) > 256:
-        raise DatasetError(f"{path}: label ids must be 0..N-1 with 2 <= N <= 256, got {sorted(labels)}")
-    return labels
+    pairs = _label_pairs(raw, path)
+    ids = [i for i, _ in pairs]
+    if twice := sorted({i for i in ids if ids.count(i) > 1}):
+        raise DatasetError(f"{path}: labels: ids {twice} given to more than one class, got {raw!r}")
+    if sorted(ids) != list(range(len(ids))) or len(ids) < 2 or len(ids) > 256:
+        raise DatasetError(f"{path}: label ids must be 0..N-1 with 2 <= N <= 256, got {sorted(ids)}")
+    return dict(pairs)
+
+
+def _label_pairs(raw: dict[str, Any], path: Path) -> list[tuple[int, str]]:
+    """(id, name) pairs, the form told apart by the keys and values, whatever the layout: name -> id
+    when every value is an integer (nnU-Net), id -> name when every key is one (MSD)."""
+    regions = [f"{path}: labels.{name}: region-based label {ids!r} is not supported (one integer id per class)"
+               for name, ids in raw.items() if isinstance(ids, list)]
+    if regions:
+        raise DatasetError("\n".join(regions))
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in raw.values()):
+        return [(v, k) for k, v in raw.items()]
+    if all(k.isascii() and k.isdigit() and isinstance(v, str) for k, v in raw.items()):
+        return [(int(k), v) for k, v in raw.items()]
+    raise DatasetError(f'{path}: labels: must map id -> name ({{"0": "background", "1": "liver"}}) or '
+                       f'name -> id ({{"background": 0, "liver": 1}}), got {raw!r}')
 
 
 def _strip(name: str, ending: str) -> str | None:
     return name[: -len(ending)] if name.endswith(ending) else None
 
 
-def _msd_test_case(root: Path, entry: str, num_channels: int, ending: str) -> CaseSource:
-    image = root / entry
-    case_id = _strip(image.name, ending) or image.name
-    images, problems = _image_files(image, case_id, num_channels, ending)
-    return CaseSource(case_id, images, None, True, problems)
-
-
-def _msd_case(root: Path, entry: _TrainingEntry, num_channels: int, ending: str) -> CaseSource:
+def _listed_case(
+    root: Path, entry: _TrainingEntry | _TestEntry, num_channels: int, ending: str, is_test: bool
+) -> CaseSource:
+    """A case listed in dataset.json; its paths are relative to the dataset folder."""
     image = root / entry.image
     case_id = _strip(image.name, ending) or image.name
-    label = root / entry.label
     images, problems = _image_files(image, case_id, num_channels, ending)
-    if not label.is_file():
+    label = root / entry.label if entry.label is not None else None
+    if label is not None and not label.is_file():
         problems += (f"{label}: missing label for case {case_id}",)
-    return CaseSource(case_id, images, label, False, problems)
+    return CaseSource(case_id, images, label, is_test, problems)
 
 
 def _image_files(

@@ -109,7 +109,7 @@ def inspect_scan(case_id: str, files: tuple[Path, ...]) -> Scan:
         _check_channel_numbering(case_id, files)
     images = [_load_header(f) for f in files]
     shapes = [tuple(image.shape) for image in images]
-    problem = volume_problem(shapes[0])
+    problem = volume_problem(shapes[0], images[0].affine)
     if problem:
         raise PredictError(f"{files[0]}: {problem}")
     if len(shapes[0]) > 4:
