@@ -17,13 +17,15 @@ from model.universal import DoDNet, MultiHeadUNet, UniSeg
 # Every preset keeps the paper's FUSE width (82, NetworkSpec's default): the tiny and cpu figures
 # in the READMEs were measured with it (a width scaled to the bottleneck was never measured).
 PRESETS: dict[str, NetworkSpec] = {
-    # The reference UniSeg: nnU-Net 3d_fullres topology for a 64x192x192 patch.
+    # The reference UniSeg: nnU-Net 3d_fullres topology for a 64x192x192 patch, its decoder wired as
+    # the reference's Generic_UNet (nnU-Net v1) wires it: the last stage convolves 3x3x3.
     "uniseg-paper": NetworkSpec(
         architecture="uniseg",
         patch_size=(64, 192, 192),
         features=(32, 64, 128, 256, 320, 320),
         strides=((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2)),
         kernels=((1, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3)),
+        decoder_kernels="nnunet-v1",
     ),
     # For real scans on CPU-only machines: a 40x80x80 patch (bottleneck 5x5x5), widths 12..128;
     # about 4x the tiny preset's compute per iteration.

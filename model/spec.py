@@ -9,6 +9,7 @@ from typing import Any, Literal
 from model.topology import Triple, total_stride
 
 Architecture = Literal["uniseg", "multihead", "dodnet", "plain"]
+DecoderKernels = Literal["nnunet-v2", "nnunet-v1"]
 ARCHITECTURES: tuple[str, ...] = ("uniseg", "multihead", "dodnet", "plain")
 
 
@@ -19,6 +20,10 @@ class NetworkSpec:
     `prompt_size=None` ties the prompt to the bottleneck size of `patch_size` (as UniSeg does).
     `dynamic_channels` is the width of the DoDNet-style dynamic head. `prompt_last_stage` (UniSeg
     only) also feeds the selected prompt to the last decoder stage (not in the paper).
+    `decoder_kernels` says which encoder kernel each decoder stage takes: "nnunet-v2" mirrors the
+    encoder (the stage that outputs level i convolves with kernels[i]); "nnunet-v1" is Generic_UNet's
+    rule, which the UniSeg reference inherits (decoder stage u, deepest first, takes
+    kernels[-(u + 1)]: the stage that outputs level i takes kernels[i + 1]).
     """
 
     architecture: Architecture
@@ -32,6 +37,7 @@ class NetworkSpec:
     fuse_channels: int = 82
     dynamic_channels: int = 8
     prompt_last_stage: bool = False
+    decoder_kernels: DecoderKernels = "nnunet-v2"
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -53,6 +59,14 @@ class NetworkSpec:
             raise ValueError(f"patch_size {self.patch_size} must be divisible by the total stride {factor}")
         if min(self.prompt_channels, self.fuse_channels, self.dynamic_channels) < 1:
             raise ValueError("prompt_channels, fuse_channels and dynamic_channels must be >= 1")
+        if self.decoder_kernels not in ("nnunet-v2", "nnunet-v1"):
+            raise ValueError(f"decoder_kernels must be 'nnunet-v2' or 'nnunet-v1', got {self.decoder_kernels!r}")
+
+    @property
+    def decoder_stage_kernels(self) -> tuple[Triple, ...]:
+        """Kernel of the decoder stage whose output is level i, for i = 0 .. stages - 2."""
+        shift = 1 if self.decoder_kernels == "nnunet-v1" else 0
+        return tuple(self.kernels[i + shift] for i in range(len(self.features) - 1))
 
     @property
     def bottleneck_size(self) -> Triple:

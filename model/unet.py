@@ -60,6 +60,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Transposed-conv upsampling, concatenation with the skip, ConvStage; one level per stride.
 
+    `kernels[i]` is the kernel of the stage that outputs level i (`NetworkSpec.decoder_stage_kernels`).
     `extra_bottleneck_channels` widens the first upsampling input (UniSeg's prompt channel);
     `extra_last_channels` widens the input of the last (highest-resolution) stage, fed by `forward`'s
     `last_extra` (the task-aware-last-stage UniSeg variant).
@@ -117,7 +118,7 @@ class PlainUNet(nn.Module):
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.encoder = Encoder([in_channels], spec.features, spec.strides, spec.kernels)
-        self.decoder = Decoder(spec.features, spec.strides, spec.kernels)
+        self.decoder = Decoder(spec.features, spec.strides, spec.decoder_stage_kernels)
         self.heads = SegmentationHeads(spec.features, num_classes, spec.deep_supervision)
         he_init(self)
 

@@ -33,7 +33,8 @@ class UniversalNetwork(nn.Module):
         self.tasks = check_task_table(tasks)
         self.max_classes = max(t.num_classes for t in self.tasks)
         self.encoder = Encoder([t.in_channels for t in self.tasks], spec.features, spec.strides, spec.kernels)
-        self.decoder = Decoder(spec.features, spec.strides, spec.kernels, extra_bottleneck_channels, extra_last_channels)
+        self.decoder = Decoder(spec.features, spec.strides, spec.decoder_stage_kernels, extra_bottleneck_channels,
+                               extra_last_channels)
 
     def forward(self, x: torch.Tensor, task_ids: torch.Tensor | Sequence[int] | int) -> list[torch.Tensor]:
         ids = self.check_inputs(x, task_ids)

@@ -1,4 +1,5 @@
-"""The paper preset against the reference network, counted layer by layer from UNISEG.md."""
+"""The paper preset against the reference network, counted layer by layer from UNISEG.md (the
+reference's Generic_UNet: decoder stage u, deepest first, convolves with conv_kernel_sizes[-(u + 1)])."""
 
 from model.presets import PRESETS, REFERENCE_TASKS
 from model.summary import summarize
@@ -22,16 +23,26 @@ def reference_uniseg_parameters(num_tasks: int = 11) -> int:
     total += sum(_conv_in(f[i - 1], f[i], k[i]) + _conv_in(f[i], f[i], k[i]) for i in range(1, 6))
     total += _conv(f[5] + 1, f[4], up[4], bias=False)  # bottleneck + prompt channel
     total += sum(_conv(f[i + 1], f[i], up[i], bias=False) for i in range(4))
-    total += sum(_conv_in(2 * f[i], f[i], k[i]) + _conv_in(f[i], f[i], k[i]) for i in range(5))
+    total += sum(_conv_in(2 * f[i], f[i], k[i + 1]) + _conv_in(f[i], f[i], k[i + 1]) for i in range(5))
     total += sum(_conv(c, 4, 1, bias=False) for c in f[:5])
     total += _conv_in(320 + num_tasks, 82, 27) + _conv_in(82, 82, 27) + _conv_in(82, num_tasks, 27)
     return total + num_tasks * 4 * 6 * 6
 
 
-def test_paper_preset_within_two_percent_of_reference() -> None:
+def test_paper_preset_is_the_reference_network() -> None:
     summary = summarize(PRESETS["uniseg-paper"], REFERENCE_TASKS)
     reference = reference_uniseg_parameters()
-    assert 31e6 < reference < 33e6  # "about 32 M" (UNISEG.md)
-    assert abs(summary.parameters - reference) / reference < 0.02
+    assert reference == 32_114_381  # the reference's code built at this topology (UNISEG.md)
+    assert summary.parameters == reference
+    assert abs(summary.macs - 0.76e12) / 0.76e12 < 0.02  # the paper's 0.76 TMAC
     assert summary.bottleneck_shape == (320, 4, 6, 6)
     assert len(summary.output_shapes) == 5
+
+
+def test_decoder_kernels_mirror_the_encoder_unless_the_v1_rule_is_asked_for() -> None:
+    paper = PRESETS["uniseg-paper"]
+    assert paper.decoder_stage_kernels == ((3, 3, 3),) * 5  # the last stage takes kernels[1], not kernels[0]
+    mirrored = paper.replace(decoder_kernels="nnunet-v2")
+    assert mirrored.decoder_stage_kernels == paper.kernels[:5]
+    assert summarize(mirrored, REFERENCE_TASKS).parameters == 32_114_381 - 55_296  # 2 convs of the last stage, 9 vs 27 taps
+    assert PRESETS["tiny"].decoder_kernels == PRESETS["cpu"].decoder_kernels == "nnunet-v2"
