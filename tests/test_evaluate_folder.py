@@ -116,3 +116,90 @@ def test_command_line_scores_a_folder(folders: tuple[Path, Path, Path], tmp_path
                  "-o", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["metric_per_case"][1]["metrics"]["2"]["Dice"] is None  # MONAI: not scored
+
+
+def _errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+
+
+def _refused(argv: list[str], caplog: pytest.LogCaptureFixture) -> str:
+    """Exit status 2 with one logged line (several problems: one line each), which is returned."""
+    assert main(argv) == 2
+    (error,) = _errors(caplog)
+    return error
+
+
+def test_undeclared_label_values_are_refused_per_file(folders: tuple[Path, Path, Path], tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    pred, ref, labels = folders
+    _save(ref, "b", _map((1, np.s_[2:5, 2:5, 2:5]), (7, np.s_[0, 0, 0])))
+    _save(pred, "c", _map((3, np.s_[2:5, 2:5, 2:5])))
+    error = _refused(["--pred", str(pred), "--ref", str(ref), "--labels", str(labels), "-o", str(tmp_path / "o")],
+                     caplog)
+    assert error.splitlines() == [f"{ref}/b.nii.gz: label values [7] not declared in {labels}",
+                                  f"{pred}/c.nii.gz: label values [3] not declared in {labels}"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_two_files_for_one_case_are_refused(folders: tuple[Path, Path, Path], caplog: pytest.LogCaptureFixture) -> None:
+    pred, ref, _ = folders
+    nib.save(nib.load(pred / "a.nii.gz"), pred / "a.nii")
+    error = _refused(["--pred", str(pred), "--ref", str(ref)], caplog)
+    assert error == f"{pred}/a.nii: case 'a' has 2 files (also a.nii.gz); keep one"
+
+
+def test_pred_and_ref_the_same_folder_are_refused(folders: tuple[Path, Path, Path], tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    _, ref, _ = folders
+    (tmp_path / "link").symlink_to(ref)
+    error = _refused(["--pred", str(tmp_path / "link"), "--ref", str(ref)], caplog)
+    assert error == f"{tmp_path / 'link'}: --pred and --ref are the same folder (every case would score 1.0)"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not NIfTI"])
+def test_unreadable_or_truncated_nifti_is_one_line(folders: tuple[Path, Path, Path], damage: str,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    pred, ref, _ = folders
+    _save(ref, "b", np.random.default_rng(0).integers(0, 3, SHAPE, dtype=np.uint8))  # a long gzip stream
+    data = (ref / "b.nii.gz").read_bytes()
+    (ref / "b.nii.gz").write_bytes(data[:-64] if damage == "truncated" else b"not a NIfTI file")
+    error = _refused(["--pred", str(pred), "--ref", str(ref)], caplog)
+    problem = "corrupt NIfTI data" if damage == "truncated" else "not a readable NIfTI file"
+    assert error.startswith(f"{ref}/b.nii.gz: {problem} (") and "\n" not in error
+
+
+def test_existing_file_as_output_is_refused_before_scoring(folders: tuple[Path, Path, Path], tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.evaluate.folder
+
+    def no_scoring(*args: object) -> None:
+        raise AssertionError("scoring started before the output was checked")
+
+    monkeypatch.setattr(pipeline.evaluate.folder, "class_metrics", no_scoring)
+    pred, ref, _ = folders
+    (tmp_path / "report.txt").write_text("keep me")
+    error = _refused(["--pred", str(pred), "--ref", str(ref), "-o", str(tmp_path / "report.txt")], caplog)
+    assert error == f"{tmp_path / 'report.txt'}: exists and is a file, not a folder"
+    assert (tmp_path / "report.txt").read_text() == "keep me"
+
+
+OPTION_ORDER = ["--model", "--folds", "--split", "--space", "--no-mlflow", "--tta", "--device"]  # the parser's
+
+
+@pytest.mark.parametrize("options", [["--folds", "0"], ["--split", "val"], ["--tta", "on"], ["--device", "cpu"],
+                                     ["--model", "models:/x@y"], ["--no-mlflow", "--space", "store"]])
+def test_model_options_are_refused_in_folder_mode(folders: tuple[Path, Path, Path], options: list[str],
+                                                  capsys: pytest.CaptureFixture) -> None:
+    pred, ref, _ = folders
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--pred", str(pred), "--ref", str(ref), *options])
+    named = ", ".join(sorted((o for o in options if o.startswith("--")), key=OPTION_ORDER.index))
+    assert exit_info.value.code == 2
+    assert f"error: {named}: not for folder evaluation (--pred DIR --ref DIR takes only" in capsys.readouterr().err
+
+
+def test_labels_are_refused_in_model_mode(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(tmp_path), "--store", str(tmp_path), "--labels", str(tmp_path / "dataset.json")])
+    assert exit_info.value.code == 2 and "error: --labels: only for folder evaluation" in capsys.readouterr().err

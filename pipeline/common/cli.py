@@ -31,6 +31,8 @@ def output_folder_problem(out: str, storage_options: dict[str, Any] | None = Non
     before their work, so an unwritable output never costs the work (or a traceback)."""
     try:
         fs, path = fsspec.core.url_to_fs(str(out), **(storage_options or {}))
+        if fs.isfile(path):
+            return f"{out}: exists and is a file, not a folder"
         probe = f"{path.rstrip('/')}/.write-check-{uuid.uuid4().hex}"
         fs.makedirs(path, exist_ok=True)
         fs.pipe_file(probe, b"")

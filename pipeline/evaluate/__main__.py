@@ -9,7 +9,9 @@ metrics, to the MLflow run of the model. --split val (and train) are the cases o
 model held out in training (`data.fold`; fold 0 by default); of a fold ensemble, --split val
 needs one fold picked (--folds k: fold k's held-out cases, fold k's weights). Folder mode
 scores any folder of predicted label maps against a folder of references (same file names,
-same voxel grids: one line per mismatch) into the same report files. Dice uses nnU-Net's empty-reference rule unless --empty-reference monai.
+same voxel grids, label values declared in --labels: one line per problem, all checked before
+any scoring) into the same report files; it takes only --labels, --empty-reference and -o
+(model options are refused). Dice uses nnU-Net's empty-reference rule unless --empty-reference monai.
 Exit status 1 when the evaluation failed, 2 for bad input (model, store, folders, options).
 
 Examples:
@@ -22,6 +24,7 @@ Examples:
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -37,6 +40,7 @@ from pipeline.evaluate.folder import FolderOptions, run_folder
 from pipeline.evaluate.run import EvaluateOptions, run
 
 log = logging.getLogger("pipeline.evaluate")
+FOLDER_MODE = {"pred", "ref", "labels", "empty_reference", "output"}  # the options folder evaluation takes
 MODEL_HELP = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a model folder"
 
 
@@ -68,12 +72,19 @@ def parse_args(argv: list[str] | None = None) -> EvaluateOptions | FolderOptions
     parser.add_argument("--storage-options", type=json.loads, help="fsspec options for s3:// stores, as JSON")
     add_inference_arguments(parser)
     args = parser.parse_args(argv)
+    given = given_options(parser, argv)
     if args.pred or args.ref:
-        if not (args.pred and args.ref) or args.model or args.store:
-            parser.error("folder evaluation takes --pred DIR and --ref DIR, without --model and --store")
+        if not (args.pred and args.ref):
+            parser.error("folder evaluation takes --pred DIR and --ref DIR")
+        model_only = [option for dest, option in given.items() if dest not in FOLDER_MODE]
+        if model_only:
+            parser.error(f"{', '.join(model_only)}: not for folder evaluation (--pred DIR --ref DIR takes only "
+                         "--labels, --empty-reference and -o)")
         return FolderOptions(args.pred, args.ref, args.output, args.labels, args.empty_reference)
     if not (args.model and args.store):
         parser.error("give --model and --store (or --pred and --ref for folder evaluation)")
+    if "labels" in given:
+        parser.error("--labels: only for folder evaluation (--pred DIR --ref DIR); a model's card names its classes")
     return EvaluateOptions(
         model=args.model,
         stores=tuple(args.store),
@@ -89,6 +100,20 @@ def parse_args(argv: list[str] | None = None) -> EvaluateOptions | FolderOptions
         folds=args.folds,
         empty=args.empty_reference,
     )
+
+
+def given_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict[str, str]:
+    """dest -> option string of each option on the command line, whatever its value (an option
+    given with its default value counts), in the parser's order."""
+    defaults = {action: action.default for action in parser._actions}
+    for action in defaults:
+        action.default = argparse.SUPPRESS
+    try:
+        given = vars(parser.parse_args(argv))
+    finally:
+        for action, default in defaults.items():
+            action.default = default
+    return {a.dest: max(a.option_strings, key=len) for a in parser._actions if a.dest in given}
 
 
 def main(argv: list[str] | None = None) -> int:
