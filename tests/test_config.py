@@ -80,3 +80,44 @@ def test_local_stores_become_absolute(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.chdir(tmp_path)
     cfg = config_from_dict({"data": {"stores": ["task.zarr", "s3://bucket/other.zarr"]}})
     assert cfg.data.stores == (str(tmp_path / "task.zarr"), "s3://bucket/other.zarr")
+
+
+def test_override_problems_name_the_command_line_and_the_key(tmp_path: Path) -> None:
+    path = _write(tmp_path, "train:\n  epochs: '10'\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides=["train.learning_rate=abc", "trainer.x=1"])
+    assert str(err.value).splitlines() == [
+        f"{path}: train.epochs: Input should be a valid integer",  # the file's own problem still names the file
+        "<command line>: train.learning_rate: Input should be a valid number (--set train.learning_rate=abc)",
+        "<command line>: trainer: unknown key (--set trainer.x=1)",
+    ]
+
+
+def test_unparsable_override_value_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, "{}\n"), overrides=["data.stores=[/x.zarr"])
+    assert str(err.value) == ("<command line>: data.stores: cannot read the value '[/x.zarr' as YAML "
+                              "(expected ',' or ']', but got '<stream end>')")
+
+
+def test_overrides_without_a_config_file() -> None:
+    cfg = load_config(None, overrides=["train.epochs=3"])
+    assert cfg.train.epochs == 3
+    with pytest.raises(ConfigError, match=r"^<command line>: train.epochs: .* \(--set train.epochs=x\)$"):
+        load_config(None, overrides=["train.epochs=x"])
+
+
+@pytest.mark.parametrize("stage", ["train", "tune", "finetune"])
+def test_bad_override_exits_2_with_one_line(stage: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import importlib
+
+    path = _write(tmp_path, "{}\n")
+    extra = ["--pretrained", str(tmp_path), "--store", str(tmp_path)] if stage == "finetune" else []
+    main = importlib.import_module(f"pipeline.{stage}.__main__").main
+    for override in ("train.learning_rate=abc", "data.stores=[/x.zarr"):
+        caplog.clear()
+        assert main(["--config", str(path), "--set", override, *extra]) == 2
+        (record,) = [r for r in caplog.records if r.levelname == "ERROR"]
+        message = record.getMessage()
+        assert message.startswith(f"<command line>: {override.split('=')[0]}: ") and str(path) not in message
+        assert record.exc_info is None and "\n" not in message

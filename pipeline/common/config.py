@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +28,9 @@ from pydantic import (
 from pydantic.dataclasses import dataclass
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+COMMAND_LINE = "<command line>"  # the source named for a problem of a --set override
 
 
 class ConfigError(ValueError):
@@ -270,12 +273,18 @@ class ExperimentConfig:
 _ADAPTER = TypeAdapter(ExperimentConfig)
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Read a YAML config, apply `key.sub=value` overrides, and validate it.
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read a YAML config (None: every default), apply `key.sub=value` overrides, and validate it.
 
-    Raises ConfigError naming the file and each bad key.
+    Raises ConfigError naming the file and each bad key, or `<command line>` and the key for a
+    problem an override brought in.
     """
-    path = Path(path)
+    raw = _read_yaml(Path(path)) if path is not None else {}
+    overridden = apply_overrides(raw, overrides)
+    return config_from_dict(raw, source=str(path or COMMAND_LINE), overrides=overridden)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
@@ -284,18 +293,19 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
-    for override in overrides:
-        _apply_override(raw, override, path)
-    return config_from_dict(raw, source=str(path))
+    return raw
 
 
-def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
-    """Validate a plain dict (e.g. a Ray Tune trial config) into an ExperimentConfig."""
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>",
+                     overrides: Mapping[str, str] | None = None) -> ExperimentConfig:
+    """Validate a plain dict (e.g. a Ray Tune trial config) into an ExperimentConfig; a problem
+    at or under a key of `overrides` (dotted key -> the override, from `apply_overrides`) names
+    the command line instead of `source`."""
     try:
         # JSON mode keeps strict type checks but accepts YAML lists for tuple fields.
         return _ADAPTER.validate_json(json.dumps(raw), strict=True)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+        raise ConfigError(_format_errors(err, source, overrides or {})) from None
 
 
 def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -322,28 +332,54 @@ def flatten(cfg: ExperimentConfig) -> dict[str, Any]:
     return flat
 
 
-def _apply_override(raw: dict[str, Any], override: str, path: Path) -> None:
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, str]:
+    """Set each `section.key=value` of `overrides` (the value read as YAML) in `raw`; returns
+    dotted key -> override. ConfigError naming `<command line>` for one that cannot be applied."""
+    applied = {}
+    for override in overrides:
+        key, value = _split_override(override)
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{COMMAND_LINE}: {key}: {part} is not a section (--set {override})")
+        node[leaf] = _override_value(key, value)
+        applied[key] = override
+    return applied
+
+
+def _split_override(override: str) -> tuple[str, str]:
     key, sep, value = override.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"{path}: override {override!r} must look like section.key=value")
-    *parents, leaf = key.split(".")
-    node = raw
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{path}: override {override!r}: {part} is not a section")
-    node[leaf] = yaml.safe_load(value)
+    if not sep or not key or "" in key.split("."):
+        raise ConfigError(f"{COMMAND_LINE}: --set {override}: must look like section.key=value")
+    return key, value
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def _override_value(key: str, value: str) -> Any:
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{COMMAND_LINE}: {key}: cannot read the value {value!r} as YAML ({problem})") from None
+
+
+def _format_errors(err: ValidationError, source: str, overrides: Mapping[str, str]) -> str:
     lines = []
     for problem in err.errors():
         key = ".".join(str(p) for p in problem["loc"]) or "<root>"
         message = problem["msg"].removeprefix("Value error, ")
         if problem["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
             message = "unknown key"
-        lines.append(f"{source}: {key}: {message}")
+        override = _override_at(key, overrides)
+        lines.append(f"{COMMAND_LINE}: {key}: {message} (--set {override})" if override
+                     else f"{source}: {key}: {message}")
     return "\n".join(lines)
+
+
+def _override_at(key: str, overrides: Mapping[str, str]) -> str | None:
+    """The override that set `key`, a key under it, or a section it created, if any."""
+    return next((o for k, o in overrides.items() if f"{key}.".startswith(f"{k}.") or k.startswith(f"{key}.")), None)
 
 
 def describe_keys(sections: Sequence[str]) -> str:

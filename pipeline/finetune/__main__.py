@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from pipeline.common.cli import run_stage, stage_parser
-from pipeline.common.config import ConfigError, config_from_dict, load_config, to_dict
+from pipeline.common.config import COMMAND_LINE, ConfigError, config_from_dict, load_config, to_dict
 from pipeline.common.logs import setup_logging
 from pipeline.finetune.run import run
 from pipeline.train.run import RunExistsError
@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _finetune(args: argparse.Namespace) -> None:
-    cfg = load_config(args.config, args.overrides) if args.config else config_from_dict({})
+    cfg = load_config(args.config, args.overrides)
     raw = to_dict(cfg)
     raw["data"]["stores"] = [str(Path(args.store).resolve()) if "://" not in args.store else args.store]
     raw["finetune"]["pretrained"] = args.pretrained
@@ -50,7 +50,7 @@ def _finetune(args: argparse.Namespace) -> None:
     suffix = "-finetune-scratch" if raw["finetune"]["from_scratch"] else "-finetune"
     raw["name"] = args.name or f"{raw['name']}{suffix}"
     raw["mlflow"]["registered_model"] = args.register or f"{raw['mlflow']['registered_model'] or 'uniseg'}{suffix}"
-    log.info("done: %s", run(config_from_dict(raw, source=args.config or "<command line>"), resume=args.resume))
+    log.info("done: %s", run(config_from_dict(raw, source=COMMAND_LINE), resume=args.resume))
 
 
 def main(argv: list[str] | None = None) -> int:

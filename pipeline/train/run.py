@@ -272,7 +272,7 @@ def config_for_resume(run: str, overrides: list[str], storage_path: str | None =
     `run` is a run folder (local path or URI) or a run name under `storage_path` (default:
     the config default, outputs/ray).
     """
-    from pipeline.common.config import RayConfig, _apply_override
+    from pipeline.common.config import RayConfig, apply_overrides
 
     storage_path = storage_path or next(
         (o.partition("=")[2] for o in overrides if o.startswith("ray.storage_path=")), None
@@ -284,6 +284,5 @@ def config_for_resume(run: str, overrides: list[str], storage_path: str | None =
     raw = record.config
     raw["name"] = run_dir.rstrip("/").rsplit("/", 1)[-1]
     raw.setdefault("ray", {})["storage_path"] = run_dir.rstrip("/").rsplit("/", 1)[0] if "/" in run_dir else "."
-    for override in overrides:
-        _apply_override(raw, override, Path(run_dir) / RECORD_FILE)
-    return config_from_dict(raw, source=f"{run_dir}/{RECORD_FILE}")
+    overridden = apply_overrides(raw, overrides)
+    return config_from_dict(raw, source=f"{run_dir}/{RECORD_FILE}", overrides=overridden)
