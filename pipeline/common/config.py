@@ -163,11 +163,14 @@ class RayConfig:
 
 @dataclass(frozen=True, config=_STRICT)
 class MLflowConfig:
-    """Tracking; `tracking_uri=None` uses MLFLOW_TRACKING_URI or a SQLite file here."""
+    """Tracking; `tracking_uri=None` uses MLFLOW_TRACKING_URI or a SQLite file here. A tracking
+    server is probed before a stage starts; `http_*` bound MLflow's retries (pipeline/common/tracking.py)."""
 
     tracking_uri: str | None = None
     experiment: str = "uniseg"
     registered_model: str | None = "uniseg"
+    http_max_retries: NonNegativeInt | None = None  # MLflow's HTTP retries (None: MLFLOW_HTTP_REQUEST_MAX_RETRIES, else 2)
+    http_timeout_s: PositiveInt | None = None  # per HTTP request (None: MLFLOW_HTTP_REQUEST_TIMEOUT, else 20)
 
 
 @dataclass(frozen=True, config=_STRICT)

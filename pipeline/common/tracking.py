@@ -1,18 +1,42 @@
-"""Where MLflow records go: the tracking URI and experiments whose artifacts outlive the job.
+"""Where MLflow records go: the tracking URI, whether its server answers, and experiments whose
+artifacts outlive the job.
 
 The default is an embedded SQLite store. MLflow would put that store's artifacts in `./mlruns`
 of whatever directory first creates the experiment, which for a Ray job is a temporary copy of
 the working directory; experiments created here keep them beside the database instead.
+
+A tracking server (http:// or https://) is probed before a stage starts any work (before Ray):
+GET `<uri>/health`, a few seconds at most, so a server that is down is one line naming its URI
+(exit status 2) instead of MLflow's retries. Those retries are bounded too: MLflow's own default
+(7 retries with exponential back-off, 120 s per request) takes minutes to give up on a server that
+died mid-run; stages set MLFLOW_HTTP_REQUEST_MAX_RETRIES and MLFLOW_HTTP_REQUEST_TIMEOUT from
+`mlflow.http_max_retries` / `mlflow.http_timeout_s`, else keep the environment's, else 2 retries
+and 20 s. A local Ray started afterwards inherits them; on a joined cluster set them in the job's
+runtime environment.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.credentials import get_default_host_creds
+from mlflow.utils.rest_utils import http_request
+
+from pipeline.common.config import MLflowConfig
 
 SQLITE_PREFIX = "sqlite:///"
+SERVER_SCHEMES = ("http://", "https://")
+MODEL_SCHEMES = ("models:/", "runs:/")  # model URIs that live in the tracking server
+PROBE_TIMEOUT_S = 5.0
+HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": 2, "MLFLOW_HTTP_REQUEST_TIMEOUT": 20}
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server does not answer; the message is one line naming its URI."""
 
 
 def resolve_tracking_uri(configured: str | None) -> str:
@@ -43,3 +67,56 @@ def _artifact_location(tracking_uri: str, name: str) -> str | None:
     database = Path(tracking_uri.removeprefix(SQLITE_PREFIX))
     return (database.parent / "mlartifacts" / name).resolve().as_uri()
 
+
+
+def check_tracking_server(uri: str, settings: MLflowConfig | None = None, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """For a tracking server (http(s)://): bound MLflow's HTTP retries (`settings`, module
+    docstring) and raise TrackingUnavailable unless `<uri>/health` answers within `timeout_s`
+    with a status below 500. Other stores (sqlite:, file paths, databricks) are not probed."""
+    if not uri.startswith(SERVER_SCHEMES):
+        return
+    bound_http_retries(settings)
+    try:
+        response = http_request(get_default_host_creds(uri.rstrip("/")), "/health", "GET", max_retries=0,
+                                timeout=timeout_s, raise_on_status=False)
+    except MlflowException as err:
+        raise TrackingUnavailable(f"{uri}: MLflow tracking server does not answer ({_reason(err, timeout_s)})") from None
+    if response.status_code >= 500:
+        raise TrackingUnavailable(f"{uri}: MLflow tracking server answers HTTP {response.status_code} at /health")
+
+
+def check_model_tracking(model_uri: str) -> None:
+    """check_tracking_server for MLflow's current tracking URI when `model_uri` lives there
+    (models:/, runs:/); a model folder needs no server."""
+    if model_uri.startswith(MODEL_SCHEMES):
+        import mlflow
+
+        check_tracking_server(mlflow.get_tracking_uri())
+
+
+def bound_http_retries(settings: MLflowConfig | None = None) -> None:
+    """MLFLOW_HTTP_REQUEST_MAX_RETRIES and _TIMEOUT for this process and the processes it starts:
+    the config's values, else the environment's, else HTTP_RETRY_DEFAULTS."""
+    configured = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": settings.http_max_retries if settings else None,
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": settings.http_timeout_s if settings else None}
+    for name, value in configured.items():
+        if value is not None:
+            os.environ[name] = str(value)
+        else:
+            os.environ.setdefault(name, str(HTTP_RETRY_DEFAULTS[name]))
+
+
+def _reason(err: BaseException, timeout_s: float) -> str:
+    """Why a request failed, in a few words: the socket's error ("Connection refused") or a timeout."""
+    chain = list(_causes(err))
+    if any(isinstance(e, TimeoutError) for e in chain):
+        return f"timed out after {timeout_s:g} s"
+    return next((e.strerror for e in chain if isinstance(e, OSError) and e.strerror), str(err).splitlines()[0])
+
+
+def _causes(err: BaseException | None) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__

@@ -35,6 +35,7 @@ from pipeline.common.inference import add_inference_arguments, inference_options
 from pipeline.common.ensemble import parse_folds
 from pipeline.common.logs import setup_logging
 from pipeline.common.metrics import EMPTY_RULES
+from pipeline.common.tracking import TrackingUnavailable
 from pipeline.evaluate.cases import EvaluateError
 from pipeline.evaluate.folder import FolderOptions, run_folder
 from pipeline.evaluate.run import EvaluateOptions, run
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     options = parse_args(argv)
     work = (lambda: run_folder(options)) if isinstance(options, FolderOptions) else (lambda: run(options))
-    return run_stage(work, log, "evaluation", (EvaluateError,))
+    return run_stage(work, log, "evaluation", (EvaluateError, TrackingUnavailable))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from pipeline.common.metrics import EmptyRule
 from pipeline.common.mlflow_model import load_model
 from pipeline.common.model_card import ModelCard, TaskCard
 from pipeline.common.store import StoreError, TaskStore
+from pipeline.common.tracking import check_model_tracking
 from pipeline.evaluate.cases import EvaluateError, Space, evaluate_case
 from pipeline.evaluate.report import CaseRow, mlflow_metrics, overall_dice, write_report
 from pipeline.evaluate.slices import SliceExample, write_slices
@@ -67,6 +68,7 @@ class Evaluation:
 def run(options: EvaluateOptions) -> Evaluation:
     if options.tracking_uri:
         mlflow.set_tracking_uri(options.tracking_uri)
+    check_model_tracking(options.model)
     split = SPLIT_ALIASES.get(options.split, options.split)
     network, card = _load(options.model, options.device, options.folds)
     fold = None if split == "test" else held_out_fold(card, options.split)

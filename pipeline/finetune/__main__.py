@@ -20,6 +20,7 @@ from pathlib import Path
 from pipeline.common.cli import run_stage, stage_parser
 from pipeline.common.config import COMMAND_LINE, ConfigError, config_from_dict, load_config, to_dict
 from pipeline.common.logs import setup_logging
+from pipeline.common.tracking import TrackingUnavailable
 from pipeline.finetune.run import run
 from pipeline.train.run import RunExistsError
 
@@ -56,7 +57,8 @@ def _finetune(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = _parser().parse_args(argv)
-    return run_stage(lambda: _finetune(args), log, "fine-tuning", (ConfigError, RunExistsError, FileNotFoundError))
+    return run_stage(lambda: _finetune(args), log, "fine-tuning",
+                     (ConfigError, RunExistsError, FileNotFoundError, TrackingUnavailable))
 
 
 if __name__ == "__main__":

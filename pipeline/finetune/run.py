@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.common.config import ConfigError, ExperimentConfig, config_from_dict, to_dict
 from pipeline.common.mlflow_model import load_model
-from pipeline.common.tracking import resolve_tracking_uri
+from pipeline.common.tracking import check_tracking_server, resolve_tracking_uri
 from pipeline.train.run import TrainResult
 from pipeline.train.run import run as train_run
 
@@ -41,6 +41,7 @@ def prepare(cfg: ExperimentConfig) -> ExperimentConfig:
     if len(cfg.data.stores) != 1:
         raise ConfigError(f"data.stores: fine-tuning trains one new task, got {len(cfg.data.stores)} stores")
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    check_tracking_server(tracking_uri, cfg.mlflow)
     mlflow.set_tracking_uri(tracking_uri)
     pinned = pin_model_uri(cfg.finetune.pretrained, tracking_uri)
     _, card = load_model(pinned)

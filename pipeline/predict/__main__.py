@@ -23,6 +23,7 @@ from pipeline.common.ensemble import parse_folds
 from pipeline.common.inference import add_inference_arguments, inference_options
 from pipeline.common.logs import setup_logging
 from pipeline.common.services import LOOPBACK
+from pipeline.common.tracking import TrackingUnavailable
 from pipeline.predict.distributed import RayOptions
 from pipeline.predict.io import PredictError
 from pipeline.predict.run import PredictOptions, run
@@ -82,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> PredictOptions:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     options = parse_args(argv)
-    return run_stage(lambda: run(options), log, "prediction", (PredictError,))
+    return run_stage(lambda: run(options), log, "prediction", (PredictError, TrackingUnavailable))
 
 
 if __name__ == "__main__":

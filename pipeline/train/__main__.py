@@ -22,6 +22,7 @@ from pipeline.common.cli import run_stage, stage_parser
 from pipeline.common.config import ConfigError, load_config
 from pipeline.common.ensemble import parse_folds
 from pipeline.common.logs import setup_logging
+from pipeline.common.tracking import TrackingUnavailable
 from pipeline.train.folds import run_cv
 from pipeline.train.run import RunExistsError, config_for_resume, run
 
@@ -59,7 +60,8 @@ def _train(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = _parser().parse_args(argv)
-    return run_stage(lambda: _train(args), log, "training", (ConfigError, RunExistsError, FileNotFoundError))
+    bad_input = (ConfigError, RunExistsError, FileNotFoundError, TrackingUnavailable)
+    return run_stage(lambda: _train(args), log, "training", bad_input)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ from pipeline.common.metrics import class_metrics
 from pipeline.common.model_card import CARD_FILE, WEIGHTS_FILE, ModelCard, build_from_card, write_ensemble_dir
 from pipeline.common.services import connect_ray
 from pipeline.common.store import TaskStore
-from pipeline.common.tracking import resolve_tracking_uri
+from pipeline.common.tracking import check_tracking_server, resolve_tracking_uri
 from pipeline.common.trials import child_run, trial_resources
 from pipeline.train import tracking
 from pipeline.train.cv_summary import OutOfFoldRow, mlflow_metrics, overall, summarise, write_summary
@@ -99,8 +99,9 @@ def run_cv(cfg: ExperimentConfig, folds: Sequence[int] | None = None, resume: bo
     storage = resolve_storage(cfg.ray.storage_path)
     run_dir = f"{storage.rstrip('/')}/{cfg.name}"
     record = _check_run_dir(run_dir, cfg.name, resume)
-    chosen = choose_folds(check_stores(cfg), folds if record is None else record["folds"])
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    check_tracking_server(tracking_uri, cfg.mlflow)
+    chosen = choose_folds(check_stores(cfg), folds if record is None else record["folds"])
     parent_id = record["parent_run_id"] if record else _start_parent(cfg, tracking_uri, chosen)
     outcomes = {o["fold"]: FoldOutcome(**o) for o in (record or {}).get("outcomes", [])}
     _write_record(run_dir, cfg, parent_id, chosen, outcomes, "running")

@@ -26,7 +26,7 @@ import fsspec
 from pipeline.common.config import ConfigError, ExperimentConfig, config_from_dict, to_dict
 from pipeline.common.services import cluster_address, connect_ray
 from pipeline.common.store import TaskStore
-from pipeline.common.tracking import resolve_tracking_uri
+from pipeline.common.tracking import check_tracking_server, resolve_tracking_uri
 from pipeline.train import tracking
 from pipeline.train.build import open_stores
 from pipeline.train.loop import RunContext, train_fn_per_worker
@@ -63,7 +63,8 @@ class TrainResult:
 
 
 def run(cfg: ExperimentConfig, resume: bool = False, context: RunContext | None = None) -> TrainResult:
-    """Train `cfg` (or continue it when `resume`); returns where the results are."""
+    """Train `cfg` (or continue it when `resume`); returns where the results are. The tracking
+    server is probed before Ray starts."""
     storage = resolve_storage(cfg.ray.storage_path)
     run_dir = f"{storage.rstrip('/')}/{cfg.name}"
     previous = check_run(cfg, run_dir, resume)
@@ -71,8 +72,10 @@ def run(cfg: ExperimentConfig, resume: bool = False, context: RunContext | None 
         log.info("run %s already finished %d epochs; nothing to do (raise train.epochs to train longer)",
                  cfg.name, previous.epochs_done)
         return TrainResult(cfg.name, run_dir, previous.checkpoint, previous.mlflow_run_id, previous.model_uri, {})
+    tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    check_tracking_server(tracking_uri, cfg.mlflow)
     connect_ray(cfg.ray.address, cfg.ray.host)
-    check_paths_are_shared(cfg, storage, resolve_tracking_uri(cfg.mlflow.tracking_uri), cluster_nodes(cfg))
+    check_paths_are_shared(cfg, storage, tracking_uri, cluster_nodes(cfg))
     check_stores(cfg)
     record = open_run(cfg, run_dir, previous)
     context = RunContext(tracking_uri=record.tracking_uri, mlflow_run_id=record.mlflow_run_id,

@@ -18,6 +18,7 @@ import sys
 from pipeline.common.cli import run_stage, stage_parser
 from pipeline.common.config import ConfigError, load_config
 from pipeline.common.logs import setup_logging
+from pipeline.common.tracking import TrackingUnavailable
 from pipeline.tune.run import SearchError, run
 
 log = logging.getLogger("pipeline.tune")
@@ -37,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = _parser().parse_args(argv)
-    return run_stage(lambda: _search(args), log, "search", (ConfigError, SearchError))
+    return run_stage(lambda: _search(args), log, "search", (ConfigError, SearchError, TrackingUnavailable))
 
 
 def _search(args: argparse.Namespace) -> None:

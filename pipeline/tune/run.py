@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.common.config import ExperimentConfig, config_from_dict, save_config, to_dict
 from pipeline.common.services import connect_ray
-from pipeline.common.tracking import ensure_experiment, resolve_tracking_uri
+from pipeline.common.tracking import check_tracking_server, ensure_experiment, resolve_tracking_uri
 from pipeline.common.trials import child_run, trial_resources
 from pipeline.train.loop import RunContext
 from pipeline.train.run import concurrent_runs, fit, read_json, resolve_storage, write_json
@@ -65,6 +65,7 @@ def run(cfg: ExperimentConfig, resume: bool = False) -> TuneResult:
     search_dir = f"{storage.rstrip('/')}/{cfg.name}"
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     restorable = check_search_dir(search_dir, cfg.name, resume)
+    check_tracking_server(tracking_uri, cfg.mlflow)
     connect_ray(cfg.ray.address, cfg.ray.host)
     record = read_json(f"{search_dir}/{RECORD_FILE}") if restorable else None
     parent_id = record["parent_run_id"] if record else _start_parent(cfg, tracking_uri)
