@@ -115,7 +115,8 @@ def _must_not_run(what: str) -> Callable[..., None]:
 def _stage_argv(stage: str, uri: str, tmp_path: Path) -> list[str]:
     config = tmp_path / "exp.yaml"
     config.write_text("{}\n")
-    common = ["--config", str(config), "--set", f"mlflow.tracking_uri={uri}", "--set", f"ray.storage_path={tmp_path}/ray"]
+    common = ["--config", str(config), "--set", f"mlflow.tracking_uri={uri}",
+              "--set", f"ray.storage_path={tmp_path}/ray"]
     return {
         "train": common,
         "train --folds": [*common, "--folds", "all"],

@@ -169,8 +169,9 @@ class MLflowConfig:
     tracking_uri: str | None = None
     experiment: str = "uniseg"
     registered_model: str | None = "uniseg"
-    http_max_retries: NonNegativeInt | None = None  # MLflow's HTTP retries (None: MLFLOW_HTTP_REQUEST_MAX_RETRIES, else 2)
-    http_timeout_s: PositiveInt | None = None  # per HTTP request (None: MLFLOW_HTTP_REQUEST_TIMEOUT, else 20)
+    # MLflow's HTTP retries and per-request timeout; None: MLFLOW_HTTP_REQUEST_MAX_RETRIES / _TIMEOUT, else 2 / 20
+    http_max_retries: NonNegativeInt | None = None
+    http_timeout_s: PositiveInt | None = None
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -284,7 +285,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Exper
     """
     raw = _read_yaml(Path(path)) if path is not None else {}
     overridden = apply_overrides(raw, overrides)
-    return config_from_dict(raw, source=str(path or COMMAND_LINE), overrides=overridden)
+    return config_from_dict(raw, source=str(path) if path is not None else COMMAND_LINE, overrides=overridden)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -382,7 +383,8 @@ def _format_errors(err: ValidationError, source: str, overrides: Mapping[str, st
 
 def _override_at(key: str, overrides: Mapping[str, str]) -> str | None:
     """The override that set `key`, a key under it, or a section it created, if any."""
-    return next((o for k, o in overrides.items() if f"{key}.".startswith(f"{k}.") or k.startswith(f"{key}.")), None)
+    related = (o for k, o in overrides.items() if f"{key}.".startswith(f"{k}.") or k.startswith(f"{key}."))
+    return next(related, None)
 
 
 def describe_keys(sections: Sequence[str]) -> str:

@@ -21,6 +21,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.credentials import get_default_host_creds
@@ -68,8 +69,8 @@ def _artifact_location(tracking_uri: str, name: str) -> str | None:
     return (database.parent / "mlartifacts" / name).resolve().as_uri()
 
 
-
-def check_tracking_server(uri: str, settings: MLflowConfig | None = None, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+def check_tracking_server(uri: str, settings: MLflowConfig | None = None,
+                          timeout_s: float = PROBE_TIMEOUT_S) -> None:
     """For a tracking server (http(s)://): bound MLflow's HTTP retries (`settings`, module
     docstring) and raise TrackingUnavailable unless `<uri>/health` answers within `timeout_s`
     with a status below 500. Other stores (sqlite:, file paths, databricks) are not probed."""
@@ -80,7 +81,8 @@ def check_tracking_server(uri: str, settings: MLflowConfig | None = None, timeou
         response = http_request(get_default_host_creds(uri.rstrip("/")), "/health", "GET", max_retries=0,
                                 timeout=timeout_s, raise_on_status=False)
     except MlflowException as err:
-        raise TrackingUnavailable(f"{uri}: MLflow tracking server does not answer ({_reason(err, timeout_s)})") from None
+        reason = _reason(err, timeout_s)
+        raise TrackingUnavailable(f"{uri}: MLflow tracking server does not answer ({reason})") from None
     if response.status_code >= 500:
         raise TrackingUnavailable(f"{uri}: MLflow tracking server answers HTTP {response.status_code} at /health")
 
@@ -89,8 +91,6 @@ def check_model_tracking(model_uri: str) -> None:
     """check_tracking_server for MLflow's current tracking URI when `model_uri` lives there
     (models:/, runs:/); a model folder needs no server."""
     if model_uri.startswith(MODEL_SCHEMES):
-        import mlflow
-
         check_tracking_server(mlflow.get_tracking_uri())
 
 

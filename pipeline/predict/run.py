@@ -1,9 +1,9 @@
 """`pipeline.predict`: label maps for raw NIfTI scans, on the scans' own grids and affines.
 
-Order of work: load the model (registry, run or folder), find and check every scan, pick the
-tasks per scan and the output paths (refusing existing ones without `overwrite`), create the
-output folder and prove it writable; only then predict, in this process or spread over Ray
-workers.
+Order of work: check the tracking server (for a models:/ or runs:/ model), load the model
+(registry, run or folder), find and check every scan, pick the tasks per scan and the output
+paths (refusing existing ones without `overwrite`), create the output folder and prove it
+writable; only then predict, in this process or spread over Ray workers.
 
 Each scan fails alone: a scan that cannot be read or run is logged as one line naming its file,
 the others are written, and the run ends with a summary. Exit status: 0 every scan written;
