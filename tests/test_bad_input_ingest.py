@@ -54,6 +54,10 @@ def _image(raw: Path) -> Path:
     return raw / "imagesTr" / f"{CASE}.nii.gz"
 
 
+def _test_image(raw: Path) -> Path:
+    return raw / "imagesTs" / f"{TEST_CASE}.nii.gz"
+
+
 def _label(raw: Path) -> Path:
     return raw / "labelsTr" / f"{CASE}.nii.gz"
 
@@ -169,13 +173,16 @@ CATALOGUE = [
         rf"imagesTr/{CASE}.nii.gz: 2 channels, dataset.json declares 1", "case"),
     # a re-run after a good ingest: the stored case is kept, marked stale
     Bad("label missing at re-run", lambda r: _label(r).unlink(), rf"labelsTr/{CASE}.nii.gz: missing label", "rerun"),
-    Bad("image corrupt at re-run", lambda r: _truncate(_image(r)), rf"imagesTr/{CASE}.nii.gz: cannot read NIfTI",
-        "rerun"),
+    Bad("test image corrupt at re-run", lambda r: _truncate(_test_image(r)),
+        rf"imagesTs/{TEST_CASE}.nii.gz: cannot read NIfTI", "rerun", case=TEST_CASE),
     # a re-run failing for the whole dataset: the store of the good run is kept, marked failed
     Bad("dataset.json invalid at re-run", lambda r: _edit_json(r, lambda m: m["training"][1].update(image=None)),
         r"Task09_Bad/dataset.json: training.1.image: Input should be a valid string", "dataset rerun"),
     Bad("source folder gone at re-run", shutil.rmtree, r"Task09_Bad/dataset.json: dataset.json not found",
         "dataset rerun"),
+    Bad("training image corrupt at re-run", lambda r: _truncate(_image(r)),
+        rf"Task09_Bad.zarr: the plan would change \(.*channel 0 mean \S+ -> \S+.*\), but {CASE} would keep its "
+        "stored copy preprocessed the earlier way", "dataset rerun"),
 ]
 
 
@@ -217,7 +224,7 @@ def test_bad_input(bad: Bad, raw_msd: Path, tmp_path: Path, caplog: pytest.LogCa
         assert bad.case not in store.case_ids() and list(store.manifest.failed) == [bad.case]
         assert store.manifest.failed[bad.case] and store.manifest.stale == {}
     else:
-        assert bad.case in store.case_ids("train") + store.case_ids("validation")
+        assert bad.case in store.case_ids()
         assert list(store.manifest.stale) == [bad.case]
         for got, want in zip(store.read_case(bad.case), before):
             np.testing.assert_array_equal(got, want)
@@ -350,6 +357,61 @@ def test_content_change_with_mtime_restored_is_seen(raw_msd: Path, tmp_path: Pat
     assert main(_cli("--source", str(raw), "--out", str(out))) == 0
     assert "1 ingested, 4 unchanged" in caplog.text
     assert zarr.open_group(str(out / f"{BAD}.zarr"), mode="r")[f"cases/{CASE}"].attrs["source_fingerprint"] != before
+
+
+def _recipes(uri: str) -> set[str]:
+    """The preprocessing recipes (plan and write options) of the cases a store's manifest lists."""
+    store, root = TaskStore.open(uri), zarr.open_group(uri, mode="r")
+    return {root[f"cases/{c}"].attrs["recipe"] for c in store.case_ids()}
+
+
+def _brighten(raw: Path) -> None:
+    """A valid edit of a training image that moves the dataset's CT statistics."""
+    _rewrite(_image(raw), lambda a: (a * 1.5 + 40).astype(np.float32))
+
+
+def test_rerun_that_would_change_the_statistics_around_a_stale_case_is_refused(
+        raw_msd: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A training image truncated between two ingests: the other cases would get new CT
+    statistics while its stored copy kept the old ones, so the re-run writes nothing (status 2,
+    one line naming the store and what changed) and the store keeps one normalisation."""
+    raw = shutil.copytree(raw_msd, tmp_path / BAD)
+    uri = _store(raw, tmp_path / "out")
+    before = {c: TaskStore.open(uri).read_case(c) for c in TaskStore.open(uri).case_ids()}
+    norm = TaskStore.open(uri).manifest.normalization
+    _truncate(_image(raw))
+    assert main(_cli("--source", str(raw), "--out", str(tmp_path / "out"))) == 2
+    _one_line(caplog, rf"{uri}: the plan would change \(.*channel 0 mean .*\), but {CASE} would keep")
+    store = TaskStore.open(uri)
+    assert store.manifest.normalization == norm and len(_recipes(uri)) == 1
+    for case_id, arrays in before.items():
+        for got, want in zip(store.read_case(case_id), arrays):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_changed_statistics_reingest_every_case(raw_msd: Path, tmp_path: Path) -> None:
+    """A valid edit that moves the statistics re-ingests every case under the new plan."""
+    raw = shutil.copytree(raw_msd, tmp_path / BAD)
+    uri = _store(raw, tmp_path / "out")
+    old = _recipes(uri)
+    _brighten(raw)
+    assert main(_cli("--source", str(raw), "--out", str(tmp_path / "out"))) == 0
+    assert len(_recipes(uri)) == 1 and _recipes(uri) != old
+
+
+def test_case_failing_after_the_plan_changed_loses_its_old_copy(
+        raw_msd: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A test image (not in the plan pass) truncated while a training edit moves the statistics:
+    its stored copy, normalised the old way, is removed and the case listed as failed."""
+    raw = shutil.copytree(raw_msd, tmp_path / BAD)
+    uri = _store(raw, tmp_path / "out")
+    _brighten(raw)
+    _truncate(_test_image(raw))
+    assert main(_cli("--source", str(raw), "--out", str(tmp_path / "out"))) == 2
+    _one_line(caplog, rf"{uri}: removed the stored copy of {TEST_CASE}: it was preprocessed under the earlier plan")
+    store = TaskStore.open(uri)
+    assert TEST_CASE not in store.case_ids() and list(store.manifest.failed) == [TEST_CASE]
+    assert store.manifest.stale == {} and len(_recipes(uri)) == 1
 
 
 def _in_namespace(tmp_path: Path, mount: str, args: list[str], then: str = "true") -> subprocess.CompletedProcess:

@@ -10,7 +10,9 @@ with nothing changed writes nothing.
 Nothing good is lost: a case that fails at a re-run (a file missing, unreadable, a full disk)
 keeps its stored copy from the earlier ingest, marked stale in the manifest; cases that failed
 without a stored copy are listed as failed there. Only cases no longer listed by the source are
-removed. A re-run that fails for the whole dataset (dataset.json invalid, the folder gone, no
+removed. One store, one recipe: a re-run whose plan or write options differ from those of a stale
+copy it would keep is refused before any case is written (the copy cannot be re-normalised: its
+source is what fails); a case that fails in the case pass under a new recipe loses its old copy. A re-run that fails for the whole dataset (dataset.json invalid, the folder gone, no
 plan) leaves a finished store's cases as they were and records the failure in its manifest
 (`last_ingest_failed`: when, why), so that readers warn; the next successful ingest clears it.
 One bad source never stops the others. Exit status (`IngestReport.exit_status`): 0 all done, 2
@@ -182,17 +184,19 @@ def _ingest_dataset(
     stored = {c.case_id: writer.completed_case_attrs(root, c.case_id) for c in spec.cases}
     fingerprints, stats = _fingerprints(spec, stored, cfg, compute)
     _collect([CaseOutcome(c.case_id, problems=c.problems) for c in spec.cases if c.problems], report, False)
+    previous = writer.read_manifest(root)
     plan = _plan(spec, root, cfg, fingerprints, compute, report)
     if plan is None:
         return
     target = WriteTarget(report.store, storage_options, cfg.chunk_size, cfg.max_class_locations, _recipe(plan, cfg))
+    _refuse_two_recipes(report, stored, target.recipe, previous, plan)
     candidates = [c for c in spec.cases if c.case_id not in report.failed]
     todo = [c for c in candidates if not _is_current(stored[c.case_id], fingerprints[c.case_id], target.recipe)]
     report.skipped = sorted({c.case_id for c in candidates} - {c.case_id for c in todo})
     if todo:
         writer.clear_manifest(root)
         _ingest_cases(spec, plan, target, todo, fingerprints, stats, compute, report)
-    failed, stale = _settle_failures(root, report)
+    failed, stale = _settle_failures(root, report, target.recipe)
     fingerprints |= stale
     done = [c for c in spec.cases if c.case_id not in failed]
     folds = store_folds(root, spec.name, [c.case_id for c in done if not c.is_test], cfg.folds, cfg.split_seed)
@@ -222,20 +226,64 @@ def _fingerprints(
     return known | {c.case_id: h for c, h in zip(hashed, hashes)}, stats
 
 
-def _settle_failures(root: Any, report: DatasetReport) -> tuple[dict[str, list[str]], dict[str, str]]:
-    """Split this run's failed cases: those whose stored copy is still complete stay in the store,
-    marked stale (returned with their stored fingerprints); the others are failed (with problems)."""
+def _refuse_two_recipes(
+    report: DatasetReport, stored: dict[str, dict[str, Any] | None], recipe: str,
+    previous: dict[str, Any] | None, plan: Plan,
+) -> None:
+    """Before any case is written: a case that already failed keeps its stored copy (stale), which
+    was preprocessed under the earlier recipe; if the recipe changed (intensity statistics, target
+    spacing, write options), keeping it would leave one store with two normalisations. DatasetError."""
+    kept = sorted(c for c in report.failed if stored.get(c) and stored[c].get("recipe") != recipe)
+    if kept:
+        raise DatasetError(
+            f"{report.store}: {_what_changed(previous, plan)}, but {', '.join(kept)} would keep "
+            "its stored copy preprocessed the earlier way (its source fails, logged above); the store "
+            "is left as it was: fix or drop the failing case(s), or re-ingest with --overwrite")
+
+
+def _what_changed(previous: dict[str, Any] | None, plan: Plan) -> str:
+    """One phrase naming what differs between the stored manifest's plan and `plan`."""
+    if previous is None:
+        return "the preprocessing recipe would change"
+    new = plan.to_dict()
+    changes = [f"target spacing {previous['target_spacing']} -> {new['target_spacing']}"] \
+        if list(previous["target_spacing"]) != new["target_spacing"] else []
+    for channel, (old, norm) in enumerate(zip(previous["normalization"], new["normalization"])):
+        keys = [k for k in norm if old.get(k) != norm[k]]
+        changes += [f"channel {channel} {k} {_short(old.get(k))} -> {_short(norm[k])}" for k in keys]
+    if not changes:
+        return "the write options (chunk_size, max_class_locations) would change"
+    return "the plan would change (" + ", ".join(changes) + ")"
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _settle_failures(
+    root: Any, report: DatasetReport, recipe: str
+) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Split this run's failed cases: those whose stored copy is still complete and preprocessed
+    with this run's recipe stay in the store, marked stale (returned with their stored
+    fingerprints); the others are failed (with problems). A stored copy of another recipe (the
+    case failed in the case pass after the plan changed) is not kept: one store, one recipe."""
     failed, stale = {}, {}
     for case_id, problems in sorted(report.failed.items()):
         attrs = writer.completed_case_attrs(root, case_id)
-        if attrs is None:
-            failed[case_id] = list(problems)
+        if attrs is None or attrs.get("recipe") != recipe:
+            failed[case_id] = list(problems) if attrs is None else [*problems, _drop_line(report.store, case_id)]
             continue
         stale[case_id] = attrs["source_fingerprint"]
         report.stale.append(case_id)
         log.warning("%s: kept the stored case %s from an earlier ingest, marked stale (its source failed)",
                     report.store, case_id)
     return failed, stale
+
+
+def _drop_line(store: str, case_id: str) -> str:
+    line = f"{store}: removed the stored copy of {case_id}: it was preprocessed under the earlier plan"
+    log.error("%s", line)
+    return line
 
 
 def _ingest_cases(
