@@ -108,81 +108,93 @@ class Bad:
     scope: str
     status: int = 2
     case: str = CASE  # the case that fails (scopes "case" and "rerun")
+    row: str = ""  # its row of the catalogue in docs/architecture.md (tests/test_catalogue.py)
 
 
 CATALOGUE = [
     # dataset.json and the dataset as a whole
     Bad("no dataset.json", lambda r: (r / "dataset.json").unlink(), r"Task09_Bad/dataset.json: dataset.json not found",
-        "dataset"),
+        "dataset", row="json-unreadable"),
     Bad("dataset.json not JSON", lambda r: (r / "dataset.json").write_text("{'name': "),
-        r"Task09_Bad/dataset.json: unreadable dataset.json", "dataset"),
+        r"Task09_Bad/dataset.json: unreadable dataset.json", "dataset", row="json-unreadable"),
     Bad("dataset.json a list", lambda r: (r / "dataset.json").write_text("[]"),
-        r"Task09_Bad/dataset.json: dataset.json must hold an object", "dataset"),
+        r"Task09_Bad/dataset.json: dataset.json must hold an object", "dataset", row="json-unreadable"),
     Bad("image null", lambda r: _edit_json(r, lambda m: m["training"][1].update(image=None)),
-        r"Task09_Bad/dataset.json: training.1.image: Input should be a valid string \(got None\)", "dataset"),
+        r"Task09_Bad/dataset.json: training.1.image: Input should be a valid string \(got None\)", "dataset",
+        row="json-key-type"),
     Bad("label a number", lambda r: _edit_json(r, lambda m: m["training"][0].update(label=3)),
-        r"Task09_Bad/dataset.json: training.0.label: Input should be a valid string \(got 3\)", "dataset"),
+        r"Task09_Bad/dataset.json: training.0.label: Input should be a valid string \(got 3\)", "dataset",
+        row="json-key-type"),
     Bad("training not a list", lambda r: _edit_json(r, lambda m: m.update(training={"a": 1})),
-        r"Task09_Bad/dataset.json: training: Input should be a valid list", "dataset"),
+        r"Task09_Bad/dataset.json: training: Input should be a valid list", "dataset", row="json-key-type"),
     Bad("labels missing", lambda r: _edit_json(r, lambda m: m.pop("labels")),
-        r"Task09_Bad/dataset.json: labels: Field required", "dataset"),
+        r"Task09_Bad/dataset.json: labels: Field required", "dataset", row="json-key-type"),
     Bad("modality indices", lambda r: _edit_json(r, lambda m: m.update(modality={"1": "CT"})),
-        r"Task09_Bad/dataset.json: 'modality' indices must be 0..0", "dataset"),
+        r"Task09_Bad/dataset.json: 'modality' indices must be 0..0", "dataset", row="json-values"),
     Bad("label ids with a gap", lambda r: _edit_json(r, lambda m: m.update(labels={"0": "bg", "2": "x"})),
-        r"Task09_Bad/dataset.json: label ids must be 0..N-1", "dataset"),
+        r"Task09_Bad/dataset.json: label ids must be 0..N-1", "dataset", row="json-values"),
     Bad("region-based labels",
         lambda r: _edit_json(r, lambda m: m.update(labels={"background": 0, "liver": [1, 2], "tumour": 2})),
-        r"Task09_Bad/dataset.json: labels.liver: region-based label \[1, 2\] is not supported", "dataset"),
+        r"Task09_Bad/dataset.json: labels.liver: region-based label \[1, 2\] is not supported", "dataset",
+        row="json-labels-form"),
     Bad("labels in neither form", lambda r: _edit_json(r, lambda m: m.update(labels={"background": "0", "a": "1"})),
-        r"Task09_Bad/dataset.json: labels: must map id -> name \(.*\) or name -> id", "dataset"),
+        r"Task09_Bad/dataset.json: labels: must map id -> name \(.*\) or name -> id", "dataset",
+        row="json-labels-form"),
     Bad("test entry neither path nor object", lambda r: _edit_json(r, lambda m: m.update(test=[3])),
-        r"Task09_Bad/dataset.json: test.0: Input should be a file path or an object with an 'image' key", "dataset"),
+        r"Task09_Bad/dataset.json: test.0: Input should be a file path or an object with an 'image' key", "dataset",
+        row="json-key-type"),
     Bad("file_ending not NIfTI", lambda r: _edit_json(r, lambda m: m.update(file_ending=".mha")),
-        r"Task09_Bad/dataset.json: file_ending '.mha' is not supported", "dataset"),
+        r"Task09_Bad/dataset.json: file_ending '.mha' is not supported", "dataset", row="json-values"),
     Bad("no training cases", lambda r: _edit_json(r, lambda m: m.update(training=[])),
-        r"Task09_Bad: no training cases found", "dataset"),
+        r"Task09_Bad: no training cases found", "dataset", row="json-values"),
     Bad("duplicate case id", lambda r: _edit_json(r, lambda m: m["training"].append(
         {"image": f"./imagesTs/{CASE}.nii.gz", "label": f"./labelsTr/{CASE}.nii.gz"})),
         rf"Task09_Bad/dataset.json: case id '{CASE}' given twice: \S+/imagesTr/{CASE}.nii.gz and "
-        rf"\S+/imagesTs/{CASE}.nii.gz", "dataset"),
+        rf"\S+/imagesTs/{CASE}.nii.gz", "dataset", row="case-id-twice"),
     # one case: reported, skipped, the others stored
     Bad("missing label", lambda r: _label(r).unlink(), rf"labelsTr/{CASE}.nii.gz: missing label for case {CASE}",
-        "case"),
-    Bad("missing image", lambda r: _image(r).unlink(), rf"imagesTr/{CASE}.nii.gz: missing image", "case"),
+        "case", row="file-missing"),
+    Bad("missing image", lambda r: _image(r).unlink(), rf"imagesTr/{CASE}.nii.gz: missing image", "case",
+        row="file-missing"),
     Bad("missing listed test label", lambda r: _edit_json(r, _test_entries_with_labels),
-        rf"labelsTs/{TEST_CASE}.nii.gz: missing label for case {TEST_CASE}", "case", case=TEST_CASE),
-    Bad("truncated image", lambda r: _truncate(_image(r)), rf"imagesTr/{CASE}.nii.gz: cannot read NIfTI", "case"),
+        rf"labelsTs/{TEST_CASE}.nii.gz: missing label for case {TEST_CASE}", "case", case=TEST_CASE,
+        row="file-missing"),
+    Bad("truncated image", lambda r: _truncate(_image(r)), rf"imagesTr/{CASE}.nii.gz: cannot read NIfTI", "case",
+        row="file-unreadable"),
     Bad("image not NIfTI", lambda r: _image(r).write_bytes(gzip.compress(b"not a nifti file" * 40)),
-        rf"imagesTr/{CASE}.nii.gz: cannot read NIfTI", "case"),
+        rf"imagesTr/{CASE}.nii.gz: cannot read NIfTI", "case", row="file-unreadable"),
     Bad("label shape", lambda r: _rewrite(_label(r), lambda a: a[:-1]), rf"labelsTr/{CASE}.nii.gz: shape .* != image",
-        "case"),
+        "case", row="label-mismatch"),
     Bad("label affine", lambda r: _rewrite(_label(r), lambda a: a, _shifted_affine(_label(r))),
-        rf"labelsTr/{CASE}.nii.gz: affine differs from the image's", "case"),
+        rf"labelsTr/{CASE}.nii.gz: affine differs from the image's", "case", row="label-mismatch"),
     Bad("NaN in image", lambda r: _rewrite(_image(r), lambda a: np.where(a > 100, np.nan, a).astype(np.float32)),
-        rf"imagesTr/{CASE}.nii.gz: \d+ NaN/inf voxels", "case"),
+        rf"imagesTr/{CASE}.nii.gz: \d+ NaN/inf voxels", "case", row="file-unreadable"),
     Bad("undeclared label value", lambda r: _rewrite(_label(r), lambda a: np.where(a == 1, 7, a).astype(np.uint8)),
-        rf"labelsTr/{CASE}.nii.gz: label values \[7\] not declared in dataset.json", "case"),
+        rf"labelsTr/{CASE}.nii.gz: label values \[7\] not declared in dataset.json", "case", row="label-mismatch"),
     Bad("fractional label", lambda r: _rewrite(_label(r), lambda a: (a * 0.5).astype(np.float32)),
-        rf"labelsTr/{CASE}.nii.gz: label values are not integers", "case"),
-    Bad("2D image", lambda r: _rewrite(_image(r), lambda a: a[:, :, :1]), rf"imagesTr/{CASE}.nii.gz: 2D image", "case"),
+        rf"labelsTr/{CASE}.nii.gz: label values are not integers", "case", row="label-mismatch"),
+    Bad("2D image", lambda r: _rewrite(_image(r), lambda a: a[:, :, :1]), rf"imagesTr/{CASE}.nii.gz: 2D image", "case",
+        row="file-unreadable"),
     Bad("singular image affine", lambda r: _set_affine(_image(r), np.diag([1.5, 1.5, 0.0, 1.0])),
-        rf"imagesTr/{CASE}.nii.gz: singular affine \(voxel sizes 1.5, 1.5, 0 mm", "case"),
+        rf"imagesTr/{CASE}.nii.gz: singular affine \(voxel sizes 1.5, 1.5, 0 mm", "case", row="file-unreadable"),
     Bad("NaN in image affine", lambda r: _set_affine(_image(r), _nan_affine(_image(r))),
-        rf"imagesTr/{CASE}.nii.gz: affine holds NaN or infinite values", "case"),
+        rf"imagesTr/{CASE}.nii.gz: affine holds NaN or infinite values", "case", row="file-unreadable"),
     Bad("too many channels", lambda r: _rewrite(_image(r), lambda a: np.stack([a, a], axis=-1)),
-        rf"imagesTr/{CASE}.nii.gz: 2 channels, dataset.json declares 1", "case"),
+        rf"imagesTr/{CASE}.nii.gz: 2 channels, dataset.json declares 1", "case", row="file-unreadable"),
     # a re-run after a good ingest: the stored case is kept, marked stale
-    Bad("label missing at re-run", lambda r: _label(r).unlink(), rf"labelsTr/{CASE}.nii.gz: missing label", "rerun"),
+    Bad("label missing at re-run", lambda r: _label(r).unlink(), rf"labelsTr/{CASE}.nii.gz: missing label", "rerun",
+        row="stale-at-rerun"),
     Bad("test image corrupt at re-run", lambda r: _truncate(_test_image(r)),
-        rf"imagesTs/{TEST_CASE}.nii.gz: cannot read NIfTI", "rerun", case=TEST_CASE),
+        rf"imagesTs/{TEST_CASE}.nii.gz: cannot read NIfTI", "rerun", case=TEST_CASE, row="stale-at-rerun"),
     # a re-run failing for the whole dataset: the store of the good run is kept, marked failed
     Bad("dataset.json invalid at re-run", lambda r: _edit_json(r, lambda m: m["training"][1].update(image=None)),
-        r"Task09_Bad/dataset.json: training.1.image: Input should be a valid string", "dataset rerun"),
+        r"Task09_Bad/dataset.json: training.1.image: Input should be a valid string", "dataset rerun",
+        row="dataset-at-rerun"),
     Bad("source folder gone at re-run", shutil.rmtree, r"Task09_Bad/dataset.json: dataset.json not found",
-        "dataset rerun"),
+        "dataset rerun", row="dataset-at-rerun"),
     Bad("training image corrupt at re-run", lambda r: _truncate(_image(r)),
         rf"Task09_Bad.zarr: the plan would change \(.*channel 0 mean \S+ -> \S+.*\), but {CASE} would keep its "
-        "stored copy preprocessed the earlier way", "dataset rerun"),
+        "stored copy preprocessed the earlier way", "dataset rerun", row="plan-change-refused"),
 ]
 
 
@@ -252,6 +264,8 @@ def _store(raw_msd: Path, out: Path) -> str:
     return str(out / f"{raw_msd.name}.zarr")
 
 
+@pytest.mark.catalogue("bad-option")
+@pytest.mark.catalogue("sources-one-name")
 def test_bad_options(raw_msd: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "out"
     assert main(_cli("--source", str(raw_msd), "--out", str(out), "--folds", "1")) == 2
@@ -267,15 +281,17 @@ def test_bad_options(raw_msd: Path, tmp_path: Path, caplog: pytest.LogCaptureFix
     assert not out.exists()
 
 
+@pytest.mark.catalogue("out-unwritable")
 def test_output_that_is_a_file_is_refused_before_any_work(raw_msd: Path, tmp_path: Path,
                                                           caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "out"
     out.write_text("not a folder")
     assert main(_cli("--source", str(raw_msd), "--out", str(out))) == 2
-    _one_line(caplog, rf"{out}: output folder is not writable")
+    _one_line(caplog, rf"{out}: exists and is a file, not a folder")
     assert "starting" not in caplog.text and "target spacing" not in caplog.text
 
 
+@pytest.mark.catalogue("store-version")
 def test_store_of_an_older_format_version(raw_msd: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     uri = _store(raw_msd, tmp_path / "out")
     zarr.open_group(uri, mode="a").attrs["format_version"] = 2
@@ -285,6 +301,7 @@ def test_store_of_an_older_format_version(raw_msd: Path, tmp_path: Path, caplog:
     assert len(TaskStore.open(uri).case_ids()) == 5
 
 
+@pytest.mark.catalogue("verify-corrupt")
 def test_verify(raw_msd: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     uri = _store(raw_msd, tmp_path / "out")
     assert main(["--verify", uri]) == 0
@@ -335,6 +352,7 @@ def test_failed_ingest_mark_stops_training_until_a_good_ingest_clears_it(raw_msd
     assert TaskStore.open(str(out / f"{BAD}.zarr"), allow_incomplete=False).manifest.last_ingest_failed == {}
 
 
+@pytest.mark.catalogue("mtime-restored")
 def test_content_change_with_mtime_restored_is_seen(raw_msd: Path, tmp_path: Path,
                                                     caplog: pytest.LogCaptureFixture) -> None:
     """A label edited in place, size and mtime kept: re-ingested by default; the stat fast path
@@ -370,6 +388,7 @@ def _brighten(raw: Path) -> None:
     _rewrite(_image(raw), lambda a: (a * 1.5 + 40).astype(np.float32))
 
 
+@pytest.mark.catalogue("plan-change-refused")
 def test_rerun_that_would_change_the_statistics_around_a_stale_case_is_refused(
         raw_msd: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A training image truncated between two ingests: the other cases would get new CT
@@ -399,6 +418,7 @@ def test_changed_statistics_reingest_every_case(raw_msd: Path, tmp_path: Path) -
     assert len(_recipes(uri)) == 1 and _recipes(uri) != old
 
 
+@pytest.mark.catalogue("plan-change-drop")
 def test_case_failing_after_the_plan_changed_loses_its_old_copy(
         raw_msd: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A test image (not in the plan pass) truncated while a training edit moves the statistics:
@@ -436,6 +456,7 @@ def _can_unshare() -> bool:
 needs_namespace = pytest.mark.skipif(not _can_unshare(), reason="unshare -rm (user + mount namespace) not allowed")
 
 
+@pytest.mark.catalogue("out-unwritable")
 @needs_namespace
 def test_read_only_output_is_refused_before_any_work(raw_msd: Path, tmp_path: Path) -> None:
     result = _in_namespace(tmp_path, "ro", ["--source", str(raw_msd), "--out", str(tmp_path / "out"),
@@ -447,6 +468,7 @@ def test_read_only_output_is_refused_before_any_work(raw_msd: Path, tmp_path: Pa
     assert "Traceback" not in result.stderr and "target spacing" not in result.stderr
 
 
+@pytest.mark.catalogue("disk-full")
 @needs_namespace
 def test_disk_full_names_the_store_and_the_store_says_it_is_incomplete(raw_msd: Path, tmp_path: Path) -> None:
     """About two cases fit: the failed writes name the store, not a source file, and what is left

@@ -14,6 +14,7 @@ import pickle
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import nibabel as nib
 import numpy as np
@@ -115,35 +116,54 @@ def _good(world: World, folder: Path) -> Path:
     return _scan(world)
 
 
+class Case(NamedTuple):
+    """One bad predict input: how to make it, extra options, the message, and its catalogue row
+    in docs/architecture.md (tests/test_catalogue.py)."""
+
+    make_input: Callable[[World, Path], Path]
+    extra: list[str]
+    message: str
+    row: str
+
+
 PREDICT_CATALOGUE = {
-    # id: (input, extra options, message)
-    "unknown-task": (_good, ["--task", "lungs"], "--task lungs: unknown task 'lungs'; this model knows "
-                     "Task01_SynthLiver, Task02_SynthSpleen, Task03_SynthProstate (or 'all')"),
-    "wrong-channel-count": (_two_channels, [], "two.nii.gz: 2 channel(s), but task Task01_SynthLiver needs 1 (CT)"),
-    "all-without-modality": (_good, ["--task", "all"], "--task all picks the tasks by modality: give the scans' "
-                             "channel modalities with --modality"),
-    "all-2-channel-ct": (_two_channels, ["--task", "all", "--modality", "CT,PET"],
-                         "two.nii.gz: no task of this model takes 2 channel(s) of CT, PET; it knows"),
-    "wrong-modality": (_good, ["--modality", "T2"], "modalities T2, but task Task01_SynthLiver needs CT"),
-    "not-nifti": (_named("scan.png", b"\x89PNG"), [], "scan.png: not a NIfTI file (expected .nii or .nii.gz)"),
-    "garbage-header": (_garbage, [], "garbage.nii.gz: not a readable NIfTI file"),
-    "truncated-data": (_truncated, [], "truncated.nii.gz: corrupt NIfTI data"),
-    "missing-input": (_named("absent.nii.gz"), [], "absent.nii.gz: no such file or folder"),
-    "empty-folder": (_named("empty"), [], "empty: no NIfTI files (.nii, .nii.gz) in this folder"),
-    "1x1x1": (_volume((1, 1, 1)), [], "flat_1x1x1.nii.gz: 2D image of shape (1, 1, 1); 3D volumes are required"),
-    "512x512x1": (_volume((512, 512, 1)), [],
-                  "flat_512x512x1.nii.gz: 2D image of shape (512, 512, 1); 3D volumes are required"),
-    "singular-affine": (_affine("flat_axis.nii.gz", lambda a: a @ np.diag([1.0, 1.0, 0.0, 1.0])), [],
-                        "flat_axis.nii.gz: singular affine (voxel sizes 1.5, 1.5, 0 mm"),
-    "nan-affine": (_affine("nan_affine.nii.gz", lambda a: a * [1, 1, 1, np.nan]), [],  # NaN translation
-                   "nan_affine.nii.gz: affine holds NaN or infinite values"),
-    "missing-model": (_good, ["--model", "models:/absent@champion"], "models:/absent@champion: model not found"),
+    "unknown-task": Case(_good, ["--task", "lungs"], "--task lungs: unknown task 'lungs'; this model knows "
+                         "Task01_SynthLiver, Task02_SynthSpleen, Task03_SynthProstate (or 'all')",
+                         row="predict-task-or-model"),
+    "wrong-channel-count": Case(_two_channels, [], "two.nii.gz: 2 channel(s), but task Task01_SynthLiver needs 1 (CT)",
+                                row="predict-channels"),
+    "all-without-modality": Case(_good, ["--task", "all"], "--task all picks the tasks by modality: give the scans' "
+                                 "channel modalities with --modality", row="predict-all-no-modality"),
+    "all-2-channel-ct": Case(_two_channels, ["--task", "all", "--modality", "CT,PET"],
+                             "two.nii.gz: no task of this model takes 2 channel(s) of CT, PET; it knows",
+                             row="predict-channels"),
+    "wrong-modality": Case(_good, ["--modality", "T2"], "modalities T2, but task Task01_SynthLiver needs CT",
+                           row="predict-channels"),
+    "not-nifti": Case(_named("scan.png", b"\x89PNG"), [], "scan.png: not a NIfTI file (expected .nii or .nii.gz)",
+                      row="predict-not-nifti"),
+    "garbage-header": Case(_garbage, [], "garbage.nii.gz: not a readable NIfTI file", row="predict-not-nifti"),
+    "truncated-data": Case(_truncated, [], "truncated.nii.gz: corrupt NIfTI data", row="predict-corrupt-data"),
+    "missing-input": Case(_named("absent.nii.gz"), [], "absent.nii.gz: no such file or folder", row="predict-no-input"),
+    "empty-folder": Case(_named("empty"), [], "empty: no NIfTI files (.nii, .nii.gz) in this folder",
+                         row="predict-no-input"),
+    "1x1x1": Case(_volume((1, 1, 1)), [], "flat_1x1x1.nii.gz: 2D image of shape (1, 1, 1); 3D volumes are required",
+                  row="predict-flat-or-affine"),
+    "512x512x1": Case(_volume((512, 512, 1)), [],
+                      "flat_512x512x1.nii.gz: 2D image of shape (512, 512, 1); 3D volumes are required",
+                      row="predict-flat-or-affine"),
+    "singular-affine": Case(_affine("flat_axis.nii.gz", lambda a: a @ np.diag([1.0, 1.0, 0.0, 1.0])), [],
+                            "flat_axis.nii.gz: singular affine (voxel sizes 1.5, 1.5, 0 mm",
+                            row="predict-flat-or-affine"),
+    "nan-affine": Case(_affine("nan_affine.nii.gz", lambda a: a * [1, 1, 1, np.nan]), [],  # NaN translation
+                       "nan_affine.nii.gz: affine holds NaN or infinite values", row="predict-flat-or-affine"),
+    "missing-model": Case(_good, ["--model", "models:/absent@champion"], "models:/absent@champion: model not found",
+                          row="predict-task-or-model"),
 }
 
 
 @pytest.mark.parametrize("kind", list(PREDICT_CATALOGUE))
 def test_predict_bad_input(world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: str) -> None:
-    make_input, extra, message = PREDICT_CATALOGUE[kind]
+    make_input, extra, message, _ = PREDICT_CATALOGUE[kind]
     source = make_input(world, tmp_path)
     output = tmp_path / "out"
     assert predict_main(_predict_argv(world, source, output, *extra)) == 2
@@ -152,6 +172,7 @@ def test_predict_bad_input(world: World, tmp_path: Path, caplog: pytest.LogCaptu
     assert not output.exists() or not any(output.iterdir())
 
 
+@pytest.mark.catalogue("output-unwritable")
 def test_predict_read_only_output_fails_before_inference(world: World, tmp_path: Path,
                                                          caplog: pytest.LogCaptureFixture,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
@@ -167,6 +188,7 @@ def test_predict_read_only_output_fails_before_inference(world: World, tmp_path:
     assert error.startswith(f"{output}: output folder is not writable (") and "\n" not in error
 
 
+@pytest.mark.catalogue("predict-output-exists")
 def test_predict_existing_output_is_kept(world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     output = tmp_path / "out"
     output.mkdir()
@@ -196,6 +218,7 @@ def _assert_good_outputs(world: World, output: Path) -> None:
     assert not [p for p in output.iterdir() if p.name.startswith(".tmp-")]
 
 
+@pytest.mark.catalogue("predict-corrupt-data")
 def test_a_truncated_scan_sorted_first_fails_alone(world: World, tmp_path: Path,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     inputs = _batch(world, tmp_path / "in")
@@ -231,6 +254,7 @@ def test_a_truncated_scan_fails_alone_on_ray(world: World, tmp_path: Path, caplo
     _assert_good_outputs(world, output)
 
 
+@pytest.mark.catalogue("predict-case-id-twice")
 def test_duplicate_case_ids_fail_alone(world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     inputs = _batch(world, tmp_path / "in")
     shutil.copy(_scan(world, "synthliver_002"), inputs / "twice.nii.gz")
@@ -244,6 +268,7 @@ def test_duplicate_case_ids_fail_alone(world: World, tmp_path: Path, caplog: pyt
     assert not (output / "twice.nii.gz").exists()
 
 
+@pytest.mark.catalogue("predict-other-failure")
 def test_a_scan_failing_for_another_reason_fails_alone_with_status_1(
     world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -288,6 +313,7 @@ def _evaluate_argv(world: World, store: str, output: Path) -> list[str]:
             "--space", "store"]
 
 
+@pytest.mark.catalogue("evaluate-channels")
 def test_evaluate_channel_mismatch_names_the_store(world: World, one_channel_prostate: str, tmp_path: Path,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     output = tmp_path / "eval"
@@ -298,6 +324,7 @@ def test_evaluate_channel_mismatch_names_the_store(world: World, one_channel_pro
     assert not output.exists()
 
 
+@pytest.mark.catalogue("output-unwritable")
 def test_evaluate_read_only_output_fails_before_inference(world: World, tmp_path: Path,
                                                           caplog: pytest.LogCaptureFixture,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
@@ -313,6 +340,7 @@ def test_evaluate_read_only_output_fails_before_inference(world: World, tmp_path
     assert error.startswith(f"{output}: output folder is not writable (")
 
 
+@pytest.mark.catalogue("evaluate-corrupt-chunk")
 def test_evaluate_corrupt_chunk_names_store_case_and_array(world: World, tmp_path: Path,
                                                            caplog: pytest.LogCaptureFixture) -> None:
     store = tmp_path / "corrupt.zarr"
@@ -327,6 +355,7 @@ def test_evaluate_corrupt_chunk_names_store_case_and_array(world: World, tmp_pat
     assert str(store) in error and case in error and "image" in error and "\n" not in error
 
 
+@pytest.mark.catalogue("evaluate-store")
 def test_evaluate_missing_store(world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     assert evaluate_main(_evaluate_argv(world, str(tmp_path / "absent.zarr"), tmp_path / "eval")) == 2
     (error,) = _errors(caplog)
@@ -358,6 +387,7 @@ def _tune_config(world: World, tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.catalogue("tune-exists")
 def test_tune_never_resumes_unasked(world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     search = tmp_path / "ray" / "search"
     search.mkdir(parents=True)
@@ -371,6 +401,7 @@ def test_tune_never_resumes_unasked(world: World, tmp_path: Path, caplog: pytest
     assert (search / "tuner.pkl").read_bytes() == state and sorted(os.listdir(search)) == ["tuner.pkl"]
 
 
+@pytest.mark.catalogue("tune-nothing")
 def test_tune_resume_needs_a_search(world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     assert tune_main(["--config", str(_tune_config(world, tmp_path)), "--resume"]) == 2
     (error,) = _errors(caplog)

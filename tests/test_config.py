@@ -107,6 +107,7 @@ def test_overrides_without_a_config_file() -> None:
         load_config(None, overrides=["train.epochs=x"])
 
 
+@pytest.mark.catalogue("set-value")
 @pytest.mark.parametrize("stage", ["train", "tune", "finetune"])
 def test_bad_override_exits_2_with_one_line(stage: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     import importlib

@@ -129,6 +129,7 @@ def _refused(argv: list[str], caplog: pytest.LogCaptureFixture) -> str:
     return error
 
 
+@pytest.mark.catalogue("folder-label-values")
 def test_undeclared_label_values_are_refused_per_file(folders: tuple[Path, Path, Path], tmp_path: Path,
                                                       caplog: pytest.LogCaptureFixture) -> None:
     pred, ref, labels = folders
@@ -141,6 +142,7 @@ def test_undeclared_label_values_are_refused_per_file(folders: tuple[Path, Path,
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.catalogue("folder-two-files")
 def test_two_files_for_one_case_are_refused(folders: tuple[Path, Path, Path], caplog: pytest.LogCaptureFixture) -> None:
     pred, ref, _ = folders
     nib.save(nib.load(pred / "a.nii.gz"), pred / "a.nii")
@@ -148,6 +150,7 @@ def test_two_files_for_one_case_are_refused(folders: tuple[Path, Path, Path], ca
     assert error == f"{pred}/a.nii: case 'a' has 2 files (also a.nii.gz); keep one"
 
 
+@pytest.mark.catalogue("folder-same")
 def test_pred_and_ref_the_same_folder_are_refused(folders: tuple[Path, Path, Path], tmp_path: Path,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     _, ref, _ = folders
@@ -156,6 +159,7 @@ def test_pred_and_ref_the_same_folder_are_refused(folders: tuple[Path, Path, Pat
     assert error == f"{tmp_path / 'link'}: --pred and --ref are the same folder (every case would score 1.0)"
 
 
+@pytest.mark.catalogue("folder-unreadable")
 @pytest.mark.parametrize("damage", ["truncated", "not NIfTI"])
 def test_unreadable_or_truncated_nifti_is_one_line(folders: tuple[Path, Path, Path], damage: str,
                                                    caplog: pytest.LogCaptureFixture) -> None:
@@ -168,6 +172,7 @@ def test_unreadable_or_truncated_nifti_is_one_line(folders: tuple[Path, Path, Pa
     assert error.startswith(f"{ref}/b.nii.gz: {problem} (") and "\n" not in error
 
 
+@pytest.mark.catalogue("folder-out-file")
 def test_existing_file_as_output_is_refused_before_scoring(folders: tuple[Path, Path, Path], tmp_path: Path,
                                                            caplog: pytest.LogCaptureFixture,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
@@ -189,6 +194,7 @@ OPTION_ORDER = ["--model", "--folds", "--split", "--space", "--no-mlflow", "--tt
 
 @pytest.mark.parametrize("options", [["--folds", "0"], ["--split", "val"], ["--tta", "on"], ["--device", "cpu"],
                                      ["--model", "models:/x@y"], ["--no-mlflow", "--space", "store"]])
+@pytest.mark.catalogue("evaluate-other-mode")
 def test_model_options_are_refused_in_folder_mode(folders: tuple[Path, Path, Path], options: list[str],
                                                   capsys: pytest.CaptureFixture) -> None:
     pred, ref, _ = folders
@@ -199,7 +205,20 @@ def test_model_options_are_refused_in_folder_mode(folders: tuple[Path, Path, Pat
     assert f"error: {named}: not for folder evaluation (--pred DIR --ref DIR takes only" in capsys.readouterr().err
 
 
+@pytest.mark.catalogue("evaluate-other-mode")
 def test_labels_are_refused_in_model_mode(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["--model", str(tmp_path), "--store", str(tmp_path), "--labels", str(tmp_path / "dataset.json")])
     assert exit_info.value.code == 2 and "error: --labels: only for folder evaluation" in capsys.readouterr().err
+
+
+@pytest.mark.catalogue("folder-no-reference")
+def test_predictions_without_a_reference_are_left_out_with_a_warning(
+        folders: tuple[Path, Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    pred, ref, labels = folders
+    _save(pred, "x", _map())
+    _save(pred, "y", _map())
+    assert main(["--pred", str(pred), "--ref", str(ref), "--labels", str(labels), "-o", str(tmp_path / "out")]) == 0
+    assert f"{pred}: 2 prediction(s) without a reference left out: x, y" in caplog.text
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert {row["case"] for row in summary["metric_per_case"]} == {"a", "b", "c"}

@@ -56,6 +56,7 @@ def test_val_split_is_the_fold_the_model_held_out(world: World, tmp_path: Path) 
     assert _scored(world, world.model_dir, tmp_path / "default") == _held_out(world, 0)  # no fold: fold 0
 
 
+@pytest.mark.catalogue("evaluate-fold-split")
 def test_fold_ensemble_val_split_needs_one_fold(world: World, tmp_path: Path,
                                                 caplog: pytest.LogCaptureFixture) -> None:
     folds = {k: _with_fold(world, k, tmp_path / f"fold{k}") for k in (1, 2)}

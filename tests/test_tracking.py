@@ -138,6 +138,7 @@ NOT_BEFORE_THE_CHECK = {  # what each stage must not reach with a server that do
 }
 
 
+@pytest.mark.catalogue("tracking-down")
 @pytest.mark.parametrize("stage", list(NOT_BEFORE_THE_CHECK))
 def test_stage_refuses_an_unreachable_server_before_any_work(stage: str, closed_uri: str, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch,
