@@ -172,6 +172,21 @@ def test_unreadable_or_truncated_nifti_is_one_line(folders: tuple[Path, Path, Pa
     assert error.startswith(f"{ref}/b.nii.gz: {problem} (") and "\n" not in error
 
 
+@pytest.mark.catalogue("folder-affine")
+def test_singular_affine_is_refused_per_file(folders: tuple[Path, Path, Path], caplog: pytest.LogCaptureFixture) -> None:
+    pred, ref, _ = folders
+    for folder in (pred, ref):  # prediction and reference on the same (singular) grid: only the affine is wrong
+        image = nib.load(folder / "b.nii.gz")
+        header = image.header.copy()
+        header.set_sform(image.affine @ np.diag([1.0, 1.0, 0.0, 1.0]), code=1)
+        header.set_qform(None, code=0)
+        nib.save(nib.Nifti1Image(np.asarray(image.dataobj), None, header), folder / "b.nii.gz")
+    error = _refused(["--pred", str(pred), "--ref", str(ref)], caplog)
+    singular = "singular affine (voxel sizes 2, 1, 0 mm, axes not independent)"
+    assert [line.split(";")[0] for line in error.splitlines()] == [f"{pred}/b.nii.gz: {singular}",
+                                                                   f"{ref}/b.nii.gz: {singular}"]
+
+
 @pytest.mark.catalogue("folder-out-file")
 def test_existing_file_as_output_is_refused_before_scoring(folders: tuple[Path, Path, Path], tmp_path: Path,
                                                            caplog: pytest.LogCaptureFixture,

@@ -30,6 +30,7 @@ from nibabel.filebasedimages import ImageFileError
 from tqdm.auto import tqdm
 
 from pipeline.common.cli import output_folder_problem
+from pipeline.common.geometry import volume_problem
 from pipeline.common.metrics import EmptyRule, class_metrics
 from pipeline.evaluate.cases import EvaluateError
 from pipeline.evaluate.report import CaseRow, mlflow_metrics, overall_dice, write_report
@@ -104,8 +105,8 @@ def _header(path: Path) -> nib.Nifti1Image:
 
 
 def grid_problems(pairs: list[CasePair]) -> list[str]:
-    """One line per label map that is unreadable or not 3D, and per prediction not on its
-    reference's voxel grid."""
+    """One line per label map that is unreadable, not 3D or with a singular or non-finite affine
+    (ingest's and predict's rule), and per prediction not on its reference's voxel grid."""
     problems = []
     for pair in pairs:
         try:
@@ -113,7 +114,11 @@ def grid_problems(pairs: list[CasePair]) -> list[str]:
         except EvaluateError as err:
             problems.append(str(err))
             continue
-        if len(reference.shape) != 3 or len(prediction.shape) != 3:
+        volume = [f"{path}: {problem}" for path, image in ((pair.prediction, prediction), (pair.reference, reference))
+                  if (problem := volume_problem(image.shape, image.affine))]
+        if volume:
+            problems += volume
+        elif len(reference.shape) != 3 or len(prediction.shape) != 3:
             problems.append(f"{pair.prediction}: label maps must be 3D, got {prediction.shape} "
                             f"(reference {reference.shape})")
         elif prediction.shape != reference.shape:
