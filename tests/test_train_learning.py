@@ -51,9 +51,9 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> TaskStore:
 def train_and_validate(store: TaskStore, seed: int) -> float:
     """Validation Dice of a single-task UniSeg (tiny preset at PATCH) after EPOCHS x ITERATIONS."""
     torch.manual_seed(seed)
-    cfg = config_from_dict({"name": "learn", "data": {"stores": [store.uri]},
-                            "model": {"preset": "tiny", "patch_size": list(PATCH)},
-                            "train": {"epochs": EPOCHS, "iterations_per_epoch": ITERATIONS, "seed": seed, "amp": False}})
+    cfg = config_from_dict({
+        "name": "learn", "data": {"stores": [store.uri]}, "model": {"preset": "tiny", "patch_size": list(PATCH)},
+        "train": {"epochs": EPOCHS, "iterations_per_epoch": ITERATIONS, "seed": seed, "amp": False}})
     manifest = store.manifest
     spec = network_spec(cfg.model, [manifest])
     network = build_network(spec, task_specs([manifest]))

@@ -12,8 +12,9 @@ keeps its stored copy from the earlier ingest, marked stale in the manifest; cas
 without a stored copy are listed as failed there. Only cases no longer listed by the source are
 removed. One store, one recipe: a re-run whose plan or write options differ from those of a stale
 copy it would keep is refused before any case is written (the copy cannot be re-normalised: its
-source is what fails); a case that fails in the case pass under a new recipe loses its old copy. A re-run that fails for the whole dataset (dataset.json invalid, the folder gone, no
-plan) leaves a finished store's cases as they were and records the failure in its manifest
+source is what fails); a case that fails in the case pass under a new recipe loses its old copy.
+A re-run that fails for the whole dataset (dataset.json invalid, the folder gone, no plan)
+leaves a finished store's cases as they were and records the failure in its manifest
 (`last_ingest_failed`: when, why), so that readers warn; the next successful ingest clears it.
 One bad source never stops the others. Exit status (`IngestReport.exit_status`): 0 all done, 2
 bad input (a dataset, case or option; one line per problem), 1 something else failed (a full
