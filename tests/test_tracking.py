@@ -90,13 +90,23 @@ def test_answering_server_passes_and_a_server_error_does_not(server: ThreadingHT
         check_tracking_server(uri)
 
 
-def test_local_stores_are_not_probed(tmp_path: Path) -> None:
+def _unset_retry_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset for this test (an earlier in-process stage may have set them) and put back after it,
+    whatever the test sets: setenv records the value to restore, delenv alone would not when unset."""
+    for name in HTTP_RETRY_DEFAULTS:
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
+
+
+def test_local_stores_are_not_probed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _unset_retry_bounds(monkeypatch)
     for uri in (f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "mlruns"), f"file://{tmp_path}/mlruns"):
         check_tracking_server(uri)
     assert not {"MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"} & set(os.environ)
 
 
 def test_http_retries_bounded_from_config_else_environment_else_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    _unset_retry_bounds(monkeypatch)
     bound_http_retries()
     assert (os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"], os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"]) == ("2", "20")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
