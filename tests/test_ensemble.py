@@ -93,6 +93,6 @@ def test_ensemble_through_mlflow_pyfunc(fold_dirs: dict[int, Path], tmp_path: Pa
     single = _probabilities(load_model_dir(fold_dirs[1])[0], image, 1, False)
     assert torch.allclose(_probabilities(network, image, 1, False), single, atol=1e-5)
     pyfunc = mlflow.pyfunc.load_model(info.model_uri, model_config={"folds": [0, 2]})
-    labels = pyfunc.predict({"task": "spleen", "image": image.numpy()})
+    (labels,) = pyfunc.predict([{"task": "spleen", "array": image.numpy()}])["labels"]
     pair = load_model_dir(tmp_path / "ensemble", folds=(0, 2))[0]
     assert (labels == _probabilities(pair, image, 1, False).argmax(0).numpy()).all()

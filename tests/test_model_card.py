@@ -71,7 +71,7 @@ def test_register_and_load_from_registry(tmp_path: Path, monkeypatch: pytest.Mon
     loaded, card = load_model("models:/tiny-test@champion")
     assert card == CARD and _same_weights(network, loaded)
     pyfunc = mlflow.pyfunc.load_model("models:/tiny-test/1")
-    labels = pyfunc.predict({"image": np.random.rand(4, 20, 36, 40).astype(np.float32), "task": "brain"})
+    (labels,) = pyfunc.predict([{"array": np.random.rand(4, 20, 36, 40).astype(np.float32), "task": "brain"}])["labels"]
     assert labels.shape == (20, 36, 40) and labels.dtype == np.uint8 and labels.max() <= 3
     with pytest.raises(FileNotFoundError, match="models:/absent@champion: model not found"):
         load_model("models:/absent@champion")

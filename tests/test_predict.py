@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.common.inference import InferenceOptions
 from pipeline.common.metrics import dice
+from pipeline.common.nifti import from_bytes
 from pipeline.evaluate.run import EvaluateOptions
 from pipeline.evaluate.run import run as evaluate
 from pipeline.predict.__main__ import parse_args
@@ -96,9 +97,16 @@ def test_folder_of_scans_and_overwrite(world: World, tmp_path: Path) -> None:
 def test_pyfunc_on_a_raw_nifti_path(world: World, tmp_path: Path) -> None:
     mlflow.set_tracking_uri(world.tracking_uri)
     model = mlflow.pyfunc.load_model(world.model_uri)
-    labels = model.predict({"image": str(_image(world)), "task": LIVER_TASK})
+    by_path, by_bytes = model.predict([{"path": str(_image(world)), "task": LIVER_TASK},
+                                       {"image": _image(world).read_bytes(), "task": LIVER_TASK}]).to_dict("records")
     run(_options(world, _image(world), tmp_path, inference=InferenceOptions()))  # pyfunc: default options
-    np.testing.assert_array_equal(labels, np.asarray(nib.load(tmp_path / f"{VALIDATION_CASE}.nii.gz").dataobj))
+    written = nib.load(tmp_path / f"{VALIDATION_CASE}.nii.gz")
+    for row in (by_path, by_bytes):
+        labels = from_bytes(row["labels"])
+        np.testing.assert_array_equal(np.asarray(labels.dataobj), np.asarray(written.dataobj))
+        np.testing.assert_allclose(labels.affine, written.affine, atol=1e-6)
+        np.testing.assert_allclose(row["affine"], written.affine, atol=1e-6)
+        assert labels.get_data_dtype() == np.uint8 and json.loads(row["classes"])["1"] == "liver"
 
 
 def test_sheared_affine_keeps_the_input_qform_and_sform(world: World, tmp_path: Path) -> None:

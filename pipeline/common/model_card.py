@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -26,7 +26,9 @@ from model.presets import build_network
 from model.spec import NetworkSpec
 from model.tasks import TaskSpec
 from pipeline.common.ensemble import FoldEnsemble
-from pipeline.common.store import StoreManifest
+
+if TYPE_CHECKING:  # the store (zarr, fsspec) is not needed to load or run a model
+    from pipeline.common.store import StoreManifest
 
 CARD_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"

@@ -146,29 +146,6 @@ def read_scan(scan: Scan) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
     return data, affine, images[0].header
 
 
-def label_image(labels: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header) -> nib.Nifti1Image:
-    """A label NIfTI (uint8, or uint16 for merged maps) on the input's grid, with its qform/sform codes."""
-    return _like_input(labels, affine, header, labels.dtype.type)
-
-
-def probability_image(probabilities: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header) -> nib.Nifti1Image:
-    """A float32 4D NIfTI (x, y, z, class) of (class, x, y, z) probabilities."""
-    return _like_input(np.moveaxis(probabilities, 0, -1).astype(np.float32), affine, header, np.float32)
-
-
-def _like_input(data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header, dtype: type) -> nib.Nifti1Image:
-    """The input's qform and sform as they are (a qform cannot hold shear, so it is never derived
-    from a sheared affine); a form the input leaves unset (code 0) becomes `affine`, code 1."""
-    image = nib.Nifti1Image(np.ascontiguousarray(data), affine)
-    qform, qform_code = header.get_qform(coded=True)
-    sform, sform_code = header.get_sform(coded=True)
-    image.set_qform(qform if qform_code else affine, code=int(qform_code) or 1)
-    image.set_sform(sform if sform_code else affine, code=int(sform_code) or 1)
-    image.header.set_xyzt_units(*header.get_xyzt_units())
-    image.set_data_dtype(dtype)
-    return image
-
-
 def write_outputs(outputs: Mapping[Path, nib.Nifti1Image | dict[str, Any]]) -> list[Path]:
     """Write NIfTI images and JSON documents: each to a hidden temporary file first, then all
     renamed into place, so no output is ever half-written (temporaries go on failure)."""

@@ -22,7 +22,8 @@ from torch import nn
 
 from pipeline.common.inference import InferenceOptions, predict_scan
 from pipeline.common.model_card import ModelCard
-from pipeline.predict.io import PredictError, Scan, label_image, probability_image, read_scan, write_outputs
+from pipeline.common.nifti import label_image, probability_image
+from pipeline.predict.io import PredictError, Scan, read_scan, write_outputs
 from pipeline.predict.tasks import ALL_TASKS, label_table, merge_predictions, select_tasks, task_index
 
 log = logging.getLogger(__name__)
