@@ -177,6 +177,8 @@ def test_runtime_env_excludes_venv_data_and_outputs(tmp_path: Path) -> None:
         "stores/Task04_Hippocampus.zarr/zarr.json",
         "mlruns/0/meta.yaml",
         "mlflow.db",
+        "mlflow.db-wal",
+        "mlflow.db.lock",
         "pipeline/__pycache__/x.pyc",
     ]
     for rel in kept + dropped:

@@ -50,7 +50,8 @@ def local_ray() -> Iterator[None]:
     ray.shutdown()
 
 
-def _config(root: Path, store: str) -> Path:
+def _config(root: Path, store: str, tracking_uri: str | None = None) -> Path:
+    """`tracking_uri` None: the default store, `mlflow.db` in the working directory."""
     raw = {
         "name": "cv",
         "data": {"stores": [store]},
@@ -59,8 +60,7 @@ def _config(root: Path, store: str) -> Path:
                   "checkpoint_every": 1, "loader_workers": 0, "amp": False, "log_every": 4},
         # 3 folds x 1 worker x 0.5 CPU: all three fit at once on 2 cores
         "ray": {"num_workers": 1, "cpus_per_worker": 0.5, "storage_path": str(root / "ray"), "max_failures": 1},
-        "mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "cv-tests",
-                   "registered_model": "cv-ensemble"},
+        "mlflow": {"tracking_uri": tracking_uri, "experiment": "cv-tests", "registered_model": "cv-ensemble"},
     }
     path = root / "cv.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -108,7 +108,7 @@ def test_summary_known_answers() -> None:
 def test_fold_config_validates_on_its_fold_and_leaves_retries_to_tune(tmp_path: Path) -> None:
     store = tmp_path / "s.zarr"
     store.mkdir()
-    cfg = load_config(_config(tmp_path, str(store)))
+    cfg = load_config(_config(tmp_path, str(store), f"sqlite:///{tmp_path / 'mlflow.db'}"))
     fold = fold_config(cfg, 2)
     assert (fold.name, fold.data.fold, fold.ray.max_failures, fold.mlflow.registered_model) == ("cv-fold2", 2, 0, None)
     assert fold.train == cfg.train and fold.model == cfg.model
@@ -130,7 +130,12 @@ def test_folds_start_as_many_at_once_as_a_local_ray_holds(tmp_path: Path, local_
 
 
 @pytest.mark.slow
-def test_cross_validation_ensemble_predict_and_folder_evaluation(tmp_path: Path, local_ray: None) -> None:
+def test_cross_validation_ensemble_predict_and_folder_evaluation(tmp_path: Path, local_ray: None,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # The default store (issue 22): three folds' processes write to ./mlflow.db at once.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    tracking_uri = f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     raw = write_task(tmp_path / "raw", TASK)
     write_test_labels(raw, TASK)
     report = ingest([raw], str(tmp_path / "stores"), IngestConfig(folds=3, scheduler="synchronous"))
@@ -147,7 +152,8 @@ def test_cross_validation_ensemble_predict_and_folder_evaluation(tmp_path: Path,
     assert (tmp_path / "fold1-killed").exists()
     assert [(o.fold, o.status, o.attempts) for o in result.folds] == [(0, "finished", 1), (1, "finished", 2),
                                                                      (2, "finished", 1)]
-    client = MlflowClient(cfg.mlflow.tracking_uri)
+    assert cfg.mlflow.tracking_uri is None
+    client = MlflowClient(tracking_uri)
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["cv.fold1.attempts"] == "2"
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
@@ -156,9 +162,12 @@ def test_cross_validation_ensemble_predict_and_folder_evaluation(tmp_path: Path,
     assert {k: c.data.params["data.fold"] for k, c in by_fold.items()} == {0: "0", 1: "1", 2: "2"}
     # The folds ran at the same time, sharing the cluster.
     assert max(c.info.start_time for c in children) < min(c.info.end_time for c in children)
-    # Fold 1's epochs are each logged once although it ran twice.
-    history = client.get_metric_history(by_fold[1].info.run_id, "train/loss")
-    assert sorted(m.step for m in history) == [0, 1]
+    # Every epoch of every fold is logged, once (fold 1's too, although it ran twice), and the
+    # validation of its last epoch.
+    for fold, child in by_fold.items():
+        history = client.get_metric_history(child.info.run_id, "train/loss")
+        assert sorted(m.step for m in history) == [0, 1], fold
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "dice/mean")] == [1], fold
 
     # Each fold validated on its own held-out cases: together, every labelled case once.
     liver = next(r for r in result.summary if r.name == "liver")
@@ -182,7 +191,7 @@ def test_cross_validation_ensemble_predict_and_folder_evaluation(tmp_path: Path,
 
     # The registered model is the ensemble of the three folds.
     assert result.model_uri == "models:/cv-ensemble/1"
-    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
     _, card = load_model(result.model_uri)
     task_mean = next(r for r in result.summary if r.class_id is None)
     assert card.folds == (0, 1, 2) and card.metadata["cross_validation"]["dice_pooled"] == pytest.approx(task_mean.pooled)
@@ -190,7 +199,7 @@ def test_cross_validation_ensemble_predict_and_folder_evaluation(tmp_path: Path,
     # The ensemble predicts the test scans; folder evaluation scores them against labelsTs.
     out = tmp_path / "predictions"
     predict(PredictOptions(model=result.model_uri, task=TASK.name, input=raw / "imagesTs", output=out,
-                           inference=FAST, tracking_uri=cfg.mlflow.tracking_uri))
+                           inference=FAST, tracking_uri=tracking_uri))
     _add_built_pair(out, raw / "labelsTs")
     scored = score_folder(out, raw / "labelsTs", raw / "dataset.json")
     assert {r.case for r in scored} == {"cvliver_006", "cvliver_007", "built"}

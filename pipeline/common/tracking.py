@@ -5,6 +5,14 @@ The default is an embedded SQLite store. MLflow would put that store's artifacts
 of whatever directory first creates the experiment, which for a Ray job is a temporary copy of
 the working directory; experiments created here keep them beside the database instead.
 
+A SQLite store takes concurrent writers (cross-validation folds and Tune trials log from several
+processes at once; docs/architecture.md, "Concurrent tracking"): `resolve_tracking_uri` prepares
+it once, under a lock beside it (`mlflow.db.lock`), before any writer starts: MLflow creates its
+tables there (two processes creating them at once both fail, half-migrated), and the file is
+switched to write-ahead logging, where readers never block the one writer and writers queue on
+MLflow's 20 s busy timeout instead of failing. `ensure_experiment` takes a concurrent creation of
+the same experiment as found.
+
 A tracking server (http:// or https://) is probed before a stage starts any work (before Ray):
 GET `<uri>/health`, a few seconds at most, so a server that is down is one line naming its URI
 (exit status 2) instead of MLflow's retries. Those retries are bounded too: MLflow's own default
@@ -17,7 +25,11 @@ runtime environment.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import logging
 import os
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +40,8 @@ from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.rest_utils import http_request
 
 from pipeline.common.config import MLflowConfig
+
+log = logging.getLogger(__name__)
 
 SQLITE_PREFIX = "sqlite:///"
 SERVER_SCHEMES = ("http://", "https://")
@@ -42,15 +56,36 @@ class TrackingUnavailable(RuntimeError):
 
 def resolve_tracking_uri(configured: str | None) -> str:
     """Config value, else MLFLOW_TRACKING_URI, else `sqlite:///<cwd>/mlflow.db`, made absolute
-    so Ray workers and jobs in other directories use the same store."""
+    so Ray workers and jobs in other directories use the same store; a SQLite store is prepared
+    for concurrent writers (`prepare_sqlite_store`)."""
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
-        return f"{SQLITE_PREFIX}{Path.cwd().resolve() / 'mlflow.db'}"
-    if uri.startswith(SQLITE_PREFIX):
-        return f"{SQLITE_PREFIX}{Path(uri.removeprefix(SQLITE_PREFIX)).resolve()}"
-    if "://" not in uri and not uri.startswith(("databricks", "file:")):
+        uri = f"{SQLITE_PREFIX}{Path.cwd().resolve() / 'mlflow.db'}"
+    elif uri.startswith(SQLITE_PREFIX):
+        uri = f"{SQLITE_PREFIX}{Path(uri.removeprefix(SQLITE_PREFIX)).resolve()}"
+    elif "://" not in uri and not uri.startswith(("databricks", "file:")):
         return str(Path(uri).resolve())
+    if uri.startswith(SQLITE_PREFIX):
+        prepare_sqlite_store(uri)
     return uri
+
+
+def prepare_sqlite_store(uri: str) -> None:
+    """Create (or open) the SQLite store at `uri` and switch it to write-ahead logging, holding
+    an exclusive lock on `<database>.lock` meanwhile (module docstring). Idempotent."""
+    database = Path(uri.removeprefix(SQLITE_PREFIX).split("?")[0])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(f"{database.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)  # MLflow creates or checks its tables
+            with contextlib.closing(sqlite3.connect(database, timeout=60)) as connection:
+                mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    if mode.lower() != "wal":  # a file system without shared memory (network mounts) refuses it
+        log.warning("%s: SQLite kept journal mode %s (no write-ahead log); concurrent runs may wait on each other",
+                    database, mode)
 
 
 def ensure_experiment(name: str, tracking_uri: str) -> str:
@@ -59,7 +94,13 @@ def ensure_experiment(name: str, tracking_uri: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=_artifact_location(tracking_uri, name))
+    try:
+        return client.create_experiment(name, artifact_location=_artifact_location(tracking_uri, name))
+    except MlflowException:  # "already exists": created meanwhile by a concurrent job
+        created = client.get_experiment_by_name(name)
+        if created is None:
+            raise
+        return created.experiment_id
 
 
 def _artifact_location(tracking_uri: str, name: str) -> str | None:
