@@ -12,13 +12,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from http_wait import wait_for_http
 from pipeline.common.services import free_port
 
 VENV_BIN = Path(sys.executable).parent
@@ -60,7 +59,7 @@ def ray_head(num_cpus: int = 2, extra_env: dict[str, str] | None = None) -> Iter
         head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dashboard}"
     try:
-        _wait_for_dashboard(url, head, log_path)
+        wait_for_http(f"{url}/api/version", head, log_path, START_TIMEOUT_S)
         yield RayHead(url, env)
     finally:
         try:
@@ -69,18 +68,3 @@ def ray_head(num_cpus: int = 2, extra_env: dict[str, str] | None = None) -> Iter
             pass
         head.wait()
         shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def _wait_for_dashboard(url: str, head: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if head.poll() is not None:
-            raise RuntimeError(f"ray start exited with {head.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            urllib.request.urlopen(f"{url}/api/version", timeout=2)
-            return
-        except urllib.error.HTTPError:  # it answers (401 without the token): it is up
-            return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(f"Ray dashboard at {url} not up after {START_TIMEOUT_S} s")

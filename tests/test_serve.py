@@ -28,6 +28,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from http_wait import wait_for_http
 from pipeline.common.inference import InferenceOptions
 from pipeline.common.nifti import from_bytes
 from pipeline.common.services import LOOPBACK, free_port
@@ -83,7 +84,7 @@ def served(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
         cwd=workdir, env=env, stdout=(root / "server.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://{LOOPBACK}:{port}"
     try:
-        _wait_until_up(url, server, root / "server.log")
+        wait_for_http(f"{url}/ping", server, root / "server.log", START_TIMEOUT_S)
         log.info("venv and server up: %.0f s", time.monotonic() - started)
         yield url
     finally:
@@ -93,21 +94,6 @@ def served(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
-
-
-def _wait_until_up(url: str, server: subprocess.Popen, server_log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise AssertionError(f"mlflow models serve exited {server.returncode}:\n{server_log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(1)
-    raise AssertionError(f"mlflow models serve not up after {START_TIMEOUT_S} s:\n{server_log.read_text()[-4000:]}")
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:
