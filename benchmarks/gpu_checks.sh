@@ -15,6 +15,6 @@ for preset in tiny uniseg-paper; do
     "$PYTHON" benchmarks/train_step.py --gpu --model-only --preset "$preset" --steps 30 \
         --out "$OUT/train_step_$preset.json" 2>&1 | tee -a "$OUT/train_step.log" || status=1
 done
-"$PYTHON" benchmarks/inference.py --device cuda --implementations ours monai --paper-scan 128 320 320 \
+"$PYTHON" benchmarks/inference.py --device cuda --implementations ours --paper-scan 128 320 320 \
     --tiny-scan 128 320 320 --threads 4 --json "$OUT/inference.json" 2>&1 | tee "$OUT/inference.log" || status=1
 exit $status
