@@ -122,6 +122,7 @@ class TrainConfig:
     mixed_task_batches: bool = False
     foreground_fraction: NonNegativeFloat = 0.33
     augmentation: Literal["nnunet", "none"] = "nnunet"
+    augment_on: Literal["loader", "device"] = "loader"  # where augmentation runs: loader workers, or the training device
     validate_every: PositiveInt = 50
     checkpoint_every: PositiveInt = 50
     loader_workers: NonNegativeInt = 2

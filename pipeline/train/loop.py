@@ -36,7 +36,7 @@ from pipeline.common.store import StoreManifest, TaskStore
 from pipeline.train import finetune
 from pipeline.train.build import model_card, network_spec, open_stores, task_median_shapes, task_specs
 from pipeline.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
-from pipeline.train.data import Batch, BatchStream, make_loader, open_store
+from pipeline.train.data import Batch, BatchStream, augment_batch, make_loader, open_store
 from pipeline.train.optim import build_optimizer, set_learning_rate
 from pipeline.train.sampling import TaskSampler, build_sampler
 from pipeline.train.step import train_step
@@ -117,7 +117,7 @@ def batch_loader(parts: Parts) -> DataLoader:
         parts.sampler, list(cfg.data.stores), [m.num_classes for m in parts.manifests], parts.spec.patch_size,
         cfg.train.epochs, start_epoch=parts.sampler.epoch, start_batch=parts.sampler.position,
         foreground_fraction=cfg.train.foreground_fraction, augmentation=cfg.train.augmentation,
-        opener=functools.partial(open_store, fold=cfg.data.fold),
+        augment_on=cfg.train.augment_on, opener=functools.partial(open_store, fold=cfg.data.fold),
     )
     return make_loader(stream, cfg.train.loader_workers, pin_memory=parts.device.type == "cuda")
 
@@ -235,6 +235,8 @@ def train_epoch(model: nn.Module, batches: Iterator[Batch], parts: Parts, epoch:
         waited = time.perf_counter()
         batch = next(batches)
         data_seconds += time.perf_counter() - waited
+        if cfg.train.augment_on == "device":
+            batch = augment_batch(batch, parts.device)
         loss_sum += train_step(model, batch, parts.optimizer, parts.scaler, parts.device, parts.amp,
                                cfg.train.loss, cfg.train.grad_clip)
         parts.sampler.advance()
