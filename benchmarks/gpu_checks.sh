@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check in one run, for a machine with CUDA (README "GPU"): the `gpu` tests, the model
-# step of the tiny and paper presets (precision settings beside fp32, the reference's epoch time
-# and memory), the sliding window, the loader per core, and the whole job (store, Ray Train with
+# step of the tiny preset (fp16) and of the paper preset in every step setting (fp32, fp16, bf16,
+# bf16 + channels-last, + torch.compile: samples/s, memory, MFU, loss beside fp32's; the
+# reference's epoch time and memory), the sliding window, the loader per core, and the whole job (store, Ray Train with
 # CPU and GPU augmentation, predict). Results and logs go to $OUT (default gpu-results/).
 #
 # Usage, from the repository root:
@@ -48,10 +49,10 @@ if ! "$PYTHON" -c "import ray, mlflow, monai, zarr" 2>/dev/null; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 "$PYTHON" -m pytest -m gpu -v -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/pytest_gpu.log" || status=1
-for preset in tiny uniseg-paper; do
-    "$PYTHON" benchmarks/train_step.py --gpu --model-only --preset "$preset" --steps 30 \
-        --out "$OUT/train_step_$preset.json" 2>&1 | tee -a "$OUT/train_step.log" || status=1
-done
+"$PYTHON" benchmarks/train_step.py --gpu --model-only --preset tiny --steps 30 --settings fp16 \
+    --out "$OUT/train_step_tiny.json" 2>&1 | tee -a "$OUT/train_step.log" || status=1
+"$PYTHON" benchmarks/train_step.py --gpu --model-only --preset uniseg-paper --steps 30 \
+    --out "$OUT/train_step_uniseg-paper.json" 2>&1 | tee -a "$OUT/train_step.log" || status=1
 "$PYTHON" benchmarks/inference.py --device cuda --implementations ours --paper-scan 128 320 320 \
     --tiny-scan 128 320 320 --threads 4 --json "$OUT/inference.json" 2>&1 | tee "$OUT/inference.log" || status=1
 "$PYTHON" -m benchmarks.loader --without-nnunet --augment-on-device --batches 10 --patches 64,192,192 \

@@ -24,6 +24,7 @@ from pipeline.datasets.synthetic import SyntheticTask, write_task
 from pipeline.ingest.run import run as ingest
 from pipeline.train.build import network_spec, task_specs
 from pipeline.train.data import BatchStream
+from pipeline.train.execution import FP32
 from pipeline.train.loop import RunContext, batch_loader, build_parts, train_epoch
 from pipeline.train.optim import build_optimizer, set_learning_rate
 from pipeline.train.sampling import build_sampler
@@ -56,7 +57,7 @@ def train_and_validate(store: TaskStore, seed: int) -> float:
     torch.manual_seed(seed)
     cfg = config_from_dict({
         "name": "learn", "data": {"stores": [store.uri]}, "model": {"preset": "tiny", "patch_size": list(PATCH)},
-        "train": {"epochs": EPOCHS, "iterations_per_epoch": ITERATIONS, "seed": seed, "amp": False}})
+        "train": {"epochs": EPOCHS, "iterations_per_epoch": ITERATIONS, "seed": seed, "precision": "fp32"}})
     manifest = store.manifest
     spec = network_spec(cfg.model, [manifest])
     network = build_network(spec, task_specs([manifest]))
@@ -69,7 +70,7 @@ def train_and_validate(store: TaskStore, seed: int) -> float:
         set_learning_rate(optimizer, cfg.train, epoch)
         network.train()
         for _ in range(ITERATIONS):
-            train_step(network, next(batches), optimizer, scaler, torch.device("cpu"), False, "dice_ce", 12.0)
+            train_step(network, next(batches), optimizer, scaler, torch.device("cpu"), FP32, "dice_ce", 12.0)
     network.eval()
     task = ValidationTask(0, manifest.task_name, manifest.labels, tuple(store.case_ids("validation")))
     return validate(network, [task], lambda _, case: store.read_case(case), spec.patch_size)["dice/mean"]

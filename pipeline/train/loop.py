@@ -37,6 +37,7 @@ from pipeline.train import finetune
 from pipeline.train.build import model_card, network_spec, open_stores, task_median_shapes, task_specs
 from pipeline.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from pipeline.train.data import Batch, BatchStream, augment_batch, make_loader, open_store
+from pipeline.train.execution import Execution, Precision, find_unused_parameters, prepare_network
 from pipeline.train.optim import build_optimizer, set_learning_rate
 from pipeline.train.sampling import TaskSampler, build_sampler
 from pipeline.train.step import train_step
@@ -79,18 +80,23 @@ class Parts:
     scaler: torch.amp.GradScaler
     sampler: TaskSampler
     device: torch.device
-    amp: bool
+    execution: Execution  # precision, memory layout, compilation, DDP's unused-parameter search
 
     @property
     def manifests(self) -> list[StoreManifest]:
         return [s.manifest for s in self.stores]
 
+    @property
+    def amp(self) -> Precision:
+        """The step's mixed precision (autocast dtype and loss scaling; fp32: none)."""
+        return self.execution.precision
+
 
 def build_parts(cfg: ExperimentConfig, rank: int, device: torch.device) -> Parts:
-    """Stores, network, optimizer, AMP scaler and this rank's task sampler."""
+    """Stores, network (set up for the step, `execution.prepare_network`), optimizer, AMP scaler
+    and this rank's task sampler."""
     torch.manual_seed(cfg.train.seed + rank)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed patch shapes: let cuDNN pick (nnU-Net does)
-    amp = cfg.train.amp and device.type == "cuda"
     stores = open_stores(cfg.data.stores, fold=cfg.data.fold, allow_incomplete=cfg.data.allow_incomplete_stores)
     manifests = [s.manifest for s in stores]
     if cfg.finetune.pretrained:
@@ -99,6 +105,9 @@ def build_parts(cfg: ExperimentConfig, rank: int, device: torch.device) -> Parts
         spec = network_spec(cfg.model, manifests, task_median_shapes(stores) if cfg.model.preset is None else None)
         network = build_network(spec, task_specs(manifests))
     network = network.to(device)
+    execution = prepare_network(network, cfg.train, device, [m.num_channels for m in manifests], spec.strides)
+    if rank == 0:
+        log.info("%s", execution.summary(network))
     sampler = build_sampler(
         cfg.train.sampling, [len(s.case_ids("train")) for s in stores], batches=cfg.train.iterations_per_epoch,
         batch_size=cfg.train.batch_size, mixed=cfg.train.mixed_task_batches,
@@ -106,8 +115,7 @@ def build_parts(cfg: ExperimentConfig, rank: int, device: torch.device) -> Parts
     )
     optimizer = (finetune.build_finetune_optimizer(network, cfg.train, cfg.finetune) if cfg.finetune.pretrained
                  else build_optimizer(network.parameters(), cfg.train))
-    return Parts(cfg, stores, spec, network, optimizer,
-                 torch.amp.GradScaler(device.type, enabled=amp), sampler, device, amp)
+    return Parts(cfg, stores, spec, network, optimizer, execution.precision.scaler(device), sampler, device, execution)
 
 
 def batch_loader(parts: Parts) -> DataLoader:
@@ -178,10 +186,12 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
 
 def wrap_model(parts: Parts, epoch: int) -> nn.Module:
-    """The network ready for `epoch` (DDP over the parameters that train in it, when world > 1)."""
+    """The network ready for `epoch` (DDP over the parameters that train in it, when world > 1;
+    searching for unused ones only when some can get no gradient, `execution.find_unused_parameters`)."""
     if parts.cfg.finetune.pretrained:
         finetune.freeze_encoder(parts.network, parts.cfg.finetune, epoch)
-    return ray.train.torch.prepare_model(parts.network, parallel_strategy_kwargs={"find_unused_parameters": True})
+    unused = find_unused_parameters(parts.network, parts.execution.unreached)
+    return ray.train.torch.prepare_model(parts.network, parallel_strategy_kwargs={"find_unused_parameters": unused})
 
 
 def run_eta(elapsed_s: float, first_epoch: int, epoch: int, epochs: int) -> float:
@@ -195,7 +205,7 @@ def validate_epoch(model: nn.Module, parts: Parts, epoch: int, rank: int, world:
     tasks = [ValidationTask(i, s.manifest.task_name, s.manifest.labels, tuple(s.case_ids("validation")))
              for i, s in enumerate(parts.stores)]
     metrics = validate(unwrap(model), tasks, lambda task, case: parts.stores[task].read_case(case),
-                       parts.spec.patch_size, rank=rank, world_size=world, amp=parts.amp)
+                       parts.spec.patch_size, rank=rank, world_size=world, amp=parts.amp.autocast)
     if rank == 0:
         log.info("epoch %d validation: %s (%.1f s)", epoch + 1, format_summary(metrics), time.perf_counter() - started)
     return metrics
@@ -238,7 +248,7 @@ def train_epoch(model: nn.Module, batches: Iterator[Batch], parts: Parts, epoch:
         if cfg.train.augment_on == "device":
             batch = augment_batch(batch, parts.device)
         loss_sum += train_step(model, batch, parts.optimizer, parts.scaler, parts.device, parts.amp,
-                               cfg.train.loss, cfg.train.grad_clip)
+                               cfg.train.loss, cfg.train.grad_clip, parts.execution.memory_format)
         parts.sampler.advance()
         task_samples += torch.bincount(batch["task"], minlength=len(parts.stores))
         if rank == 0 and (i + 1) % cfg.train.log_every == 0 and i + 1 < total:
