@@ -13,23 +13,36 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import subprocess
+import sys
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
+import mlflow
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from model.presets import PRESETS
 from model.reference_layout import ReferenceLayoutError, describe_reference, from_reference, reference_key_map
+from model.transfer import transfer_to_single_task
 from model.universal import MASKED_LOGIT
+from pipeline.common.inference import InferenceOptions
+from pipeline.common.mlflow_model import load_model
 from pipeline.common.model_card import build_from_card, load_model_dir
+from pipeline.datasets.synthetic import SyntheticTask, write_task
+from pipeline.finetune.__main__ import main as finetune_main
 from pipeline.import_reference.__main__ import main
 from pipeline.import_reference.checkpoint import ReferenceCheckpointError, read_checkpoint
 from pipeline.import_reference.facts import FactsError
 from pipeline.import_reference.run import DEFAULT_FACTS, import_checkpoint
+from pipeline.predict.io import PredictError
+from pipeline.predict.run import PredictOptions
+from pipeline.predict.run import run as predict
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reference"
 SMALL = FIXTURES / "small" / "model_final_checkpoint.model"
@@ -252,11 +265,7 @@ def test_facts_come_from_plans_where_the_plans_hold_them(tmp_path: Path) -> None
     assert sources["tasks.1.target_spacing"] == sources["tasks.8.normalization.0"] == str(facts)
 
 
-def test_register_logs_the_imported_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference_io) -> None:
-    import mlflow
-
-    from pipeline.common.mlflow_model import load_model
-
+def test_registered_import_predicts_with_reference_task_ids(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference_io) -> None:
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert main([str(SMALL), "-o", str(tmp_path / "model"), "--register", "uniseg-reference", "--alias", "upstream",
@@ -271,3 +280,62 @@ def test_register_logs_the_imported_model(tmp_path: Path, monkeypatch: pytest.Mo
     facts = mlflow.artifacts.load_text(f"{mlflow.search_runs(experiment_names=['uniseg']).artifact_uri[0]}"
                                        "/import/facts.txt")
     assert "patch_size = [32, 64, 64]  [plans]" in facts
+
+    # predict from the registry with the reference's task ids (`-task_id 7`, `-task_id -1 -modality CT`)
+    scan = tmp_path / "scan_0000.nii.gz"
+    image = np.random.default_rng(0).normal(0.0, 300.0, (40, 36, 12)).astype(np.float32)
+    nib.save(nib.Nifti1Image(image, np.diag([1.5, 1.5, 3.0, 1.0])), scan)
+    options = dict(model="models:/uniseg-reference@upstream", input=scan, inference=InferenceOptions(mirror_axes=()),
+                   tracking_uri=uri)
+    predict(PredictOptions(task="7", output=tmp_path / "by_id", **options))
+    predict(PredictOptions(task="vertebrae", output=tmp_path / "by_name", **options))
+    by_id = nib.load(tmp_path / "by_id" / "scan_0000.nii.gz")
+    assert by_id.shape == image.shape and np.allclose(by_id.affine, np.diag([1.5, 1.5, 3.0, 1.0]))
+    np.testing.assert_array_equal(np.asarray(by_id.dataobj),
+                                  np.asarray(nib.load(tmp_path / "by_name" / "scan_0000.nii.gz").dataobj))
+    assert json.loads((tmp_path / "by_id" / "scan_0000.json").read_text())["tasks"] == ["vertebrae"]
+    predict(PredictOptions(task="all", modalities=("CT",), output=tmp_path / "all", **options))
+    sidecar = json.loads((tmp_path / "all" / "scan_0000.json").read_text())
+    assert sidecar["tasks"] == ["liver", "kidney", "hepatic_vessel", "pancreas", "colon", "lung", "spleen", "vertebrae"]
+    # the reference's merged label ids for its CT tasks (predict.py's couple_id) are the same numbers
+    assert [sidecar["labels"][str(i)] for i in (1, 2, 3, 9, 11, 12)] == [
+        "liver/liver", "liver/liver_tumor", "kidney/kidney", "colon/colon_tumor", "spleen/spleen", "vertebrae/vertebrae"]
+    with pytest.raises(PredictError, match="--task 11: unknown task id; this model knows 0=liver"):
+        predict(PredictOptions(task="11", output=tmp_path / "none", **options))
+
+
+def test_imported_model_transfers_to_a_new_task(imported) -> None:
+    """The reference's downstream recipe on the imported weights: encoder-decoder loaded, the first
+    upsampling adapted (no prompt channel), heads re-initialised, prompt, FUSE and the other stems dropped."""
+    network, card = imported
+    target, report = transfer_to_single_task(network.state_dict(), card.spec, in_channels=1, num_classes=3)
+    assert report.adapted == ("decoder.upsample.0.weight",)
+    assert set(report.reinitialised) == {n for n in target.state_dict() if n.startswith("heads.")}
+    assert {"prompt", "fuse.0.conv.weight", "encoder.stems.2.weight", "encoder.stems.4.weight"} <= set(report.dropped)
+    assert torch.equal(target.state_dict()["encoder.stems.1.weight"], network.state_dict()["encoder.stems.1.weight"])
+
+
+@pytest.mark.slow
+def test_finetune_from_the_imported_model(tmp_path: Path) -> None:
+    """`pipeline.finetune --pretrained MODEL_DIR` on a new task, from the imported reference model."""
+    new = SyntheticTask("Task05_RefSpleen", ("CT",), ("background", "spleen"), spacing=(1.5, 1.5, 3.0),
+                        shape=(32, 32, 16), num_cases=4)
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pipeline.ingest", "--out", str(tmp_path / "stores"), "--num-workers", "1",
+                    "--source", str(write_task(tmp_path / "raw", new))], check=True, capture_output=True, cwd=root)
+    assert main([str(SMALL), "-o", str(tmp_path / "imported")]) == 0
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "recipe",
+        "train": {"epochs": 1, "iterations_per_epoch": 2, "batch_size": 2, "validate_every": 1,
+                  "checkpoint_every": 1, "loader_workers": 0, "amp": False},
+        "ray": {"num_workers": 1, "cpus_per_worker": 1, "storage_path": str(tmp_path / "ray")},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "import-tests"}}))
+    code = finetune_main(["--pretrained", str(tmp_path / "imported"), "--store",
+                          str(tmp_path / "stores" / f"{new.name}.zarr"), "--config", str(config),
+                          "--name", "spleen", "--register", "ref-spleen"])
+    assert code == 0
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tuned, card = load_model("models:/ref-spleen/1")
+    assert card.spec.architecture == "plain" and card.spec.decoder_kernels == "nnunet-v1"
+    assert [t.name for t in card.tasks] == [new.name] and card.metadata["pretrained"] == str(tmp_path / "imported")
