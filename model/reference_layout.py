@@ -195,6 +195,12 @@ def to_reference(state: Mapping[str, torch.Tensor], spec: NetworkSpec) -> dict[s
     return out
 
 
-def stem_channels(state: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
-    """The input channel counts a state dict of ours has a first conv for."""
-    return tuple(sorted(int(k.split(".")[2]) for k in state if k.startswith("encoder.stems.") and k.endswith(".weight")))
+def drop_unused_stems(state: Mapping[str, torch.Tensor], used: Sequence[int]) -> tuple[dict[str, torch.Tensor],
+                                                                                       list[str]]:
+    """A reference state dict without the first convs for channel counts not in `used` (the
+    reference's trainer builds all of 1, 2 and 4 whatever its tasks), and the names dropped."""
+    state = strip_data_parallel(state)
+    unused = {f"conv_blocks_context.0.blocks.0.conv_{c}.{p}" for c in REFERENCE_STEMS if c not in used
+              for p in ("weight", "bias")}
+    dropped = sorted(unused & set(state))
+    return {k: v for k, v in state.items() if k not in unused}, dropped

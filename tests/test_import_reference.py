@@ -17,6 +17,7 @@ import subprocess
 import sys
 import zipfile
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -33,12 +34,14 @@ from model.transfer import transfer_to_single_task
 from model.universal import MASKED_LOGIT
 from pipeline.common.inference import InferenceOptions
 from pipeline.common.mlflow_model import load_model
-from pipeline.common.model_card import build_from_card, load_model_dir
+from pipeline.common.model_card import ModelCard, build_from_card, load_model_dir
 from pipeline.datasets.synthetic import SyntheticTask, write_task
 from pipeline.finetune.__main__ import main as finetune_main
 from pipeline.import_reference.__main__ import main
 from pipeline.import_reference.checkpoint import ReferenceCheckpointError, read_checkpoint
 from pipeline.import_reference.facts import FactsError
+from pipeline.import_reference.export import export
+from pipeline.import_reference.export import main as export_main
 from pipeline.import_reference.run import DEFAULT_FACTS, import_checkpoint
 from pipeline.predict.io import PredictError
 from pipeline.predict.run import PredictOptions
@@ -233,13 +236,27 @@ def test_facts_that_do_not_fit_the_checkpoint_are_named(tmp_path: Path) -> None:
     ten = _facts(tmp_path, lines.replace("  - {name: colon, reference_name: colo", "  - {name: colon, x: 1"))
     with pytest.raises(FactsError, match=r"facts\.yaml: tasks\.4\.x: Extra inputs"):
         import_checkpoint(SMALL, ten)
-    no_brats = _facts(tmp_path, lines.replace("modalities: [MR, MR, MR, MR]", "modalities: [MR]"))
-    with pytest.raises(FactsError, match="none takes 4 channel"):
-        import_checkpoint(SMALL, no_brats)
+    three = _facts(tmp_path, lines.replace("modalities: [MR, MR, MR, MR]", "modalities: [MR, MR, MR]"))
+    with pytest.raises(FactsError, match=r"tasks\.9\.modalities: 3 channel\(s\), but the checkpoint has first "
+                                         r"convolutions for 1, 2, 4 channel\(s\) only"):
+        import_checkpoint(SMALL, three)
     short = "\n".join(line for line in lines.splitlines() if "autopet" not in line and "lesion" not in line)
     with pytest.raises(FactsError, match="10 given, but the checkpoint's prompt has 11"):
         import_checkpoint(SMALL, _facts(tmp_path, short))
     assert main([str(SMALL), "-o", str(tmp_path / "o"), "--facts", str(tmp_path / "facts.yaml")]) == 2
+
+
+def test_a_first_convolution_no_task_takes_is_dropped_and_said(tmp_path: Path, caplog) -> None:
+    """The reference's trainer builds first convs for 1, 2 and 4 channels whatever its tasks; a model
+    trained on 1-channel tasks only imports without the two it never trained."""
+    lines = DEFAULT_FACTS.read_text()
+    one_channel = _facts(tmp_path, lines.replace("modalities: [MR, MR, MR, MR]", "modalities: [MR]").replace(
+        "modalities: [CT, PET]", "modalities: [PET]"))
+    network, card, _ = import_checkpoint(SMALL, one_channel)
+    assert card.metadata["dropped"] == [f"conv_blocks_context.0.blocks.0.conv_{c}.{p}" for c in (2, 4)
+                                        for p in ("bias", "weight")]
+    assert "no task in" in caplog.text and "takes 2, 4 channel(s)" in caplog.text
+    assert set(network.encoder.stems) == {"1"}
 
 
 def test_facts_come_from_plans_where_the_plans_hold_them(tmp_path: Path) -> None:
@@ -339,3 +356,43 @@ def test_finetune_from_the_imported_model(tmp_path: Path) -> None:
     tuned, card = load_model("models:/ref-spleen/1")
     assert card.spec.architecture == "plain" and card.spec.decoder_kernels == "nnunet-v1"
     assert [t.name for t in card.tasks] == [new.name] and card.metadata["pretrained"] == str(tmp_path / "imported")
+
+
+def test_export_then_import_gives_the_same_network(imported, reference_io, tmp_path: Path) -> None:
+    """import(export(model)): the same card tasks and spec, identical weights and outputs."""
+    network, card = imported
+    path = export(network, card, tmp_path / "exported")
+    assert path.name == "model_final_checkpoint.model" and (tmp_path / "exported" / "facts.yaml").is_file()
+    again, card_again, _ = import_checkpoint(path, tmp_path / "exported" / "facts.yaml")
+    assert card_again.tasks == card.tasks and card_again.spec == card.spec
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in network.state_dict().items())
+    for case in CASES:
+        x = reference_io[case["input"]]
+        with torch.no_grad():
+            ours, back = network(x, case["task_id"]), again(x, case["task_id"])
+        assert all(torch.equal(a, b) for a, b in zip(ours, back))
+
+
+def test_export_of_the_paper_network_has_the_reference_layout(tmp_path: Path) -> None:
+    """The uniseg-paper preset exports to exactly the reference network's tensor names and shapes,
+    as recorded from its code, and imports back."""
+    recorded = json.loads((FIXTURES / "uniseg_paper_keys.json").read_text())
+    _, card, _ = import_checkpoint(_write_reference_checkpoint(
+        tmp_path / "ref.model", {k: torch.zeros(s) for k, s in recorded["state_dict"].items()}, _paper_plans()))
+    torch.manual_seed(0)
+    network = build_from_card(card)
+    path = export(network, card, tmp_path / "exported")
+    saved = torch.load(path, weights_only=True)["state_dict"]
+    assert {k: list(v.shape) for k, v in saved.items()} == recorded["state_dict"]
+    again, _, _ = import_checkpoint(path, tmp_path / "exported" / "facts.yaml")
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in network.state_dict().items())
+
+
+def test_export_refuses_what_the_reference_cannot_build(imported, tmp_path: Path) -> None:
+    tiny = ModelCard(spec=PRESETS["tiny"], tasks=imported[1].tasks)
+    with pytest.raises(ReferenceLayoutError, match="decoder_kernels 'nnunet-v2'"):
+        export(build_from_card(tiny), tiny, tmp_path / "x")
+    wide = replace(tiny, spec=PRESETS["tiny"].replace(decoder_kernels="nnunet-v1", features=(8, 16, 32, 64, 96)))
+    with pytest.raises(ReferenceLayoutError, match=r"features \(8, 16, 32, 64, 96\): the reference doubles"):
+        export(build_from_card(wide), wide, tmp_path / "x")
+    assert export_main(["--model", str(tmp_path / "absent"), "-o", str(tmp_path / "x")]) == 2

@@ -111,11 +111,14 @@ def read_checkpoint(path: str | Path) -> ReferenceCheckpoint:
 
 
 def write_checkpoint(path: str | Path, state_dict: Mapping[str, torch.Tensor], plans: Mapping[str, Any],
-                     epoch: int = 0, trainer: str = "UniSeg_Trainer") -> Path:
+                     epoch: int = 0, trainer: str = "UniSeg_Trainer", init_folder: str | Path | None = None) -> Path:
     """Write `path` (`*.model`) and `path`.pkl as nnU-Net v1 writes them, with what the reference's
     inference reads: the state dict, the epoch, empty curves, and the plans with the trainer's
-    name. No optimizer state (the reference's loader accepts None for it)."""
+    name and constructor arguments (its output and dataset folder: `init_folder`, default the
+    checkpoint's; the reference's trainer writes a copy of its code there). No optimizer state
+    (the reference's loader accepts None for it)."""
     path = Path(path)
+    folder = str(Path(init_folder or path.parent).resolve())
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({
         "epoch": epoch,
@@ -125,7 +128,10 @@ def write_checkpoint(path: str | Path, state_dict: Mapping[str, torch.Tensor], p
         "plot_stuff": ([], [], [], []),
         "best_stuff": (0, 0.0, 0.0),
     }, path)
-    info = OrderedDict(init=(None, 0, None, None, True, None, True, True, True), name=trainer,
+    # nnUNetTrainer's init: plans_file, fold, output_folder, dataset_directory, batch_dice, stage,
+    # unpack_data, deterministic, fp16
+    init = (str(Path(folder) / "plans.pkl"), 0, folder, folder, True, None, True, True, True)
+    info = OrderedDict(init=init, name=trainer,
                        **{"class": f"<class 'nnunet.training.network_training.{trainer}.{trainer}'>"},
                        plans=dict(plans))
     plans_path(path).write_bytes(pickle.dumps(info, protocol=pickle.HIGHEST_PROTOCOL))

@@ -51,22 +51,26 @@ class _Task(BaseModel):
     labels: dict[int, str]
     modalities: list[str] = Field(min_length=1)
     target_spacing: tuple[float, float, float] | None = None
+    normalization: list[_Normalization] | None = None  # one per channel; else by modality (plans, then the table)
+    image_order: int = Field(default=3, ge=0, le=5)
     reference_name: str | None = None
 
 
 class _Facts(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tasks: list[_Task] = Field(min_length=1)
-    normalization: dict[str, _Normalization]
+    normalization: dict[str, _Normalization] = {}
 
 
 @dataclass(frozen=True)
 class Facts:
-    """The facts file, validated: tasks in the reference's task-id order, normalisation per modality."""
+    """The facts file, validated: tasks in the reference's task-id order, normalisation per modality
+    and, where a task gives its own, per task and channel."""
 
     path: Path
     tasks: tuple[_Task, ...]
     normalization: dict[str, ChannelNormalization]
+    task_normalization: dict[int, tuple[ChannelNormalization, ...]]
 
 
 @dataclass(frozen=True)
@@ -90,14 +94,24 @@ def load_facts(path: str | Path) -> Facts:
         raise FactsError("\n".join(f"{path}: {'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
                                    for e in err.errors(include_url=False))) from None
     problems = []
+    task_norms: dict[int, tuple[ChannelNormalization, ...]] = {}
     for i, task in enumerate(parsed.tasks):
         if sorted(task.labels) != list(range(len(task.labels))) or len(task.labels) < 2:
             problems.append(f"{path}: tasks.{i}.labels: need ids 0..n-1 (background 0 and at least one class), "
                             f"got {sorted(task.labels)}")
+        if task.normalization is not None:
+            if len(task.normalization) != len(task.modalities):
+                problems.append(f"{path}: tasks.{i}.normalization: {len(task.normalization)} given for "
+                                f"{len(task.modalities)} channel(s)")
+            try:
+                task_norms[i] = tuple(_channel_normalization(n) for n in task.normalization)
+            except ValueError as err:
+                problems.append(f"{path}: tasks.{i}.normalization: {err}")
+            continue
         unknown = sorted({m for m in task.modalities if m not in parsed.normalization})
         if unknown:
             problems.append(f"{path}: tasks.{i}.modalities: {', '.join(unknown)} not in normalization "
-                            f"(it has {', '.join(parsed.normalization)})")
+                            f"(it has {', '.join(parsed.normalization) or 'none'}), and the task gives none")
     names = [t.name for t in parsed.tasks]
     problems += [f"{path}: tasks: name {n!r} given twice" for n in sorted({n for n in names if names.count(n) > 1})]
     norms = {}
@@ -108,7 +122,7 @@ def load_facts(path: str | Path) -> Facts:
             problems.append(f"{path}: normalization.{modality}: {err}")
     if problems:
         raise FactsError("\n".join(problems))
-    return Facts(path=path, tasks=tuple(parsed.tasks), normalization=norms)
+    return Facts(path=path, tasks=tuple(parsed.tasks), normalization=norms, task_normalization=task_norms)
 
 
 def _channel_normalization(raw: _Normalization) -> ChannelNormalization:
@@ -139,10 +153,6 @@ def build_card(network: ReferenceNetwork, plans: Mapping[str, Any], stage_plans:
         if len(task.modalities) not in network.stems:
             problems.append(f"{source}: tasks.{i}.modalities: {len(task.modalities)} channel(s), but the checkpoint "
                             f"has first convolutions for {', '.join(map(str, network.stems))} channel(s) only")
-    unused = sorted(set(network.stems) - {len(t.modalities) for t in facts.tasks})
-    if unused:
-        problems.append(f"{source}: tasks: none takes {', '.join(map(str, unused))} channel(s), but the checkpoint "
-                        "has a first convolution for that: every tensor must have a place (add the task)")
     if problems:
         raise FactsError("\n".join(problems))
 
@@ -158,10 +168,13 @@ def build_card(network: ReferenceNetwork, plans: Mapping[str, Any], stage_plans:
             spacing, spacing_source = plan_spacing, PLANS
         else:
             raise FactsError(f"{source}: tasks.{i}.target_spacing: not given, and the plans have no current_spacing")
-        norms, norm_sources = zip(*(_normalization(c, m, plans, facts) for c, m in enumerate(task.modalities)))
+        if i in facts.task_normalization:
+            norms, norm_sources = facts.task_normalization[i], (source,) * len(task.modalities)
+        else:
+            norms, norm_sources = zip(*(_normalization(c, m, plans, facts) for c, m in enumerate(task.modalities)))
         tasks.append(TaskCard(name=task.name, labels=dict(task.labels), modalities=tuple(task.modalities),
                               target_spacing=spacing,  # type: ignore[arg-type]
-                              normalization=tuple(n.to_dict() for n in norms)))
+                              normalization=tuple(n.to_dict() for n in norms), image_order=task.image_order))
         facts_out += [
             Fact(f"tasks.{i}.name, labels, modalities", f"{task.name}: {len(task.labels)} classes, "
                  f"{', '.join(task.modalities)}", source),

@@ -3,7 +3,9 @@
 Steps: read the two nnU-Net v1 files without running their code (checkpoint.py); read our
 network spec off the tensor shapes and the plans' patch size (model/reference_layout.py) and
 check it against the plans' kernels and poolings; build the card from the facts file
-(facts.py); rename every tensor into our network and load it with strict=True; write the model
+(facts.py); rename every tensor into our network and load it with strict=True (a first
+convolution for a channel count no task takes, which the reference's trainer builds regardless
+and never trains, is dropped with a warning and listed in the card's metadata); write the model
 folder; with a registered name, log it to MLflow as any trained model is logged.
 """
 
@@ -19,7 +21,13 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from model.reference_layout import ReferenceLayoutError, ReferenceNetwork, describe_reference, from_reference
+from model.reference_layout import (
+    ReferenceLayoutError,
+    ReferenceNetwork,
+    describe_reference,
+    drop_unused_stems,
+    from_reference,
+)
 from pipeline.common.mlflow_model import log_model
 from pipeline.common.model_card import ModelCard, build_from_card, save_model_dir
 from pipeline.common.tracking import check_tracking_server, ensure_experiment, resolve_tracking_uri
@@ -50,11 +58,18 @@ def import_checkpoint(checkpoint: str | Path, facts_file: str | Path = DEFAULT_F
     facts = load_facts(facts_file)
     metadata = {"source": SOURCE, "checkpoint": str(ref.path), "sha256": _sha256(ref.path),
                 "trainer": ref.trainer, "epochs_trained": ref.epoch, "patch_size": list(network_facts.spec.patch_size)}
+    used = tuple(sorted({len(t.modalities) for t in facts.tasks}))
+    state, dropped = drop_unused_stems(ref.state_dict, used)
+    if dropped:
+        metadata["dropped"] = dropped
+        log.warning("%s: no task in %s takes %s channel(s): dropped the checkpoint's first convolution(s) for that "
+                    "(%s)", ref.path, facts.path, ", ".join(str(c) for c in network_facts.stems if c not in used),
+                    ", ".join(dropped))
     card, card_facts = build_card(network_facts, ref.plans, ref.stage_plans, facts, metadata)
     network = build_from_card(card)
-    network.load_state_dict(from_reference(ref.state_dict, card.spec, network_facts.stems), strict=True)
-    log.info("%s: %d tensors mapped, none left over (strict load); not read: %s", ref.path, len(ref.state_dict),
-             ", ".join(ref.other_entries) or "nothing")
+    network.load_state_dict(from_reference(state, card.spec, used), strict=True)
+    log.info("%s: %d tensors mapped, %d dropped, none left over (strict load); not read: %s", ref.path, len(state),
+             len(dropped), ", ".join(ref.other_entries) or "nothing")
     return network.eval(), card, card_facts
 
 
