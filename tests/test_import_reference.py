@@ -184,15 +184,20 @@ def test_a_checkpoint_written_under_numpy_1_loads(tmp_path: Path) -> None:
     assert "plot_stuff" in loaded.other_entries
 
 
-def test_a_checkpoint_that_asks_for_code_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+class _RunsCode:
+    """Pickles as a call of os.system that would create `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_asks_for_code_is_refused(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
-
-    class Payload:
-        def __reduce__(self):
-            return os.system, (f"touch {marker}",)
-
     path = tmp_path / "evil.model"
-    torch.save({"state_dict": {}, "x": Payload()}, path)
+    torch.save({"state_dict": {}, "x": _RunsCode(marker)}, path)
     path.with_name("evil.model.pkl").write_bytes(pickle.dumps({"plans": {"plans_per_stage": {0: {}}}}))
     with pytest.raises(ReferenceCheckpointError, match=r"evil\.model: refused to load posix\.system \("):
         read_checkpoint(path)
@@ -202,14 +207,9 @@ def test_a_checkpoint_that_asks_for_code_is_refused(tmp_path: Path, capsys: pyte
 
 def test_a_plans_pickle_that_asks_for_code_is_refused(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
-
-    class Payload:
-        def __reduce__(self):
-            return os.system, (f"touch {marker}",)
-
     path = tmp_path / "m.model"
     path.write_bytes(SMALL.read_bytes())
-    path.with_name("m.model.pkl").write_bytes(pickle.dumps({"plans": Payload()}))
+    path.with_name("m.model.pkl").write_bytes(pickle.dumps({"plans": _RunsCode(marker)}))
     assert main([str(path), "-o", str(tmp_path / "out")]) == 2
     assert not marker.exists()
 
