@@ -124,9 +124,15 @@ def describe_reference(shapes: Mapping[str, Sequence[int]], patch_size: Sequence
     head width and stems all come from the shapes; the patch only sets our spec's patch (and so
     whether the prompt needs an explicit size)."""
     shapes = {k.removeprefix(DATA_PARALLEL_PREFIX): tuple(v) for k, v in shapes.items()}
+    upsamplings = [int(k.split(".")[1]) for k in shapes if k.startswith("tu.")]
+    if not upsamplings:
+        raise ReferenceLayoutError("not a UniSeg reference state dict (no tu.* upsampling tensors)")
+    stems = tuple(c for c in REFERENCE_STEMS if f"conv_blocks_context.0.blocks.0.conv_{c}.weight" in shapes)
+    if not stems:
+        raise ReferenceLayoutError("not a UniSeg reference state dict (no first convolution "
+                                   "conv_blocks_context.0.blocks.0.conv_{1,2,4})")
+    pools = 1 + max(upsamplings)
     try:
-        pools = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("tu."))
-        stems = tuple(c for c in REFERENCE_STEMS if f"conv_blocks_context.0.blocks.0.conv_{c}.weight" in shapes)
         stem = shapes[f"conv_blocks_context.0.blocks.0.conv_{stems[0]}.weight"]
         encoder = [stem] + [shapes[f"conv_blocks_context.{d}.blocks.0.conv.weight"] for d in range(1, pools)]
         encoder.append(shapes[f"conv_blocks_context.{pools}.0.blocks.0.conv.weight"])
@@ -135,7 +141,7 @@ def describe_reference(shapes: Mapping[str, Sequence[int]], patch_size: Sequence
         fuse = shapes["fusion_layer.blocks.0.conv.weight"]
         heads = shapes["seg_outputs.0.weight"]
         decoder = [shapes[f"conv_blocks_localization.{u}.0.blocks.0.conv.weight"] for u in range(pools)]
-    except (KeyError, ValueError, IndexError) as err:
+    except KeyError as err:
         raise ReferenceLayoutError(f"not a UniSeg reference state dict (no {err})") from None
     kernels = tuple(tuple(int(k) for k in w[2:]) for w in encoder)
     for u, w in enumerate(decoder):

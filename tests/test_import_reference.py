@@ -157,6 +157,14 @@ def test_left_over_and_missing_tensors_are_named() -> None:
         from_reference(state, PRESETS["tiny"].replace(decoder_kernels="nnunet-v2"))
 
 
+def test_a_state_dict_that_is_not_the_references_is_named() -> None:
+    with pytest.raises(ReferenceLayoutError, match=r"no tu\.\* upsampling tensors"):
+        describe_reference({"encoder.stems.1.weight": (2, 1, 1, 3, 3)}, (32, 64, 64))
+    recorded = json.loads((FIXTURES / "uniseg_paper_keys.json").read_text())["state_dict"]
+    with pytest.raises(ReferenceLayoutError, match="no 'intermedia_prompt'"):
+        describe_reference({k: v for k, v in recorded.items() if k != "intermedia_prompt"}, (64, 192, 192))
+
+
 def test_data_parallel_prefix_is_dropped() -> None:
     recorded = json.loads((FIXTURES / "uniseg_paper_keys.json").read_text())
     state = {f"module.{k}": torch.zeros(1) for k in recorded["state_dict"]}
