@@ -11,7 +11,6 @@ full-size reference network.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import subprocess
 import sys
@@ -46,6 +45,7 @@ from pipeline.import_reference.run import DEFAULT_FACTS, import_checkpoint
 from pipeline.predict.io import PredictError
 from pipeline.predict.run import PredictOptions
 from pipeline.predict.run import run as predict
+from test_restricted_pickle import _Payload as RunsCode  # pickles as os.system("touch MARKER")
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reference"
 SMALL = FIXTURES / "small" / "model_final_checkpoint.model"
@@ -192,20 +192,10 @@ def test_a_checkpoint_written_under_numpy_1_loads(tmp_path: Path) -> None:
     assert "plot_stuff" in loaded.other_entries
 
 
-class _RunsCode:
-    """Pickles as a call of os.system that would create `marker`."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self) -> tuple:
-        return os.system, (f"touch {self.marker}",)
-
-
 def test_a_checkpoint_that_asks_for_code_is_refused(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     path = tmp_path / "evil.model"
-    torch.save({"state_dict": {}, "x": _RunsCode(marker)}, path)
+    torch.save({"state_dict": {}, "x": RunsCode(marker)}, path)
     path.with_name("evil.model.pkl").write_bytes(pickle.dumps({"plans": {"plans_per_stage": {0: {}}}}))
     with pytest.raises(ReferenceCheckpointError, match=r"evil\.model: refused to load posix\.system \("):
         read_checkpoint(path)
@@ -217,7 +207,7 @@ def test_a_plans_pickle_that_asks_for_code_is_refused(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     path = tmp_path / "m.model"
     path.write_bytes(SMALL.read_bytes())
-    path.with_name("m.model.pkl").write_bytes(pickle.dumps({"plans": _RunsCode(marker)}))
+    path.with_name("m.model.pkl").write_bytes(pickle.dumps({"plans": RunsCode(marker)}))
     assert main([str(path), "-o", str(tmp_path / "out")]) == 2
     assert not marker.exists()
 
