@@ -96,7 +96,7 @@ def test_device_augmentation_runs_through_the_loop(store: TaskStore) -> None:
         cfg = config_from_dict({
             "name": "device-augment", "data": {"stores": [store.uri]},
             "model": {"preset": "tiny", "patch_size": list(PATCH)},
-            "train": {"epochs": 1, "iterations_per_epoch": 2, "amp": False, "loader_workers": 0,
+            "train": {"epochs": 1, "iterations_per_epoch": 2, "precision": "fp32", "loader_workers": 0,
                       "augment_on": "device"}})
         parts = build_parts(cfg, 0, torch.device("cpu"))
         stats = train_epoch(parts.network, iter(batch_loader(parts)), parts, 0, RunContext(), rank=0)
