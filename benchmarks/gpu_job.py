@@ -77,7 +77,7 @@ def epoch_figures(tracking_uri: str, run_id: str, iterations: int) -> dict[str, 
         "seconds_per_iteration": seconds_per_iteration,
         "samples_per_s": last["train/samples_per_s"],
         "data_wait_fraction": last["train/data_wait_fraction"],
-        "gpu_memory_gib": last.get("train/gpu_memory_gib", float("nan")),
+        "gpu_memory_gib": last.get("rank0/gpu_memory_gib", float("nan")),
         "epoch_of_550_s": 550 * seconds_per_iteration,
         "iterations": iterations,
     }

@@ -265,7 +265,8 @@ def epoch_metrics(stats: EpochStats, lr: float, world: int,
     All ranks, the same on every rank: `train/loss` and `train/data_wait_fraction` averaged over
     ranks, `train/samples_per_s` and `samples/<task>` summed, `train/iterations_per_s` the job's
     step rate (ranks step together), `train/world_size`, `train/lr`. This rank's own:
-    `rank/loss`, `rank/data_wait_fraction`, `rank/samples_per_s` (MLflow: `rank<r>/...`).
+    `rank/loss`, `rank/data_wait_fraction`, `rank/samples_per_s`, on CUDA `rank/gpu_memory_gib`
+    (the peak allocated so far) (MLflow: `rank<r>/...`).
     """
     samples = stats.task_samples.double()
     local = torch.cat([torch.tensor([stats.loss, stats.data_seconds / stats.seconds,
@@ -286,6 +287,8 @@ def epoch_metrics(stats: EpochStats, lr: float, world: int,
     } | {f"samples/{metric_name(name)}": float(n) for name, n in zip(task_names, values[3:])}
     own = {"rank/loss": float(local[0]), "rank/data_wait_fraction": float(local[1]),
            "rank/samples_per_s": float(local[2])}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        own["rank/gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return everyone, own
 
 
