@@ -1,4 +1,4 @@
-"""Sliding-window inference of one scan: ours next to MONAI's and nnU-Net v2's, same network.
+"""Sliding-window inference of one scan: ours next to nnU-Net v2's, same network.
 
 Run by hand. nnU-Net lives in its own venv (a different torch); set it up once:
 
@@ -11,10 +11,10 @@ then `python benchmarks/inference.py [--presets tiny uniseg-paper] [--tta off on
 One randomly initialised UniSeg (seed 0; one task, 3 classes, 1 channel) per preset and one
 random scan (seed 1; `--tiny-scan` / `--paper-scan` voxels, z y x) go through:
 
-- ours: `pipeline.common.inference.predict_probabilities` (nnU-Net tiling, gaussian blend of
-  softmax, mirroring per window batch, stitching on the CPU);
-- MONAI: `monai.inferers.sliding_window_inference`, gaussian mode, with a predictor that does
-  the same per-window mirroring and softmax, stitching on the CPU;
+- ours: `pipeline.common.inference.predict_probabilities` (MONAI's `sliding_window_inference`,
+  gaussian blend of softmax, mirroring per window batch, stitching on the CPU; until issue 20
+  ours had its own nnU-Net-style tiler, level with MONAI's: x0.91-1.03 on CPU, x1.02-1.06 on an
+  H200, so MONAI's replaced it);
 - nnU-Net v2: `nnUNetPredictor.predict_sliding_window_return_logits` (its tiling, gaussian
   blend of logits in float16, mirroring per window; one window per forward pass; stitching on
   the device), the network wrapped to return the task's logits.
@@ -54,7 +54,7 @@ from model.tasks import TaskSpec  # noqa: E402
 log = logging.getLogger("benchmarks.inference")
 NUM_CLASSES = 3
 OVERLAP = 0.5
-IMPLEMENTATIONS = ("ours", "monai", "nnunet")
+IMPLEMENTATIONS = ("ours", "nnunet")
 PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
 Predict = Callable[[torch.Tensor], torch.Tensor]
 
@@ -70,35 +70,11 @@ class TaskLogits(nn.Module):
         return self.network(x, 0)[0][:, :NUM_CLASSES]
 
 
-def _mirrored_softmax(network: TaskLogits, mirror: bool, device: torch.device) -> Predict:
-    """A window predictor for MONAI: softmax averaged over the mirrorings, as ours does."""
-    flips = [c for r in range(4) for c in itertools.combinations((2, 3, 4), r)] if mirror else [()]
-
-    def predict(windows: torch.Tensor) -> torch.Tensor:
-        total = 0
-        for dims in flips:
-            with torch.autocast(device.type, enabled=device.type == "cuda"):
-                logits = network(torch.flip(windows, dims) if dims else windows)
-            total = total + torch.flip(torch.softmax(logits.float(), 1), dims)
-        return total / len(flips)
-
-    return predict
-
-
 def _ours(network: TaskLogits, patch: tuple[int, ...], mirror: bool, batch: int, device: torch.device) -> Predict:
     from pipeline.common.inference import InferenceOptions, predict_probabilities
 
     options = InferenceOptions(overlap=OVERLAP, mirror_axes=(0, 1, 2) if mirror else (), window_batch_size=batch)
     return lambda image: predict_probabilities(network.network, image, 0, NUM_CLASSES, patch, options)
-
-
-def _monai(network: TaskLogits, patch: tuple[int, ...], mirror: bool, batch: int, device: torch.device) -> Predict:
-    from monai.inferers import sliding_window_inference
-
-    predictor = _mirrored_softmax(network, mirror, device)
-    return lambda image: sliding_window_inference(
-        image[None], patch, batch, predictor, overlap=OVERLAP, mode="gaussian", sw_device=device, device="cpu"
-    )[0]
 
 
 def _nnunet(network: TaskLogits, patch: tuple[int, ...], mirror: bool, batch: int, device: torch.device) -> Predict:
@@ -113,7 +89,7 @@ def _nnunet(network: TaskLogits, patch: tuple[int, ...], mirror: bool, batch: in
     return predictor.predict_sliding_window_return_logits
 
 
-BUILDERS = {"ours": _ours, "monai": _monai, "nnunet": _nnunet}
+BUILDERS = {"ours": _ours, "nnunet": _nnunet}
 
 
 class PeakMemory:
@@ -218,7 +194,7 @@ def _print_table(rows: list[Row], scans: dict[str, tuple[int, ...]], args: argpa
     for (preset, tta), group in itertools.groupby(rows, key=lambda r: (r.preset, r.tta)):
         by_name = {r.implementation: r for r in group}
         ours = by_name.get("ours")
-        for peer in (p for p in ("monai", "nnunet") if p in by_name and ours):
+        for peer in (p for p in ("nnunet",) if p in by_name and ours):
             other = by_name[peer]
             print(f"{preset:<14}TTA {'on ' if tta else 'off'} vs {peer:<7}"
                   f" wall x{ours.voxels_per_s / other.voxels_per_s:.2f},"

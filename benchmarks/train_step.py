@@ -3,9 +3,14 @@
 Run by hand: `python benchmarks/train_step.py [--stores S.zarr ...] [--patch 32 64 64] [--steps 30]`.
 Without `--stores`, the four default synthetic tasks are generated and ingested into a temporary
 folder first. On a GPU: `python benchmarks/train_step.py --gpu --model-only --preset uniseg-paper`
-times the model step alone (AMP, a random batch of the 11 reference tasks, no stores, no Ray) and
-sets the epoch time (550 iterations) and peak GPU memory beside the reference's 210 s and 10 GB.
-Printed (and written as JSON with `--out`):
+times the model step alone (a random batch of one of the 11 reference tasks, no stores, no Ray) in
+each step setting (`--settings`: fp32, fp16, bf16, bf16 + channels-last, bf16 + channels-last +
+torch.compile), each from the same seed on the same batch: samples/s, the epoch time (550
+iterations) beside the reference's 210 s, peak GPU memory beside its 10 GB, model FLOP
+utilisation (the step's forward + backward FLOPs, counted once by torch's FlopCounterMode, per
+second over the device's dense bf16 peak, `PEAK_BF16_TFLOPS` or `--peak-tflops`), and the loss
+after all steps next to fp32's. On the CPU only fp32 runs (`--steps 3 --preset tiny` checks the
+code). Printed (and written as JSON with `--out`):
 
 - loader only: batches/s of the training BatchStream (store reads + nnU-Net augmentation) with
   0 and `--loader-workers` background workers, in this process;
@@ -21,9 +26,11 @@ Every worker gets `--cpus-per-worker` CPUs and that many torch threads, as in tr
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -38,6 +45,8 @@ from model.presets import REFERENCE_TASKS, build_network, preset_spec
 from pipeline.common.config import ExperimentConfig, TrainConfig, config_from_dict, to_dict
 from pipeline.common.logs import setup_logging
 from pipeline.train.data import Batch, collate
+from pipeline.train.execution import Precision, prepare_network
+from pipeline.train.loss import deep_supervision_loss
 from pipeline.train.optim import build_optimizer
 from pipeline.train.step import train_step
 
@@ -45,6 +54,25 @@ log = logging.getLogger("benchmarks.train_step")
 
 # UNISEG.md: the reference trains 550 iterations per epoch in about 210 s and 10 GB on one GPU.
 REFERENCE_EPOCH = {"iterations": 550, "seconds": 210.0, "gpu_gib": 10.0}
+
+MODEL_WARMUP = 2  # untimed steps before --model-only's timed ones (a compilation happens in them)
+
+# Step settings of --model-only: name -> train.precision, train.channels_last, train.compile.
+SETTINGS: dict[str, tuple[str, bool, bool]] = {
+    "fp32": ("fp32", False, False),
+    "fp16": ("fp16", False, False),
+    "bf16": ("bf16", False, False),
+    "bf16-cl": ("bf16", True, False),
+    "bf16-cl-compile": ("bf16", True, True),
+}
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from NVIDIA's data sheets, by a pattern of
+# torch.cuda.get_device_name(). H100/H200 PCIe and NVL parts run lower clocks: give --peak-tflops.
+PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    (r"\bH(100|200)\b(?!.*(PCIe|NVL))", 989.0),  # SXM
+    (r"\bA100\b", 312.0),
+    (r"\bL4\b", 121.0),
+)
 
 
 def synthetic_stores(folder: Path) -> list[str]:
@@ -65,7 +93,7 @@ def make_config(args: argparse.Namespace, stores: list[str], workers: int, stora
         "model": {"preset": args.preset, "architecture": args.architecture,
                   "patch_size": list(args.patch) if args.patch else None},
         "train": {"epochs": 1, "iterations_per_epoch": args.warmup + args.steps, "batch_size": args.batch_size,
-                  "loader_workers": args.loader_workers, "amp": True},
+                  "loader_workers": args.loader_workers, "precision": "auto"},
         "ray": {"num_workers": workers, "use_gpu": args.gpu, "cpus_per_worker": args.cpus_per_worker,
                 "storage_path": storage},
     })
@@ -98,20 +126,24 @@ def model_only(cfg: ExperimentConfig, steps: int, device: torch.device) -> float
 
     parts = build_parts(cfg, 0, device)
     batch = next(iter(batch_loader(parts)))
-    return timed_steps(parts.network, batch, parts.optimizer, parts.scaler, device, parts.amp, steps)
+    return timed_steps(parts.network, batch, parts.optimizer, parts.scaler, device, parts.amp, steps,
+                       parts.execution.memory_format)[0]
 
 
 def timed_steps(network: torch.nn.Module, batch: Batch, optimizer: torch.optim.Optimizer,
-                scaler: torch.amp.GradScaler, device: torch.device, amp: bool, steps: int) -> float:
-    """Steps/s of `steps` training steps on one cached batch, after two warm-up steps."""
-    for _ in range(2):
-        train_step(network, batch, optimizer, scaler, device, amp, "dice_ce", 12.0)
-    _sync(device)
+                scaler: torch.amp.GradScaler, device: torch.device, amp: Precision, steps: int,
+                layout: torch.memory_format = torch.preserve_format, warmup: int = 2) -> tuple[float, float, float]:
+    """(steps/s, warm-up seconds, last loss) of `steps` training steps on one cached batch, timed
+    after `warmup` steps (they hold a compilation, if any)."""
     started = time.perf_counter()
-    for _ in range(steps):
-        train_step(network, batch, optimizer, scaler, device, amp, "dice_ce", 12.0)
+    for _ in range(warmup):
+        train_step(network, batch, optimizer, scaler, device, amp, "dice_ce", 12.0, layout)
     _sync(device)
-    return steps / (time.perf_counter() - started)
+    warmed = time.perf_counter()
+    for _ in range(steps):
+        loss = train_step(network, batch, optimizer, scaler, device, amp, "dice_ce", 12.0, layout)
+    _sync(device)
+    return steps / (time.perf_counter() - warmed), warmed - started, loss.item()
 
 
 def reference_batch(patch: tuple[int, ...], batch_size: int, task: int = 0) -> Batch:
@@ -129,39 +161,99 @@ def reference_batch(patch: tuple[int, ...], batch_size: int, task: int = 0) -> B
     return collate(images, labels, [task] * batch_size, [t.num_classes for t in REFERENCE_TASKS])
 
 
-def model_only_synthetic(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """The model step alone on a random reference-task batch: samples/s and peak GPU memory."""
-    torch.backends.cudnn.benchmark = device.type == "cuda"
-    spec = preset_spec(args.preset, patch_size=args.patch, architecture=args.architecture)
+def step_flops(network: torch.nn.Module, batch: Batch, device: torch.device) -> float:
+    """FLOPs of one step's forward and backward (convolutions and matrix products, as torch's
+    FlopCounterMode counts them; the optimizer's elementwise update is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    image, label = batch["image"].to(device), batch["label"].to(device)
+    num_classes, task = batch["num_classes"].to(device), batch["task"].to(device)
+    with FlopCounterMode(display=False) as counter:
+        deep_supervision_loss(network(image, batch["task"]), label, num_classes, task).backward()
+    network.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def peak_tflops(device_name: str, override: float | None) -> float | None:
+    """The device's dense bf16 peak (`--peak-tflops` first); None when unknown."""
+    if override:
+        return override
+    return next((peak for pattern, peak in PEAK_BF16_TFLOPS if re.search(pattern, device_name)), None)
+
+
+def run_setting(name: str, args: argparse.Namespace, spec: Any, batch: Batch, device: torch.device) -> dict[str, Any]:
+    """One step setting from a fresh network (seed `--seed`), set up as training sets it up."""
+    precision, channels_last, compiled = SETTINGS[name]
+    torch.manual_seed(args.seed)
     network = build_network(spec, REFERENCE_TASKS).to(device)
-    optimizer = build_optimizer(network.parameters(), TrainConfig())
-    amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    train = TrainConfig(precision=precision, channels_last=channels_last, compile=compiled)
+    execution = prepare_network(network, train, device, [t.in_channels for t in REFERENCE_TASKS], spec.strides)
+    optimizer = build_optimizer(network.parameters(), train)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    steps_per_s = timed_steps(network, reference_batch(spec.patch_size, args.batch_size), optimizer, scaler,
-                              device, amp, args.steps)
+    steps_per_s, warmup_s, loss = timed_steps(network, batch, optimizer, execution.precision.scaler(device), device,
+                                              execution.precision, args.steps, execution.memory_format, MODEL_WARMUP)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    del network, optimizer
+    if compiled:
+        torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"setting": name, "precision": execution.precision.name, "channels_last": channels_last,
+            "compile": compiled, "steps_per_s": steps_per_s, "samples_per_s": steps_per_s * args.batch_size,
+            "epoch_seconds": REFERENCE_EPOCH["iterations"] / steps_per_s, "peak_gpu_gib": peak,
+            "warmup_seconds": warmup_s, "loss": loss}
+
+
+def model_only_synthetic(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The model step alone on a random reference-task batch, in each of `--settings`."""
+    settings = args.settings or (list(SETTINGS) if device.type == "cuda" else ["fp32"])
+    if device.type != "cuda" and settings != ["fp32"]:
+        raise SystemExit(f"--settings {' '.join(settings)}: off a GPU the step trains in float32 only (--gpu)")
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    spec = preset_spec(args.preset, patch_size=args.patch, architecture=args.architecture)
+    batch = reference_batch(spec.patch_size, args.batch_size)
+    torch.manual_seed(args.seed)
+    flops = step_flops(build_network(spec, REFERENCE_TASKS).to(device), batch, device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = peak_tflops(name, args.peak_tflops)
+    rows = []
+    for setting in settings:
+        try:
+            rows.append(run_setting(setting, args, spec, batch, device))
+        except ValueError as err:  # bf16 on a GPU without it
+            log.warning("%s skipped: %s", setting, err)
+    for row in rows:
+        row["tflops_per_s"] = flops * row["steps_per_s"] / 1e12
+        row["mfu"] = row["tflops_per_s"] / peak if peak else float("nan")
     return {"preset": args.preset, "architecture": args.architecture, "patch": "x".join(map(str, spec.patch_size)),
-            "batch_size": args.batch_size, "amp": amp, "steps_per_s": steps_per_s,
-            "samples_per_s": steps_per_s * args.batch_size, "peak_gpu_gib": peak,
-            "epoch_seconds": REFERENCE_EPOCH["iterations"] / steps_per_s,
-            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
+            "batch_size": args.batch_size, "steps": args.steps, "warmup_steps": MODEL_WARMUP, "seed": args.seed,
+            "step_tflop": flops / 1e12, "peak_bf16_tflops": peak, "device": name, "torch": torch.__version__,
+            "cudnn_tf32": torch.backends.cudnn.allow_tf32, "settings": rows}
 
 
 def model_only_report(r: dict[str, Any]) -> str:
     ref = REFERENCE_EPOCH
-    return "\n".join([
-        f"{r['preset']} {r['architecture']}, patch {r['patch']}, batch {r['batch_size']}, AMP {r['amp']}, "
-        f"{r['device']}, torch {r['torch']} (model step alone, random batch, no loader)",
+    peak = f"dense bf16 peak {r['peak_bf16_tflops']:.0f} TFLOP/s" if r["peak_bf16_tflops"] else \
+        "peak unknown (--peak-tflops)"
+    fp32 = next((row["loss"] for row in r["settings"] if row["setting"] == "fp32"), float("nan"))
+    lines = [
+        f"{r['preset']} {r['architecture']}, patch {r['patch']}, batch {r['batch_size']}, {r['device']} ({peak}), "
+        f"torch {r['torch']}: model step alone, one random batch, no loader, {r['warmup_steps']} warm-up + "
+        f"{r['steps']} timed steps per setting, each from seed {r['seed']}",
+        f"forward + backward: {r['step_tflop']:.3f} TFLOP per step (FlopCounterMode); MFU = TFLOP/s / peak; "
+        f"reference: {ref['seconds']:.0f} s per epoch of {ref['iterations']} it, {ref['gpu_gib']:.0f} GB",
         "",
-        "                     ours   reference   ours/reference",
-        f"samples/s       {r['samples_per_s']:>9.2f}",
-        f"epoch of {ref['iterations']} it  {r['epoch_seconds']:>8.1f}s  {ref['seconds']:>9.0f}s   "
-        f"{r['epoch_seconds'] / ref['seconds']:>5.2f}",
-        f"peak GPU memory {r['peak_gpu_gib']:>8.2f}G  {ref['gpu_gib']:>9.0f}G   "
-        f"{r['peak_gpu_gib'] / ref['gpu_gib']:>5.2f}",
-    ])
+        f"setting          samples/s  epoch of {ref['iterations']} it  peak GPU GiB  TFLOP/s    MFU  warm-up s  "
+        f"loss after {r['warmup_steps'] + r['steps']}  fp32's",
+    ]
+    for row in r["settings"]:
+        lines.append(
+            f"{row['setting']:<16} {row['samples_per_s']:>9.2f}  {row['epoch_seconds']:>13.1f}s  "
+            f"{row['peak_gpu_gib']:>12.2f}  {row['tflops_per_s']:>7.3g}  {100 * row['mfu']:>4.1f}%  "
+            f"{row['warmup_seconds']:>9.1f}  {row['loss']:>13.4f}  {fp32:>6.4f}")
+    return "\n".join(lines)
 
 
 def bench_worker(config: dict[str, Any]) -> None:
@@ -170,14 +262,14 @@ def bench_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch.distributed as dist
 
-    from pipeline.train.loop import Parts, batch_loader, build_parts
+    from pipeline.train.loop import Parts, batch_loader, build_parts, wrap_model
 
     cfg = config_from_dict(config["experiment"])
     warmup, steps = config["warmup"], config["steps"]
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     context = ray.train.get_context()
     parts: Parts = build_parts(cfg, context.get_world_rank(), ray.train.torch.get_device())
-    model = ray.train.torch.prepare_model(parts.network, parallel_strategy_kwargs={"find_unused_parameters": True})
+    model = wrap_model(parts, 0)
     batches = iter(batch_loader(parts))
     waited = 0.0
     for i in range(warmup + steps):
@@ -187,7 +279,8 @@ def bench_worker(config: dict[str, Any]) -> None:
         before = time.perf_counter()
         batch = next(batches)
         waited += time.perf_counter() - before
-        train_step(model, batch, parts.optimizer, parts.scaler, parts.device, parts.amp, "dice_ce", 12.0)
+        train_step(model, batch, parts.optimizer, parts.scaler, parts.device, parts.amp, "dice_ce", 12.0,
+                   parts.execution.memory_format)
     _sync(parts.device)
     seconds = time.perf_counter() - started
     del batches  # ends the loader processes so their peak memory is counted
@@ -253,8 +346,12 @@ def main() -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL")
     p.add_argument("--model-only", action="store_true",
-                   help="time the model step alone on a random batch (no stores, no Ray); with --gpu, "
-                        "beside the reference's epoch time and memory")
+                   help="time the model step alone on a random batch (no stores, no Ray) in each of --settings; "
+                        "with --gpu, beside the reference's epoch time and memory")
+    p.add_argument("--settings", nargs="+", choices=list(SETTINGS),
+                   help="step settings of --model-only (default: all on a GPU, fp32 on the CPU)")
+    p.add_argument("--seed", type=int, default=0, help="network seed of every --model-only setting")
+    p.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, TFLOP/s (default: a table)")
     p.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = p.parse_args()
     setup_logging()

@@ -226,7 +226,7 @@ def elastic_config(folder: Path, stores: list[str], tracking_uri: str, name: str
         "data": {"stores": stores},
         "model": {"preset": "tiny", "patch_size": [16, 32, 32]},
         "train": {"epochs": epochs, "iterations_per_epoch": 4, "batch_size": 2, "validate_every": epochs,
-                  "checkpoint_every": 1, "loader_workers": 0, "amp": False, "log_every": 4},
+                  "checkpoint_every": 1, "loader_workers": 0, "precision": "fp32", "log_every": 4},
         "ray": {"num_workers": [1, 2], "cpus_per_worker": 1, "resources_per_worker": {"trainer": 1},
                 "storage_path": f"s3://{BUCKET}/ray", "max_failures": 4, "elastic_resize_interval_s": 2},
         "mlflow": {"tracking_uri": tracking_uri, "experiment": "cluster-sim", "registered_model": f"{name}-model"},

@@ -13,7 +13,7 @@ def _write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name != "import_reference.yaml"))
 def test_shipped_configs_load(name: str) -> None:
     cfg = load_config(CONFIGS / name, overrides=["data.stores=[]"])
     assert cfg.train.epochs > 0

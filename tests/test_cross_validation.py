@@ -57,7 +57,7 @@ def _config(root: Path, store: str, tracking_uri: str | None = None) -> Path:
         "data": {"stores": [store]},
         "model": {"preset": "tiny", "patch_size": [16, 32, 32]},
         "train": {"epochs": 2, "iterations_per_epoch": 4, "batch_size": 2, "validate_every": 2,
-                  "checkpoint_every": 1, "loader_workers": 0, "amp": False, "log_every": 4},
+                  "checkpoint_every": 1, "loader_workers": 0, "precision": "fp32", "log_every": 4},
         # 3 folds x 1 worker x 0.5 CPU: all three fit at once on 2 cores
         "ray": {"num_workers": 1, "cpus_per_worker": 0.5, "storage_path": str(root / "ray"), "max_failures": 1},
         "mlflow": {"tracking_uri": tracking_uri, "experiment": "cv-tests", "registered_model": "cv-ensemble"},

@@ -34,7 +34,7 @@ def _config(work: Path, stores: list[str], tracking_uri: str) -> Path:
         "data": {"stores": stores},
         "model": {"preset": "tiny", "patch_size": [16, 32, 32]},
         "train": {"epochs": 2, "iterations_per_epoch": 4, "validate_every": 2, "checkpoint_every": 1,
-                  "loader_workers": 0, "amp": False},
+                  "loader_workers": 0, "precision": "fp32"},
         "ray": {"num_workers": 2, "cpus_per_worker": 1, "storage_path": str(work / "ray")},
         "mlflow": {"tracking_uri": tracking_uri, "experiment": "e2e", "registered_model": MODEL},
     }

@@ -104,7 +104,7 @@ def write_config(tmp: Path, stores: list[str], name: str, **train: object) -> Pa
         "data": {"stores": stores},
         "model": {"preset": "tiny", "patch_size": [16, 32, 32]},
         "train": {"epochs": 2, "iterations_per_epoch": 3, "batch_size": 2, "validate_every": 1,
-                  "checkpoint_every": 1, "loader_workers": 0, "amp": False, **train},
+                  "checkpoint_every": 1, "loader_workers": 0, "precision": "fp32", **train},
         "ray": {"num_workers": 1, "cpus_per_worker": 1, "storage_path": str(tmp / "ray")},
         "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "finetune-tests",
                    "registered_model": "ft-universal"},

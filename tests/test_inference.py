@@ -11,8 +11,6 @@ from pipeline.common.inference import (
     predict_probabilities,
     predict_scan,
     segment,
-    window_slices,
-    window_starts,
 )
 from pipeline.common.model_card import ModelCard, TaskCard, build_from_card
 
@@ -55,16 +53,6 @@ def test_bad_options() -> None:
         InferenceOptions(window_batch_size=0)
 
 
-@pytest.mark.parametrize(
-    "size, patch, overlap", [(30, 16, 0.5), (16, 16, 0.5), (100, 32, 0.0), (37, 8, 0.75), (9, 16, 0.5)]
-)
-def test_window_starts_cover_the_axis_evenly(size: int, patch: int, overlap: float) -> None:
-    starts = window_starts(size, patch, overlap)
-    assert starts[0] == 0 and starts[-1] == max(0, size - patch)
-    steps = np.diff(starts)
-    assert len(steps) == 0 or (steps.max() <= patch * (1 - overlap) and steps.max() - steps.min() <= 1)
-
-
 class ConvNet(nn.Module):
     """A 3x3x3 convolution: window borders matter, so blending must be done right."""
 
@@ -77,13 +65,14 @@ class ConvNet(nn.Module):
         return [self.conv(x)]
 
 
-def test_matches_monai_sliding_window_when_the_tilings_agree() -> None:
-    """32 voxels, patch 16, overlap 0.5: both tile at 0, 8, 16; the same gaussian weighting."""
+def test_gaussian_blend_of_a_convolution_matches_monai_called_directly() -> None:
+    """Our predictor (softmax, task id, class crop) through MONAI's tiler and nnU-Net's sigma."""
     network = ConvNet().eval()
-    image = torch.randn(1, 32, 32, 32, generator=torch.Generator().manual_seed(1))
-    ours = predict_probabilities(network, image, 0, 3, (16, 16, 16), InferenceOptions(window_batch_size=4))
+    image = torch.randn(1, 30, 37, 21, generator=torch.Generator().manual_seed(1))
+    ours = predict_probabilities(network, image, 0, 2, (16, 16, 16), InferenceOptions(window_batch_size=4))
     theirs = sliding_window_inference(
-        image[None], (16, 16, 16), 4, lambda x: torch.softmax(network(x, 0)[0], 1), overlap=0.5, mode="gaussian"
+        image[None], (16, 16, 16), 4, lambda x: torch.softmax(network(x, 0)[0][:, :2], 1), overlap=0.5,
+        mode="gaussian", sigma_scale=0.125,
     )[0]
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
@@ -103,7 +92,7 @@ def test_network_only_sees_batches_of_windows() -> None:
     network = RecordingNet()
     options = InferenceOptions(window_batch_size=3, mirror_axes=(0, 2))
     predict_probabilities(network, torch.zeros(3, 40, 40, 40), 0, 3, (16, 16, 16), options)
-    windows = len(window_slices((40, 40, 40), (16, 16, 16), 0.5))
+    windows = 4**3  # per axis 0, 8, 16, 24 (40 voxels, patch 16, overlap 0.5)
     assert all(shape[0] <= 3 and shape[2:] == (16, 16, 16) for shape in network.shapes)
     assert sum(shape[0] for shape in network.shapes) == 4 * windows  # 4 mirrorings of every window
 

@@ -11,9 +11,11 @@ import torch
 
 from pipeline.train.augment import (
     Augmentation,
+    SampleDraw,
     SpatialRanges,
-    augment_intensity,
+    augment,
     contrast,
+    draw_intensity,
     draw_spatial,
     gamma,
     nnunet_augmentation,
@@ -75,8 +77,8 @@ class FakeStore:
 
 
 FAKES = {"ct": FakeStore(1, 3, 0), "mr": FakeStore(2, 2, 1), "brain": FakeStore(4, 4, 2)}
-ALWAYS_SPATIAL = Augmentation(SpatialRanges(math.pi / 6, False, p_rotation=1.0, p_scaling=1.0), False, ())
-NO_AUGMENTATION = Augmentation(None, False, ())
+ALWAYS_SPATIAL = Augmentation(SpatialRanges(math.pi / 6, False, p_rotation=1.0, p_scaling=1.0), (), ())
+NO_AUGMENTATION = Augmentation(None, (), ())
 
 
 def _stream(mixed: bool = False, augmentation: str = "none", **kwargs) -> BatchStream:
@@ -145,9 +147,16 @@ def test_unknown_augmentation_is_named() -> None:
 # --- sample, transform, crop geometry -------------------------------------------------------
 
 
+def _resample(volume: FakeStore, matrix: np.ndarray, centre, patch) -> tuple[np.ndarray, np.ndarray]:
+    """`resample_patch` of a whole fake volume, as numpy arrays."""
+    image, label = resample_patch(torch.from_numpy(volume.image), torch.from_numpy(volume.label), matrix, centre,
+                                  patch, range(volume.classes))
+    return image.numpy(), label.numpy()
+
+
 def test_identity_transform_is_the_plain_crop() -> None:
     volume = FAKES["brain"]
-    image, label = resample_patch(volume.image, volume.label, np.eye(3), (5.5, 21.5, 9.5), PATCH)
+    image, label = _resample(volume, np.eye(3), (5.5, 21.5, 9.5), PATCH)
     np.testing.assert_allclose(image, volume.image[:, 2:10, 14:30, 2:18], atol=1e-4)  # float32 grid
     np.testing.assert_array_equal(label, volume.label[2:10, 14:30, 2:18])
 
@@ -156,12 +165,12 @@ def test_quarter_turn_and_zoom_have_known_answers() -> None:
     """90 degrees in the (y, x) plane maps offset (z, y, x) to (z, -x, y); scale 2 doubles offsets."""
     volume = FAKES["ct"]
     centre, patch = np.array([8, 16, 16]), (5, 7, 7)
-    image, label = resample_patch(volume.image, volume.label, rotation_matrix((math.pi / 2, 0, 0)), centre, patch)
+    image, label = _resample(volume, rotation_matrix((math.pi / 2, 0, 0)), centre, patch)
     o = np.stack(np.meshgrid(*[np.arange(p) - p // 2 for p in patch], indexing="ij"))
     z, y, x = centre[0] + o[0], centre[1] - o[2], centre[2] + o[1]
     np.testing.assert_allclose(image[0], volume.image[0][z, y, x], atol=1e-4)
     np.testing.assert_array_equal(label, volume.label[z, y, x])
-    image, label = resample_patch(volume.image, volume.label, 2 * np.eye(3), centre, (3, 5, 5))
+    image, label = _resample(volume, 2 * np.eye(3), centre, (3, 5, 5))
     np.testing.assert_allclose(image[0], volume.image[0][6:11:2, 12:21:2, 12:21:2], atol=1e-4)
     np.testing.assert_array_equal(label, volume.label[6:11:2, 12:21:2, 12:21:2])
 
@@ -188,7 +197,7 @@ def test_sampled_patch_is_the_centre_crop_of_the_transformed_volume() -> None:
         reach = np.abs(matrix) @ ((np.array(PATCH) - 1) / 2)
         centre = np.clip(np.add(start, (np.array(PATCH) - 1) / 2), reach, np.array(volume.label.shape) - 1 - reach)
         assert (read["start"] == np.floor(centre - reach)).all()
-        whole_image, whole_label = resample_patch(volume.image, volume.label, matrix, centre, PATCH)
+        whole_image, whole_label = _resample(volume, matrix, centre, PATCH)
         np.testing.assert_allclose(image, whole_image, atol=1e-4)
         np.testing.assert_array_equal(label, whole_label)
 
@@ -206,7 +215,7 @@ def test_final_patches_hold_no_padded_zeros() -> None:
     for seed in range(60):
         image, _ = sample_patch(cases, np.random.default_rng(seed), PATCH, seed % 2 == 0, ALWAYS_SPATIAL)
         assert image.shape == (1, *PATCH)
-        assert image.min() >= 1.0 - 1e-5
+        assert image.min().item() >= 1.0 - 1e-5
 
 
 def test_forced_samples_hold_foreground_in_the_final_patch() -> None:
@@ -215,8 +224,10 @@ def test_forced_samples_hold_foreground_in_the_final_patch() -> None:
     volume = FakeStore(1, 2, 4, shape=(24, 48, 48))  # a 3 x 4 x 3 cube by the z = 0 face
     volume.label[20:24, 0:2, 46:48] = 1  # and 16 voxels in a corner
     cases = TrainingCases(volume)
-    forced = [sample_patch(cases, np.random.default_rng(s), PATCH, True, ALWAYS_SPATIAL)[1].any() for s in range(80)]
-    free = [sample_patch(cases, np.random.default_rng(s), PATCH, False, NO_AUGMENTATION)[1].any() for s in range(80)]
+    forced = [bool(sample_patch(cases, np.random.default_rng(s), PATCH, True, ALWAYS_SPATIAL)[1].any())
+              for s in range(80)]
+    free = [bool(sample_patch(cases, np.random.default_rng(s), PATCH, False, NO_AUGMENTATION)[1].any())
+            for s in range(80)]
     assert np.mean(forced) == 1.0
     assert np.mean(free) < 0.5
 
@@ -257,16 +268,21 @@ def test_anisotropic_patches_rotate_and_scale_in_plane_only() -> None:
 
 def test_intensity_transforms_keep_what_nnunet_keeps() -> None:
     rng = np.random.default_rng(0)
-    image = rng.normal(2.0, 3.0, size=(2, 8, 16, 16)).astype(np.float32)
-    kept = contrast(image.copy(), rng, False)
+    image = torch.from_numpy(rng.normal(2.0, 3.0, size=(2, 8, 16, 16)).astype(np.float32))
+    kept = contrast(image.clone(), (0.8, 1.25))
     assert kept.min() >= image.min() - 1e-5 and kept.max() <= image.max() + 1e-5
-    gammaed = gamma(image.copy(), rng, False)
-    assert not np.allclose(gammaed, image)
-    np.testing.assert_allclose(gammaed.mean(axis=(1, 2, 3)), image.mean(axis=(1, 2, 3)), rtol=1e-4)
-    np.testing.assert_allclose(gammaed.std(axis=(1, 2, 3)), image.std(axis=(1, 2, 3)), rtol=1e-3)
-    outputs = [augment_intensity(image.copy(), np.random.default_rng(s)) for s in range(40)]
-    assert all(o.shape == image.shape and o.dtype == np.float32 and np.isfinite(o).all() for o in outputs)
-    changed = np.mean([not np.array_equal(o, image) for o in outputs])
+    gammaed = gamma(image.clone(), (0.7, 1.5))
+    assert not torch.allclose(gammaed, image)
+    torch.testing.assert_close(gammaed.mean(dim=(1, 2, 3)), image.mean(dim=(1, 2, 3)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gammaed.std(dim=(1, 2, 3)), image.std(dim=(1, 2, 3)), rtol=1e-3, atol=1e-5)
+    augmentation = nnunet_augmentation(PATCH)
+    outputs = []
+    for s in range(40):
+        intensity = draw_intensity(np.random.default_rng(s), augmentation, 2)
+        draw = SampleDraw(None, (0.0, 0.0, 0.0), PATCH, (), intensity, ())
+        outputs.append(augment(image.clone(), torch.zeros(PATCH, dtype=torch.uint8), draw)[0])
+    assert all(o.shape == image.shape and o.dtype == torch.float32 and o.isfinite().all() for o in outputs)
+    changed = np.mean([not torch.equal(o, image) for o in outputs])
     # P(no transform) = 0.9 * 0.8 * 0.85 * 0.85 * 0.75 * 0.9 * 0.7 = 0.246
     assert 0.55 < changed < 0.95
 
@@ -276,8 +292,8 @@ def test_nnunet_samples_are_seeded_and_keep_labels_valid() -> None:
     augmentation = nnunet_augmentation(PATCH)
     outputs = [sample_patch(cases, np.random.default_rng(s), PATCH, True, augmentation) for s in range(12)]
     again = sample_patch(cases, np.random.default_rng(5), PATCH, True, augmentation)
-    np.testing.assert_array_equal(outputs[5][0], again[0])
+    assert torch.equal(outputs[5][0], again[0])
     for image, label in outputs:
-        assert image.shape == (4, *PATCH) and image.dtype == np.float32 and np.isfinite(image).all()
-        assert label.shape == PATCH and label.dtype == np.uint8
-        assert set(np.unique(label)) <= {0, 1, 2, 3}
+        assert image.shape == (4, *PATCH) and image.dtype == torch.float32 and image.isfinite().all()
+        assert label.shape == PATCH and label.dtype == torch.uint8
+        assert set(label.unique().tolist()) <= {0, 1, 2, 3}

@@ -84,7 +84,7 @@ def write_config(workdir: Path, stores: list[str], name: str, **sections: dict) 
         "data": {"stores": stores},
         "model": {"preset": "tiny", "patch_size": [16, 32, 32]},
         "train": {"epochs": 3, "iterations_per_epoch": 8, "batch_size": 2, "validate_every": 3,
-                  "checkpoint_every": 3, "loader_workers": 1, "amp": False, "log_every": 4},
+                  "checkpoint_every": 3, "loader_workers": 1, "precision": "fp32", "log_every": 4},
         "ray": {"num_workers": 2, "cpus_per_worker": 1, "storage_path": str(workdir / "ray"), "max_failures": 1},
         "mlflow": {"tracking_uri": f"sqlite:///{workdir / 'mlflow.db'}", "experiment": "train-tests",
                    "registered_model": f"{name}-model"},

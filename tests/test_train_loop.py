@@ -17,6 +17,7 @@ from pipeline.common.store import StoreManifest
 from pipeline.train.build import model_card, network_spec
 from pipeline.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from pipeline.train.data import collate
+from pipeline.train.execution import FP32
 from pipeline.train.optim import build_optimizer, set_learning_rate
 from pipeline.train.step import train_step
 
@@ -65,7 +66,7 @@ def test_mixed_task_batch_trains(architecture: str) -> None:
     optimizer = build_optimizer(network.parameters(), train)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     batch = _mixed_batch()
-    losses = [train_step(network, batch, optimizer, scaler, torch.device("cpu"), False, "dice_ce", 12.0).item()
+    losses = [train_step(network, batch, optimizer, scaler, torch.device("cpu"), FP32, "dice_ce", 12.0).item()
               for _ in range(8)]
     assert all(np.isfinite(losses))
     assert min(losses[-3:]) < losses[0]

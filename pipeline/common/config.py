@@ -122,10 +122,15 @@ class TrainConfig:
     mixed_task_batches: bool = False
     foreground_fraction: NonNegativeFloat = 0.33
     augmentation: Literal["nnunet", "none"] = "nnunet"
+    augment_on: Literal["loader", "device"] = "loader"  # where augmentation runs: loader workers, or the training device
     validate_every: PositiveInt = 50
     checkpoint_every: PositiveInt = 50
     loader_workers: NonNegativeInt = 2
-    amp: bool = True
+    # How the step runs (pipeline/train/execution.py); a CPU trains in float32, default layout, whatever the
+    # first two say.
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where the GPU has it, else fp16
+    channels_last: bool = False  # channels-last 3D network and batches, on CUDA
+    compile: bool = False  # torch.compile the network (the first steps compile it)
     seed: int = 0
     log_every: PositiveInt = 50
 
@@ -305,11 +310,36 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>",
     """Validate a plain dict (e.g. a Ray Tune trial config) into an ExperimentConfig; a problem
     at or under a key of `overrides` (dotted key -> the override, from `apply_overrides`) names
     the command line instead of `source`."""
+    raw = _read_old_amp(raw, source, overrides or {})
     try:
         # JSON mode keeps strict type checks but accepts YAML lists for tuple fields.
         return _ADAPTER.validate_json(json.dumps(raw), strict=True)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source, overrides or {})) from None
+
+
+OLD_AMP = {True: "auto", False: "fp32"}  # train.amp, before train.precision
+
+
+def _read_old_amp(raw: dict[str, Any], source: str, overrides: Mapping[str, str]) -> dict[str, Any]:
+    """`train.amp` of older configs read as `train.precision` (true: auto, false: fp32). Given
+    both, the one set on the command line wins; both in the same place is an error."""
+    train = raw.get("train")
+    if not isinstance(train, dict) or "amp" not in train:
+        return raw
+    amp_override, precision_override = _override_at("train.amp", overrides), _override_at("train.precision", overrides)
+    where = f"{COMMAND_LINE}: train.amp" if amp_override else f"{source}: train.amp"
+    amp = train["amp"]
+    if not isinstance(amp, bool):
+        raise ConfigError(f"{where}: must be true or false, got {amp!r} (the older name of train.precision: "
+                          "auto, bf16, fp16 or fp32)")
+    kept = {k: v for k, v in train.items() if k != "amp"}
+    if "precision" in train and bool(amp_override) == bool(precision_override):
+        raise ConfigError(f"{where}: is the older name of train.precision, which is set too: keep train.precision "
+                          f"only (amp: {str(amp).lower()} is precision: {OLD_AMP[amp]})")
+    if "precision" not in train or amp_override:
+        kept["precision"] = OLD_AMP[amp]
+    return raw | {"train": kept}
 
 
 def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:

@@ -1,12 +1,13 @@
 """Sliding-window inference of one volume (shared by validation, evaluate, predict and pyfunc).
 
-Tiling (nnU-Net's rule): per axis the fewest evenly spaced windows of the patch size that overlap
-by at least `overlap`, the first and last flush with the volume; a volume smaller than the patch
-is zero-padded at its end. Windows go through the network in batches of `window_batch_size`,
-with AMP on CUDA; mirroring test-time augmentation flips each window batch (not the volume), so
-it costs compute, not memory. Each window's softmax, averaged over its mirrorings, is weighted by
-a gaussian (sigma = patch / 8, MONAI's importance map) and the weighted sum divided by the summed
-weights.
+MONAI's `sliding_window_inference` tiles and blends: windows of the patch size `overlap` apart
+(the last one flush with the volume; a volume smaller than the patch zero-padded), in batches of
+`window_batch_size`, each window's output weighted by a gaussian (sigma = patch / 8, nnU-Net's)
+and the weighted sum divided by the summed weights. Ours is the predictor it calls: the task's
+network under AMP on CUDA, softmax, mirroring test-time augmentation of each window batch (not
+the volume: it costs compute, not memory). Our own nnU-Net-style tiler was level with MONAI's on
+CPU (x0.91-1.03) and on an H200 (x1.02-1.06), short of the 1.2x that would justify keeping it
+(benchmarks/README.md, issue 20).
 
 Memory: the network's device only ever holds one window batch; the stitched probabilities
 (num_classes + 1 float32 per voxel) live on `output_device`, the CPU by default, so a large scan
@@ -21,22 +22,18 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from monai.data.utils import compute_importance_map
+from monai.inferers import sliding_window_inference
 from torch import nn
-from tqdm.auto import tqdm
 
 from pipeline.common.geometry import preprocess_image, restore_probabilities
 from pipeline.common.intensity import ChannelNormalization
 from pipeline.common.model_card import ModelCard
 
-Slices = tuple[slice, slice, slice]
 GAUSSIAN_SIGMA_SCALE = 0.125
 
 
@@ -91,21 +88,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def window_starts(size: int, patch: int, overlap: float) -> list[int]:
-    """Start indices along one axis: evenly spaced, first at 0, last at size - patch."""
-    if size <= patch:
-        return [0]
-    count = math.ceil((size - patch) / (patch * (1 - overlap))) + 1
-    step = (size - patch) / (count - 1)
-    return [round(step * i) for i in range(count)]
-
-
-def window_slices(shape: Sequence[int], patch: Sequence[int], overlap: float) -> list[Slices]:
-    """Every window of a (Z, Y, X) volume at least as large as `patch`."""
-    starts = [window_starts(s, p, overlap) for s, p in zip(shape, patch)]
-    return [tuple(slice(s, s + p) for s, p in zip(corner, patch)) for corner in itertools.product(*starts)]
-
-
 @torch.no_grad()
 def predict_probabilities(
     network: nn.Module,
@@ -118,24 +100,16 @@ def predict_probabilities(
 ) -> torch.Tensor:
     """Softmax probabilities (num_classes, Z, Y, X) of a (C, Z, Y, X) image for one task."""
     device = next(network.parameters()).device
-    out_device = torch.device(output_device)
-    patch = tuple(int(p) for p in patch_size)
-    padded = _pad_to(image, patch)
-    shape = padded.shape[1:]
-    summed = torch.zeros((num_classes, *shape), dtype=torch.float32, device=out_device)
-    weights = torch.zeros(shape, dtype=torch.float32, device=out_device)
-    importance = compute_importance_map(patch, mode="gaussian", sigma_scale=GAUSSIAN_SIGMA_SCALE, device=device)
-    importance_out = importance.to(out_device)
-    windows = window_slices(shape, patch, options.overlap)
-    batches = [windows[i : i + options.window_batch_size] for i in range(0, len(windows), options.window_batch_size)]
-    for batch_windows in tqdm(batches, desc="windows", leave=False, disable=None if options.progress else True):
-        batch = torch.stack([padded[(slice(None), *w)] for w in batch_windows]).to(device, non_blocking=True)
-        weighted = _mirrored_softmax(network, batch, task_id, num_classes, options).mul_(importance).to(out_device)
-        for probabilities, window in zip(weighted, batch_windows):
-            summed[(slice(None), *window)] += probabilities
-            weights[window] += importance_out
-    summed /= weights
-    return summed[(slice(None), *(slice(0, n) for n in image.shape[1:]))]
+
+    def predictor(windows: torch.Tensor) -> torch.Tensor:
+        return _mirrored_softmax(network, windows, task_id, num_classes, options)
+
+    probabilities = sliding_window_inference(
+        image[None], tuple(int(p) for p in patch_size), options.window_batch_size, predictor,
+        overlap=options.overlap, mode="gaussian", sigma_scale=GAUSSIAN_SIGMA_SCALE, padding_mode="constant",
+        sw_device=device, device=torch.device(output_device), progress=options.progress,
+    )
+    return probabilities[0]
 
 
 def segment(
@@ -149,14 +123,6 @@ def segment(
     """Label map (Z, Y, X) uint8 of a (C, Z, Y, X) image for one task."""
     probabilities = predict_probabilities(network, image, task_id, num_classes, patch_size, options)
     return probabilities.argmax(0).to(torch.uint8)
-
-
-def _pad_to(image: torch.Tensor, patch: Sequence[int]) -> torch.Tensor:
-    """Zero-pad the end of each spatial axis shorter than the patch (no copy when none is)."""
-    missing = [max(0, p - s) for s, p in zip(image.shape[1:], patch)]
-    if not any(missing):
-        return image
-    return F.pad(image, [amount for m in reversed(missing) for amount in (0, m)])
 
 
 def _mirrored_softmax(

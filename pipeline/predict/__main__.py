@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None = None) -> PredictOptions:
     parser = stage_parser("pipeline.predict", __doc__)
     parser.add_argument("--model", required=True, help=MODEL_HELP)
     parser.add_argument("--task", required=True,
-                        help="a task name of the model, or 'all' (every task matching the input, merged)")
+                        help="a task name of the model, its id (0-based, as the UniSeg reference's -task_id), "
+                             "or 'all' (every task matching the input, merged)")
     parser.add_argument("-i", "--input", required=True, type=Path, help="a NIfTI file or a folder of NIfTI files")
     parser.add_argument("-o", "--output", required=True, type=Path, help="output folder (created)")
     parser.add_argument("--modality", default="",

@@ -1,6 +1,7 @@
 """Which of the model's tasks run on a scan, and how several tasks' label maps merge into one.
 
-`--task all` runs every task whose modalities, as `--modality` names the scan's channels
+`--task` names a task or gives its id (0-based, the card's order, as the UniSeg reference code's
+`-task_id`). `--task all` runs every task whose modalities, as `--modality` names the scan's channels
 (compared case-insensitively), match the scan's: channel count alone would run, say, an MR
 prostate task on a 2-channel CT+PET scan, so `all` needs `--modality`. Merged maps number the
 classes task after task in the card's order (task 1's classes 1..n1-1, task 2's from n1 on,
@@ -43,6 +44,14 @@ def select_tasks(card: ModelCard, task: str, scan: Scan, modalities: Sequence[st
 
 
 def task_index(card: ModelCard, task: str) -> int:
+    """The id of `task`: a task name of the model, or a task id (its place in the card, 0-based, as the
+    UniSeg reference code's `-task_id` counts: `--task 7` is an imported reference model's vertebrae)."""
+    names = [t.name for t in card.tasks]
+    if task not in names and task.isdigit():
+        if int(task) < len(names):
+            return int(task)
+        known = ", ".join(f"{i}={n}" for i, n in enumerate(names))
+        raise PredictError(f"--task {task}: unknown task id; this model knows {known} (or 'all')")
     try:
         return card.task_index(task)
     except ValueError as err:

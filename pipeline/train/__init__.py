@@ -5,7 +5,8 @@
 - `loop`: `train_fn_per_worker`, run by Ray Train on every rank;
 - `sampling`: task samplers (balanced, proportional, temperature) with checkpointable state;
 - `data`: the batch stream (store patches, foreground oversampling, nnU-Net augmentation);
-- `augment`: nnU-Net v2's spatial and intensity augmentation as pure functions of a generator;
+- `augment`: nnU-Net v2's spatial and intensity augmentation, drawn from a generator, applied
+  with torch ops in the loader or on the training device (`train.augment_on`);
 - `loss`, `optim`: Dice + CE with deep supervision (batch Dice gathered over DDP ranks);
   optimizers and lr schedules by name;
 - `validation`: per-task, per-class Dice on the stores' validation splits;

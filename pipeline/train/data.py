@@ -21,7 +21,15 @@ A sample, as nnU-Net v2 makes it (`pipeline/train/augment.py` has the ranges):
    the centre moves inwards until that box lies inside it, so the final patch holds no padded
    zeros; a forced sample's centre moves only as far as its voxel stays in the final patch
    (foreground first, as nnU-Net, which pads);
-3. intensity transforms and mirroring.
+3. intensity transforms and mirroring are drawn (`pipeline/train/augment.py`, `SampleDraw`).
+
+`read_sample` makes every draw of steps 1-3 and reads the region; `augment` applies the draw
+with torch ops. Where it runs is `train.augment_on`: "loader" (default) applies it in the
+loader worker on the CPU and ships the final batch; "device" ships the raw batch (`RawBatch`:
+each sample's region, a different size per sample, its label and its draw) and the training
+worker applies it on its own device after the copy (`augment_batch`), its GPU when it has one.
+The draws, and so the stream, are the same either way; the noise field alone differs between a
+CPU and a GPU (each device's torch generator, seeded by the drawn seed).
 """
 
 from __future__ import annotations
@@ -39,17 +47,19 @@ from pipeline.common.geometry import CaseMeta
 from pipeline.train.augment import (
     AUGMENTATIONS,
     Augmentation,
-    augment_intensity,
+    SampleDraw,
+    augment,
+    draw_intensity,
+    draw_mirror,
     draw_spatial,
     half_extent,
-    mirror,
-    resample_patch,
 )
 from pipeline.train.sampling import TaskSampler
 
 log = logging.getLogger(__name__)
 
-Batch = dict[str, torch.Tensor]
+Batch = dict[str, torch.Tensor]  # image (B, C, Z, Y, X) float32, label (B, Z, Y, X) long, task, num_classes (B,)
+RawBatch = dict[str, Any]  # regions, region_labels: per sample; draws: SampleDraw per sample; task, num_classes
 Triple = tuple[int, int, int]
 
 
@@ -147,9 +157,19 @@ def keep_voxel_inside(start: np.ndarray, goal: np.ndarray, voxel: np.ndarray, ma
     return start + low * (goal - start)
 
 
-def sample_patch(cases: TrainingCases, rng: np.random.Generator, patch: Triple, force_foreground: bool,
-                 augmentation: Augmentation) -> tuple[np.ndarray, np.ndarray]:
-    """One augmented (image CZYX float32, label ZYX uint8) training sample (module docstring)."""
+@dataclass(frozen=True)
+class Sample:
+    """One sample as the loader reads it: the region its spatial transform reaches and every
+    random choice of its augmentation (`augment` makes the final patch of it)."""
+
+    image: torch.Tensor  # (C, z, y, x) float32
+    label: torch.Tensor  # (z, y, x) uint8
+    draw: SampleDraw
+
+
+def read_sample(cases: TrainingCases, rng: np.random.Generator, patch: Triple, force_foreground: bool,
+                augmentation: Augmentation) -> Sample:
+    """Draw one training sample (module docstring, 1-3) and read its region."""
     case_id = cases.ids[int(rng.integers(len(cases.ids)))]
     shape = cases.shape(case_id)
     voxel = cases.foreground_voxel(rng, case_id) if force_foreground else None
@@ -157,6 +177,7 @@ def sample_patch(cases: TrainingCases, rng: np.random.Generator, patch: Triple, 
     matrix = draw_spatial(rng, augmentation.spatial)
     if matrix is None:
         image, label = cases.source.read_patch(case_id, start, patch)
+        centre, labels = tuple((p - 1) / 2 for p in patch), ()
     else:
         reach = half_extent(matrix, patch)
         if voxel is None:
@@ -166,12 +187,20 @@ def sample_patch(cases: TrainingCases, rng: np.random.Generator, patch: Triple, 
             centre = keep_voxel_inside(voxel, inward_centre(voxel, reach, shape), voxel, matrix, patch)
         low = np.floor(centre - reach).astype(int)
         size = tuple(int(n) for n in np.ceil(centre + reach).astype(int) - low + 1)
-        region, region_label = cases.source.read_patch(case_id, tuple(int(v) for v in low), size)
-        image, label = resample_patch(region, region_label, matrix, centre - low, patch)
-    image, label = np.asarray(image, np.float32), np.asarray(label, np.uint8)
-    if augmentation.intensity:
-        image = augment_intensity(image, rng, in_plane=augmentation.spatial is not None and augmentation.spatial.in_plane)
-    return mirror(image, label, rng, augmentation.mirror_axes)
+        image, label = cases.source.read_patch(case_id, tuple(int(v) for v in low), size)
+        centre = tuple(float(c) for c in centre - low)
+        labels = tuple(v for v in range(int(label.max()) + 1) if (label == v).any())
+    image = torch.from_numpy(np.asarray(image, np.float32))
+    draw = SampleDraw(None if matrix is None else tuple(map(tuple, matrix.tolist())), centre, patch, labels,
+                      draw_intensity(rng, augmentation, image.shape[0]), draw_mirror(rng, augmentation))
+    return Sample(image, torch.from_numpy(np.asarray(label, np.uint8)), draw)
+
+
+def sample_patch(cases: TrainingCases, rng: np.random.Generator, patch: Triple, force_foreground: bool,
+                 augmentation: Augmentation) -> tuple[torch.Tensor, torch.Tensor]:
+    """One augmented (image CZYX float32, label ZYX uint8) training sample, on the CPU."""
+    sample = read_sample(cases, rng, patch, force_foreground, augmentation)
+    return augment(sample.image, sample.label, sample.draw)
 
 
 # --- batches ------------------------------------------------------------------------------
@@ -183,19 +212,38 @@ def forced_foreground(batch_size: int, fraction: float) -> list[bool]:
     return [i >= first_forced for i in range(batch_size)]
 
 
-def collate(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], task_ids: Sequence[int],
-            num_classes: Sequence[int]) -> Batch:
-    """Stack samples; images are zero-padded to the widest channel count in the batch."""
+def collate(images: Sequence[torch.Tensor | np.ndarray], labels: Sequence[torch.Tensor | np.ndarray],
+            task_ids: Sequence[int], num_classes: Sequence[int]) -> Batch:
+    """Stack samples (on their device); images are zero-padded to the widest channel count in the
+    batch; `num_classes` per task."""
+    return _stack(images, labels) | _tasks(task_ids, num_classes)
+
+
+def _tasks(task_ids: Sequence[int], num_classes: Sequence[int]) -> Batch:
+    return {"task": torch.tensor(task_ids, dtype=torch.long),
+            "num_classes": torch.tensor([num_classes[t] for t in task_ids], dtype=torch.long)}
+
+
+def _stack(images: Sequence[torch.Tensor | np.ndarray], labels: Sequence[torch.Tensor | np.ndarray]) -> Batch:
+    images = [torch.as_tensor(im) for im in images]
     channels = max(im.shape[0] for im in images)
-    batch = np.zeros((len(images), channels, *images[0].shape[1:]), dtype=np.float32)
+    batch = images[0].new_zeros((len(images), channels, *images[0].shape[1:]), dtype=torch.float32)
     for i, im in enumerate(images):
         batch[i, : im.shape[0]] = im
-    return {
-        "image": torch.from_numpy(batch),
-        "label": torch.from_numpy(np.stack(labels)).long(),
-        "task": torch.tensor(task_ids, dtype=torch.long),
-        "num_classes": torch.tensor([num_classes[t] for t in task_ids], dtype=torch.long),
-    }
+    return {"image": batch, "label": torch.stack([torch.as_tensor(lab) for lab in labels]).long()}
+
+
+def augment_batch(raw: RawBatch, device: torch.device) -> Batch:
+    """The training batch of a raw one (`BatchStream` with augment_on="device"): each sample's
+    region moved to `device` and augmented there as drawn, then stacked; task and num_classes
+    stay on the CPU, as the loader's batches have them. A raw batch is augmented once: on the
+    CPU its regions are changed in place."""
+    images, labels = [], []
+    for image, label, draw in zip(raw["regions"], raw["region_labels"], raw["draws"]):
+        image, label = augment(image.to(device, non_blocking=True), label.to(device, non_blocking=True), draw)
+        images.append(image)
+        labels.append(label)
+    return _stack(images, labels) | {"task": raw["task"], "num_classes": raw["num_classes"]}
 
 
 @dataclass
@@ -211,6 +259,7 @@ class BatchStream(IterableDataset):
     start_batch: int = 0
     foreground_fraction: float = 0.33
     augmentation: str = "nnunet"
+    augment_on: str = "loader"  # "loader": batches as training takes them; "device": raw (`augment_batch`)
     storage_options: dict[str, Any] | None = None
     opener: Callable[[str, dict[str, Any] | None], PatchSource] = open_store
 
@@ -218,6 +267,8 @@ class BatchStream(IterableDataset):
         super().__init__()
         if self.augmentation not in AUGMENTATIONS:
             raise ValueError(f"unknown augmentation {self.augmentation!r}; choose one of {', '.join(AUGMENTATIONS)}")
+        if self.augment_on not in ("loader", "device"):
+            raise ValueError(f"unknown augment_on {self.augment_on!r}; choose loader or device")
 
     def positions(self) -> Iterator[tuple[int, int, tuple[int, ...]]]:
         """(epoch, batch index, task ids) of every batch still to come."""
@@ -227,7 +278,7 @@ class BatchStream(IterableDataset):
             for index in range(first, len(schedule)):
                 yield epoch, index, schedule[index]
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Batch | RawBatch]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         if info is not None:
@@ -239,13 +290,19 @@ class BatchStream(IterableDataset):
                 yield self.make_batch(stores, augmentation, epoch, index, task_ids)
 
     def make_batch(self, stores: Sequence[TrainingCases], augmentation: Augmentation, epoch: int, index: int,
-                   task_ids: Sequence[int]) -> Batch:
+                   task_ids: Sequence[int]) -> Batch | RawBatch:
+        """Batch `index` of `epoch`: augmented here (augment_on="loader") or raw ("device")."""
         rng = np.random.default_rng([self.sampler.seed, self.sampler.rank, epoch, index])
         samples = [
-            sample_patch(stores[task], rng, self.patch_size, force, augmentation)
+            read_sample(stores[task], rng, self.patch_size, force, augmentation)
             for task, force in zip(task_ids, forced_foreground(len(task_ids), self.foreground_fraction))
         ]
-        return collate([image for image, _ in samples], [label for _, label in samples], task_ids, self.num_classes)
+        raw = {
+            "regions": [s.image for s in samples],
+            "region_labels": [s.label for s in samples],
+            "draws": [s.draw for s in samples],
+        } | _tasks(task_ids, self.num_classes)
+        return raw if self.augment_on == "device" else augment_batch(raw, torch.device("cpu"))
 
 
 def make_loader(stream: BatchStream, workers: int, pin_memory: bool = False) -> DataLoader:

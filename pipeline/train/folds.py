@@ -186,7 +186,7 @@ def score_held_out(cfg: ExperimentConfig, model_dir: Path, fold: int) -> list[Ou
     task = ray.remote(_score_cases).options(num_cpus=cfg.ray.cpus_per_worker, num_gpus=1 if cfg.ray.use_gpu else 0,
                                             scheduling_strategy="DEFAULT")
     return ray.get(task.remote((model_dir / WEIGHTS_FILE).read_bytes(), (model_dir / CARD_FILE).read_text(),
-                               list(cfg.data.stores), fold, cfg.train.amp))
+                               list(cfg.data.stores), fold, cfg.train.precision != "fp32"))
 
 
 def _score_cases(weights: bytes, card_json: str, stores: list[str], fold: int, amp: bool) -> list[OutOfFoldRow]:

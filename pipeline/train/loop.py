@@ -36,7 +36,8 @@ from pipeline.common.store import StoreManifest, TaskStore
 from pipeline.train import finetune
 from pipeline.train.build import model_card, network_spec, open_stores, task_median_shapes, task_specs
 from pipeline.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
-from pipeline.train.data import Batch, BatchStream, make_loader, open_store
+from pipeline.train.data import Batch, BatchStream, augment_batch, make_loader, open_store
+from pipeline.train.execution import Execution, Precision, find_unused_parameters, prepare_network
 from pipeline.train.optim import build_optimizer, set_learning_rate
 from pipeline.train.sampling import TaskSampler, build_sampler
 from pipeline.train.step import train_step
@@ -79,18 +80,23 @@ class Parts:
     scaler: torch.amp.GradScaler
     sampler: TaskSampler
     device: torch.device
-    amp: bool
+    execution: Execution  # precision, memory layout, compilation, DDP's unused-parameter search
 
     @property
     def manifests(self) -> list[StoreManifest]:
         return [s.manifest for s in self.stores]
 
+    @property
+    def amp(self) -> Precision:
+        """The step's mixed precision (autocast dtype and loss scaling; fp32: none)."""
+        return self.execution.precision
+
 
 def build_parts(cfg: ExperimentConfig, rank: int, device: torch.device) -> Parts:
-    """Stores, network, optimizer, AMP scaler and this rank's task sampler."""
+    """Stores, network (set up for the step, `execution.prepare_network`), optimizer, AMP scaler
+    and this rank's task sampler."""
     torch.manual_seed(cfg.train.seed + rank)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed patch shapes: let cuDNN pick (nnU-Net does)
-    amp = cfg.train.amp and device.type == "cuda"
     stores = open_stores(cfg.data.stores, fold=cfg.data.fold, allow_incomplete=cfg.data.allow_incomplete_stores)
     manifests = [s.manifest for s in stores]
     if cfg.finetune.pretrained:
@@ -99,6 +105,9 @@ def build_parts(cfg: ExperimentConfig, rank: int, device: torch.device) -> Parts
         spec = network_spec(cfg.model, manifests, task_median_shapes(stores) if cfg.model.preset is None else None)
         network = build_network(spec, task_specs(manifests))
     network = network.to(device)
+    execution = prepare_network(network, cfg.train, device, [m.num_channels for m in manifests], spec.strides)
+    if rank == 0:
+        log.info("%s", execution.summary(network))
     sampler = build_sampler(
         cfg.train.sampling, [len(s.case_ids("train")) for s in stores], batches=cfg.train.iterations_per_epoch,
         batch_size=cfg.train.batch_size, mixed=cfg.train.mixed_task_batches,
@@ -106,8 +115,7 @@ def build_parts(cfg: ExperimentConfig, rank: int, device: torch.device) -> Parts
     )
     optimizer = (finetune.build_finetune_optimizer(network, cfg.train, cfg.finetune) if cfg.finetune.pretrained
                  else build_optimizer(network.parameters(), cfg.train))
-    return Parts(cfg, stores, spec, network, optimizer,
-                 torch.amp.GradScaler(device.type, enabled=amp), sampler, device, amp)
+    return Parts(cfg, stores, spec, network, optimizer, execution.precision.scaler(device), sampler, device, execution)
 
 
 def batch_loader(parts: Parts) -> DataLoader:
@@ -117,7 +125,7 @@ def batch_loader(parts: Parts) -> DataLoader:
         parts.sampler, list(cfg.data.stores), [m.num_classes for m in parts.manifests], parts.spec.patch_size,
         cfg.train.epochs, start_epoch=parts.sampler.epoch, start_batch=parts.sampler.position,
         foreground_fraction=cfg.train.foreground_fraction, augmentation=cfg.train.augmentation,
-        opener=functools.partial(open_store, fold=cfg.data.fold),
+        augment_on=cfg.train.augment_on, opener=functools.partial(open_store, fold=cfg.data.fold),
     )
     return make_loader(stream, cfg.train.loader_workers, pin_memory=parts.device.type == "cuda")
 
@@ -178,10 +186,12 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
 
 def wrap_model(parts: Parts, epoch: int) -> nn.Module:
-    """The network ready for `epoch` (DDP over the parameters that train in it, when world > 1)."""
+    """The network ready for `epoch` (DDP over the parameters that train in it, when world > 1;
+    searching for unused ones only when some can get no gradient, `execution.find_unused_parameters`)."""
     if parts.cfg.finetune.pretrained:
         finetune.freeze_encoder(parts.network, parts.cfg.finetune, epoch)
-    return ray.train.torch.prepare_model(parts.network, parallel_strategy_kwargs={"find_unused_parameters": True})
+    unused = find_unused_parameters(parts.network, parts.execution.unreached)
+    return ray.train.torch.prepare_model(parts.network, parallel_strategy_kwargs={"find_unused_parameters": unused})
 
 
 def run_eta(elapsed_s: float, first_epoch: int, epoch: int, epochs: int) -> float:
@@ -195,7 +205,7 @@ def validate_epoch(model: nn.Module, parts: Parts, epoch: int, rank: int, world:
     tasks = [ValidationTask(i, s.manifest.task_name, s.manifest.labels, tuple(s.case_ids("validation")))
              for i, s in enumerate(parts.stores)]
     metrics = validate(unwrap(model), tasks, lambda task, case: parts.stores[task].read_case(case),
-                       parts.spec.patch_size, rank=rank, world_size=world, amp=parts.amp)
+                       parts.spec.patch_size, rank=rank, world_size=world, amp=parts.amp.autocast)
     if rank == 0:
         log.info("epoch %d validation: %s (%.1f s)", epoch + 1, format_summary(metrics), time.perf_counter() - started)
     return metrics
@@ -235,8 +245,10 @@ def train_epoch(model: nn.Module, batches: Iterator[Batch], parts: Parts, epoch:
         waited = time.perf_counter()
         batch = next(batches)
         data_seconds += time.perf_counter() - waited
+        if cfg.train.augment_on == "device":
+            batch = augment_batch(batch, parts.device)
         loss_sum += train_step(model, batch, parts.optimizer, parts.scaler, parts.device, parts.amp,
-                               cfg.train.loss, cfg.train.grad_clip)
+                               cfg.train.loss, cfg.train.grad_clip, parts.execution.memory_format)
         parts.sampler.advance()
         task_samples += torch.bincount(batch["task"], minlength=len(parts.stores))
         if rank == 0 and (i + 1) % cfg.train.log_every == 0 and i + 1 < total:
@@ -253,7 +265,8 @@ def epoch_metrics(stats: EpochStats, lr: float, world: int,
     All ranks, the same on every rank: `train/loss` and `train/data_wait_fraction` averaged over
     ranks, `train/samples_per_s` and `samples/<task>` summed, `train/iterations_per_s` the job's
     step rate (ranks step together), `train/world_size`, `train/lr`. This rank's own:
-    `rank/loss`, `rank/data_wait_fraction`, `rank/samples_per_s` (MLflow: `rank<r>/...`).
+    `rank/loss`, `rank/data_wait_fraction`, `rank/samples_per_s`, on CUDA `rank/gpu_memory_gib`
+    (the peak allocated so far) (MLflow: `rank<r>/...`).
     """
     samples = stats.task_samples.double()
     local = torch.cat([torch.tensor([stats.loss, stats.data_seconds / stats.seconds,
@@ -274,6 +287,8 @@ def epoch_metrics(stats: EpochStats, lr: float, world: int,
     } | {f"samples/{metric_name(name)}": float(n) for name, n in zip(task_names, values[3:])}
     own = {"rank/loss": float(local[0]), "rank/data_wait_fraction": float(local[1]),
            "rank/samples_per_s": float(local[2])}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        own["rank/gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return everyone, own
 
 
