@@ -40,7 +40,7 @@ CODE_PACKAGES = (model_package, pipeline_package)
 # Distributions whose modules pyfunc_model.py and what it imports (pipeline.common.{inference,
 # geometry, intensity, model_card, ensemble, nifti, pyfunc_io}, model.*) use at load and predict
 # time. tests/test_serve.py builds a venv from these alone and serves a model from it.
-PYFUNC_DISTRIBUTIONS = ("mlflow", "torch", "numpy", "pandas", "nibabel", "scipy", "monai", "safetensors", "tqdm")
+PYFUNC_DISTRIBUTIONS = ("mlflow", "torch", "numpy", "pandas", "nibabel", "scipy", "monai", "safetensors")
 
 
 def pyfunc_requirements() -> list[str]:
