@@ -19,10 +19,11 @@ from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
 
+import mlflow
 import nibabel as nib
 import numpy as np
 import pytest
-import mlflow
+import ray
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -343,12 +344,15 @@ def test_finetune_from_the_imported_model(tmp_path: Path) -> None:
     config.write_text(yaml.safe_dump({
         "name": "recipe",
         "train": {"epochs": 1, "iterations_per_epoch": 2, "batch_size": 2, "validate_every": 1,
-                  "checkpoint_every": 1, "loader_workers": 0, "amp": False},
+                  "checkpoint_every": 1, "loader_workers": 0, "precision": "fp32"},
         "ray": {"num_workers": 1, "cpus_per_worker": 1, "storage_path": str(tmp_path / "ray")},
         "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "import-tests"}}))
-    code = finetune_main(["--pretrained", str(tmp_path / "imported"), "--store",
-                          str(tmp_path / "stores" / f"{new.name}.zarr"), "--config", str(config),
-                          "--name", "spleen", "--register", "ref-spleen"])
+    try:
+        code = finetune_main(["--pretrained", str(tmp_path / "imported"), "--store",
+                              str(tmp_path / "stores" / f"{new.name}.zarr"), "--config", str(config),
+                              "--name", "spleen", "--register", "ref-spleen"])
+    finally:
+        ray.shutdown()  # the stage started a local Ray in this process; later modules start their own
     assert code == 0
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     tuned, card = load_model("models:/ref-spleen/1")
