@@ -12,7 +12,8 @@ second over the device's dense bf16 peak, `PEAK_BF16_TFLOPS` or `--peak-tflops`)
 after all steps next to fp32's. On the CPU only fp32 runs (`--steps 3 --preset tiny` checks the
 code). Printed (and written as JSON with `--out`):
 
-- loader only: batches/s of the training BatchStream (store reads + nnU-Net augmentation) with
+- loader only: batches/s of the training BatchStream (store reads + nnU-Net augmentation, or with
+  `--augment-on device` the reads alone, the transforms then running in the step) with
   0 and `--loader-workers` background workers, in this process;
 - model only: forward + backward + optimizer step on a cached batch (no loading), this process;
 - full step on N Ray workers (TorchTrainer, DDP on gloo or NCCL): samples/s summed over ranks,
@@ -44,7 +45,7 @@ import torch
 from model.presets import REFERENCE_TASKS, build_network, preset_spec
 from pipeline.common.config import ExperimentConfig, TrainConfig, config_from_dict, to_dict
 from pipeline.common.logs import setup_logging
-from pipeline.train.data import Batch, collate
+from pipeline.train.data import Batch, augment_batch, collate
 from pipeline.train.execution import Precision, prepare_network
 from pipeline.train.loss import deep_supervision_loss
 from pipeline.train.optim import build_optimizer
@@ -93,7 +94,7 @@ def make_config(args: argparse.Namespace, stores: list[str], workers: int, stora
         "model": {"preset": args.preset, "architecture": args.architecture,
                   "patch_size": list(args.patch) if args.patch else None},
         "train": {"epochs": 1, "iterations_per_epoch": args.warmup + args.steps, "batch_size": args.batch_size,
-                  "loader_workers": args.loader_workers, "precision": "auto"},
+                  "loader_workers": args.loader_workers, "precision": "auto", "augment_on": args.augment_on},
         "ray": {"num_workers": workers, "use_gpu": args.gpu, "cpus_per_worker": args.cpus_per_worker,
                 "storage_path": storage},
     })
@@ -126,6 +127,8 @@ def model_only(cfg: ExperimentConfig, steps: int, device: torch.device) -> float
 
     parts = build_parts(cfg, 0, device)
     batch = next(iter(batch_loader(parts)))
+    if cfg.train.augment_on == "device":
+        batch = augment_batch(batch, device)
     return timed_steps(parts.network, batch, parts.optimizer, parts.scaler, device, parts.amp, steps,
                        parts.execution.memory_format)[0]
 
@@ -279,6 +282,8 @@ def bench_worker(config: dict[str, Any]) -> None:
         before = time.perf_counter()
         batch = next(batches)
         waited += time.perf_counter() - before
+        if cfg.train.augment_on == "device":
+            batch = augment_batch(batch, parts.device)
         train_step(model, batch, parts.optimizer, parts.scaler, parts.device, parts.amp, "dice_ce", 12.0,
                    parts.execution.memory_format)
     _sync(parts.device)
@@ -342,6 +347,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--loader-workers", type=int, default=1)
+    p.add_argument("--augment-on", choices=["loader", "device"], default="loader",
+                   help="train.augment_on: transforms in the loader processes or on the worker's device")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL")
@@ -374,6 +381,7 @@ def main() -> None:
         patch = "x".join(map(str, build_parts(cfg, 0, torch.device("cpu")).spec.patch_size))
         results: dict[str, Any] = {
             "preset": args.preset, "architecture": args.architecture, "patch": patch, "batch_size": args.batch_size,
+            "augment_on": args.augment_on,
             "cpus": os.cpu_count(), "load_average": os.getloadavg(), "torch": torch.__version__,
             "device": torch.cuda.get_device_name() if args.gpu else "cpu",
             "loader_only_samples_per_s": {

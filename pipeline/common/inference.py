@@ -43,6 +43,7 @@ class InferenceOptions:
     mirror_axes: tuple[int, ...] = ()  # spatial axes (0=z, 1=y, 2=x) mirrored for TTA
     window_batch_size: int = 2
     amp: bool = True
+    amp_dtype: torch.dtype = torch.float16  # bfloat16 where the model trained under it (validation)
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -133,7 +134,7 @@ def _mirrored_softmax(
     total = None
     for dims in flips:
         flipped = torch.flip(batch, dims) if dims else batch
-        with torch.autocast(batch.device.type, enabled=options.amp and batch.device.type == "cuda"):
+        with torch.autocast(batch.device.type, dtype=options.amp_dtype, enabled=options.amp and batch.device.type == "cuda"):
             logits = network(flipped, task_id)[0][:, :num_classes]
         probabilities = torch.softmax(logits.float(), dim=1)
         probabilities = torch.flip(probabilities, dims) if dims else probabilities

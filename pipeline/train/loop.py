@@ -205,7 +205,7 @@ def validate_epoch(model: nn.Module, parts: Parts, epoch: int, rank: int, world:
     tasks = [ValidationTask(i, s.manifest.task_name, s.manifest.labels, tuple(s.case_ids("validation")))
              for i, s in enumerate(parts.stores)]
     metrics = validate(unwrap(model), tasks, lambda task, case: parts.stores[task].read_case(case),
-                       parts.spec.patch_size, rank=rank, world_size=world, amp=parts.amp.autocast)
+                       parts.spec.patch_size, rank=rank, world_size=world, amp_dtype=parts.amp.dtype)
     if rank == 0:
         log.info("epoch %d validation: %s (%.1f s)", epoch + 1, format_summary(metrics), time.perf_counter() - started)
     return metrics

@@ -70,15 +70,16 @@ def validate(
     *,
     rank: int = 0,
     world_size: int = 1,
-    amp: bool = False,
+    amp_dtype: torch.dtype | None = None,
     overlap: float = 0.5,
 ) -> dict[str, float]:
     """Segment this rank's share of the validation cases and return the summary of all ranks.
 
     `read_case(task_id, case_id)` returns (image CZYX float32, label ZYX). The network must be
-    the bare module (not DDP-wrapped); call it on every rank when world_size > 1.
+    the bare module (not DDP-wrapped); call it on every rank when world_size > 1. `amp_dtype` is
+    the training step's autocast dtype (None: full precision), used on CUDA only.
     """
-    options = InferenceOptions(overlap=overlap, amp=amp)
+    options = InferenceOptions(overlap=overlap, amp=amp_dtype is not None, amp_dtype=amp_dtype or torch.float16)
     jobs = [(task, case) for task in tasks for case in task.case_ids]
     mine: dict[str, list[list[float]]] = {}
     was_training = network.training
