@@ -13,7 +13,7 @@ installs them from carried wheels first):
    `--iterations` / 2, once per `--augment-on` value (the loader's CPUs, or the GPU); the
    second epoch's figures (after cuDNN's autotuning): seconds per iteration, samples/s, the
    fraction of the step spent waiting for data, peak GPU memory; beside them the epoch time
-   of 550 iterations and the reference's 210 s (UNISEG.md);
+   of 550 iterations and the reference's 210 s;
 3. predict: `python -m pipeline.predict` of one full-size scan with the trained model, TTA off
    and on: seconds per scan (the process, model loading included) and the label map's shape.
 

@@ -53,7 +53,7 @@ from pipeline.train.step import train_step
 
 log = logging.getLogger("benchmarks.train_step")
 
-# UNISEG.md: the reference trains 550 iterations per epoch in about 210 s and 10 GB on one GPU.
+# The UniSeg reference trains 550 iterations per epoch in about 210 s and 10 GB on one GPU.
 REFERENCE_EPOCH = {"iterations": 550, "seconds": 210.0, "gpu_gib": 10.0}
 
 MODEL_WARMUP = 2  # untimed steps before --model-only's timed ones (a compilation happens in them)

@@ -46,7 +46,7 @@ PRESETS: dict[str, NetworkSpec] = {
     ),
 }
 
-# The 11 upstream tasks of the paper (UNISEG.md): channels and classes, for summaries and
+# The 11 upstream tasks of the paper: channels and classes, for summaries and
 # benchmarks only. Training reads its task table from the Zarr stores.
 REFERENCE_TASKS: tuple[TaskSpec, ...] = (
     TaskSpec("liver", 3, 1),
@@ -95,7 +95,7 @@ def replan(spec: NetworkSpec, patch_size: Sequence[int], spacing: Sequence[float
     )
 
 
-# UniSeg's reference network needs about 10 GB of GPU memory at batch 2 (UNISEG.md); a planned
+# UniSeg's reference network needs about 10 GB of GPU memory at batch 2; a planned
 # network's memory is that figure scaled by its activation count (nnU-Net's planner likewise
 # compares a static estimate against a reference network's).
 REFERENCE_MEMORY_GB = 10.0

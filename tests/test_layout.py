@@ -1,4 +1,4 @@
-"""Stages talk through stores and MLflow only: no stage imports another (STYLE.md).
+"""Stages talk through stores and MLflow only: no stage imports another (CONTRIBUTING.md).
 
 Exceptions (ALLOWED): `pipeline.tune` and `pipeline.finetune` wrap training (a search runs
 trials of the train loop; fine-tuning is a training run from a pretrained model), so they may

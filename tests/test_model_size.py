@@ -1,4 +1,4 @@
-"""The paper preset against the reference network, counted layer by layer from UNISEG.md (the
+"""The paper preset against the reference network, counted layer by layer from the reference's code (the
 reference's Generic_UNet: decoder stage u, deepest first, convolves with conv_kernel_sizes[-(u + 1)])."""
 
 from model.presets import PRESETS, REFERENCE_TASKS
@@ -32,7 +32,7 @@ def reference_uniseg_parameters(num_tasks: int = 11) -> int:
 def test_paper_preset_is_the_reference_network() -> None:
     summary = summarize(PRESETS["uniseg-paper"], REFERENCE_TASKS)
     reference = reference_uniseg_parameters()
-    assert reference == 32_114_381  # the reference's code built at this topology (UNISEG.md)
+    assert reference == 32_114_381  # the reference's code built at this topology
     assert summary.parameters == reference
     assert abs(summary.macs - 0.76e12) / 0.76e12 < 0.02  # the paper's 0.76 TMAC
     assert summary.bottleneck_shape == (320, 4, 6, 6)

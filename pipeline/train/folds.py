@@ -43,6 +43,7 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 
 from pipeline.common.config import ConfigError, ExperimentConfig, config_from_dict, to_dict
+from pipeline.common.files import read_json, resolve_storage, write_json
 from pipeline.common.inference import InferenceOptions, segment
 from pipeline.common.metrics import class_metrics
 from pipeline.common.model_card import CARD_FILE, WEIGHTS_FILE, ModelCard, build_from_card, write_ensemble_dir
@@ -54,8 +55,7 @@ from pipeline.train import tracking
 from pipeline.train.cv_summary import OutOfFoldRow, mlflow_metrics, overall, summarise, write_summary
 from pipeline.train.loop import RunContext
 from pipeline.train.run import (
-    RunExistsError, check_paths_are_shared, check_stores, checkpoint_uri, cluster_nodes, concurrent_runs, fit, read_json,
-    resolve_storage, write_json,
+    RunExistsError, check_paths_are_shared, check_stores, checkpoint_uri, cluster_nodes, concurrent_runs, fit,
 )
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,6 @@ the driver refuses local stores, storage and MLflow paths at start (`check_paths
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -24,6 +23,7 @@ from typing import Any
 import fsspec
 
 from pipeline.common.config import ConfigError, ExperimentConfig, config_from_dict, to_dict
+from pipeline.common.files import read_json, resolve_storage, write_json
 from pipeline.common.services import cluster_address, connect_ray
 from pipeline.common.store import TaskStore
 from pipeline.common.tracking import check_tracking_server, resolve_tracking_uri
@@ -234,11 +234,6 @@ def check_stores(cfg: ExperimentConfig) -> list[TaskStore]:
     return stores
 
 
-def resolve_storage(storage_path: str) -> str:
-    """Local storage paths made absolute (Ray workers run in other directories); URIs as given."""
-    return storage_path if "://" in storage_path else str(Path(storage_path).expanduser().resolve())
-
-
 def read_record(run_dir: str) -> RunRecord | None:
     raw = read_json(f"{run_dir}/{RECORD_FILE}")
     return None if raw is None else RunRecord(**raw)
@@ -246,22 +241,6 @@ def read_record(run_dir: str) -> RunRecord | None:
 
 def write_record(run_dir: str, record: RunRecord) -> None:
     write_json(f"{run_dir}/{RECORD_FILE}", asdict(record))
-
-
-def read_json(uri: str) -> Any:
-    """A JSON file, local or on any fsspec filesystem; None when it does not exist."""
-    fs, path = fsspec.core.url_to_fs(uri)
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "r") as f:
-        return json.load(f)
-
-
-def write_json(uri: str, data: Any) -> None:
-    fs, path = fsspec.core.url_to_fs(uri)
-    fs.makedirs(fs._parent(path), exist_ok=True)
-    with fs.open(path, "w") as f:
-        json.dump(data, f, indent=2)
 
 
 def _exists(run_dir: str) -> bool:

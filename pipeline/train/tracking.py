@@ -152,8 +152,3 @@ def log_final_model(tracking_uri: str, run_id: str, model_dir: str | Path, regis
     version = getattr(info, "registered_model_version", None)
     return f"models:/{registered_name}/{version}" if registered_name and version else info.model_uri
 
-
-def final_metrics(tracking_uri: str, run_id: str, prefixes: Sequence[str] = ("dice/", "train/")) -> dict[str, float]:
-    """The latest value of the run's metrics with the given prefixes."""
-    metrics = MlflowClient(tracking_uri).get_run(run_id).data.metrics
-    return {k: v for k, v in metrics.items() if k.startswith(tuple(prefixes))}

@@ -26,11 +26,12 @@ import fsspec
 from mlflow.tracking import MlflowClient
 
 from pipeline.common.config import ExperimentConfig, config_from_dict, save_config, to_dict
+from pipeline.common.files import read_json, resolve_storage, write_json
 from pipeline.common.services import connect_ray
 from pipeline.common.tracking import check_tracking_server, ensure_experiment, resolve_tracking_uri
 from pipeline.common.trials import child_run, trial_resources
 from pipeline.train.loop import RunContext
-from pipeline.train.run import concurrent_runs, fit, read_json, resolve_storage, write_json
+from pipeline.train.run import concurrent_runs, fit
 from pipeline.tune.space import apply_values, sampled_values, search_space, trial_config
 
 log = logging.getLogger(__name__)
