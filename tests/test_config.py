@@ -1,8 +1,12 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from pipeline.common.config import ConfigError, config_from_dict, flatten, load_config, save_config
+from pipeline.common.config import (
+    ConfigError, ExperimentConfig, config_from_dict, describe_keys, flatten, load_config, save_config,
+)
+from pipeline.common.config_help import KEY_HELP
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -122,3 +126,17 @@ def test_bad_override_exits_2_with_one_line(stage: str, tmp_path: Path, caplog: 
         message = record.getMessage()
         assert message.startswith(f"<command line>: {override.split('=')[0]}: ") and str(path) not in message
         assert record.exc_info is None and "\n" not in message
+
+
+def test_every_config_key_has_one_line_of_help() -> None:
+    def keys(prefix: str, section: object) -> set[str]:
+        return {k for f in dataclasses.fields(section) for k in (
+            keys(f"{prefix}{f.name}.", getattr(section, f.name)) if dataclasses.is_dataclass(getattr(section, f.name))
+            else {f"{prefix}{f.name}"})}
+
+    config_keys = keys("", ExperimentConfig())
+    assert config_keys - set(KEY_HELP) == set(), "keys without help in pipeline/common/config_help.py"
+    assert set(KEY_HELP) - config_keys == set(), "help for keys the config does not have"
+    assert all(text and "\n" not in text for text in KEY_HELP.values())
+    described = describe_keys(["name", "data", "ingest", "model", "train", "ray", "mlflow", "finetune", "tune"])
+    assert all(text in described for text in KEY_HELP.values())

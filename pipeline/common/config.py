@@ -27,6 +27,8 @@ from pydantic import (
 )
 from pydantic.dataclasses import dataclass
 
+from pipeline.common.config_help import KEY_HELP
+
 _STRICT = ConfigDict(extra="forbid", strict=True)
 
 
@@ -418,12 +420,13 @@ def _override_at(key: str, overrides: Mapping[str, str]) -> str | None:
 
 
 def describe_keys(sections: Sequence[str]) -> str:
-    """Every key of the given config sections with its type and default, one per line (for --help)."""
+    """Every key of the given config sections with its type, default and one line of help (for --help)."""
     def lines(prefix: str, holder: Any, field: dataclasses.Field) -> list[str]:
         value = getattr(holder, field.name)
         if dataclasses.is_dataclass(value):
             return [line for sub in dataclasses.fields(value) for line in lines(f"{prefix}{field.name}.", value, sub)]
-        return [f"  {prefix}{field.name}: {field.type} = {value!r}"]
+        key = f"{prefix}{field.name}"
+        return [f"  {key}: {field.type} = {value!r}\n      {KEY_HELP[key]}"]
 
     defaults = ExperimentConfig()
     fields = {f.name: f for f in dataclasses.fields(defaults)}
