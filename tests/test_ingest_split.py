@@ -13,7 +13,7 @@ from pipeline.common.config import IngestConfig
 from pipeline.common.store import TaskStore
 from pipeline.datasets.synthetic import SyntheticTask, generate_case, oriented_nifti, write_task
 from pipeline.ingest.run import run
-from pipeline.ingest.split import FoldRecord, assign_folds, fold_lists
+from pipeline.ingest.split import FoldAssignment, assign_folds, fold_lists
 
 SYNC = IngestConfig(scheduler="synchronous")
 TWENTY = SyntheticTask("Task07_Twenty", ("CT",), ("background", "organ"), spacing=(2.0, 2.0, 4.0),
@@ -63,7 +63,7 @@ def test_changes_of_the_case_set_move_no_other_case() -> None:
     small = assign_folds(["a", "b"], 5, 0, None)
     grown = assign_folds(["a", "b", "c", "d", "e"], 5, 0, small)
     assert sorted(map(len, fold_lists(grown, ["a", "b", "c", "d", "e"]))) == [1] * 5
-    assert FoldRecord.from_dict(grown.to_dict()) == grown
+    assert FoldAssignment.from_dict(grown.to_dict()) == grown
 
 
 def _folds_by_case(store: TaskStore) -> dict[str, int]:

@@ -41,10 +41,11 @@ def child_run(cfg: ExperimentConfig, parent_id: str, tracking_uri: str, key: tup
         return found[0].info.run_id, False
     child = client.create_run(parent.info.experiment_id, run_name=cfg.name,
                               tags={"mlflow.parentRunId": parent_id, tag: value, **(tags or {})})
-    params = {k: _param(v) for k, v in flatten(cfg).items() if not k.startswith("tune.")}
+    params = {k: param_value(v) for k, v in flatten(cfg).items() if not k.startswith("tune.")}
     client.log_batch(child.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in params.items()])
     return child.info.run_id, True
 
 
-def _param(value: Any) -> str:
+def param_value(value: Any) -> str:
+    """A config value as an MLflow param (tuples as lists, cut to MLflow's 6000 characters)."""
     return str(list(value) if isinstance(value, tuple) else value)[:6000]

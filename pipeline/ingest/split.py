@@ -32,7 +32,7 @@ FOLDS_ATTR = "folds"
 
 
 @dataclasses.dataclass(frozen=True)
-class FoldRecord:
+class FoldAssignment:
     """The store's fold assignment: every case ever placed (present or not) -> its fold."""
 
     num_folds: int
@@ -43,13 +43,13 @@ class FoldRecord:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any] | None) -> FoldRecord | None:
+    def from_dict(cls, raw: Mapping[str, Any] | None) -> FoldAssignment | None:
         if not raw:
             return None
         return cls(int(raw["num_folds"]), int(raw["seed"]), {str(k): int(v) for k, v in raw["assignment"].items()})
 
 
-def assign_folds(case_ids: Iterable[str], num_folds: int, seed: int, recorded: FoldRecord | None) -> FoldRecord:
+def assign_folds(case_ids: Iterable[str], num_folds: int, seed: int, recorded: FoldAssignment | None) -> FoldAssignment:
     """The record after placing `case_ids` (the store's labelled cases); see the module docstring."""
     ids = sorted(set(case_ids))
     if recorded is not None and (recorded.num_folds, recorded.seed) != (num_folds, seed):
@@ -60,7 +60,7 @@ def assign_folds(case_ids: Iterable[str], num_folds: int, seed: int, recorded: F
     present = {c: assignment[c] for c in ids if c in assignment}
     count = fold_count(len(ids), num_folds, present.values())
     if count == 0:
-        return FoldRecord(num_folds, seed, assignment)
+        return FoldAssignment(num_folds, seed, assignment)
     sizes = [0] * count
     for fold in present.values():
         sizes[fold] += 1
@@ -68,7 +68,7 @@ def assign_folds(case_ids: Iterable[str], num_folds: int, seed: int, recorded: F
         fold = sizes.index(min(sizes))
         assignment[case_id] = fold
         sizes[fold] += 1
-    return FoldRecord(num_folds, seed, assignment)
+    return FoldAssignment(num_folds, seed, assignment)
 
 
 def fold_count(num_cases: int, num_folds: int, recorded_folds: Iterable[int] = ()) -> int:
@@ -78,7 +78,7 @@ def fold_count(num_cases: int, num_folds: int, recorded_folds: Iterable[int] = (
     return max([count, *(f + 1 for f in recorded_folds)])
 
 
-def fold_lists(record: FoldRecord, case_ids: Iterable[str]) -> list[list[str]]:
+def fold_lists(record: FoldAssignment, case_ids: Iterable[str]) -> list[list[str]]:
     """The held-out cases of each fold, among `case_ids` (the store's labelled cases)."""
     ids = sorted(set(case_ids))
     if not all(c in record.assignment for c in ids):  # fewer than two cases: never placed
@@ -97,7 +97,7 @@ def store_folds(root: Any, dataset: str, labelled: Iterable[str], num_folds: int
     """Place the labelled cases of the store at `root` (a Zarr group): the recorded assignment
     is updated in the store; returns the held-out cases of each fold."""
     ids = sorted(labelled)
-    record = assign_folds(ids, num_folds, seed, FoldRecord.from_dict(root.attrs.get(FOLDS_ATTR)))
+    record = assign_folds(ids, num_folds, seed, FoldAssignment.from_dict(root.attrs.get(FOLDS_ATTR)))
     if root.attrs.get(FOLDS_ATTR) != record.to_dict():
         root.attrs[FOLDS_ATTR] = record.to_dict()
     folds = fold_lists(record, ids)

@@ -61,7 +61,7 @@ from pipeline.train.run import (
 log = logging.getLogger(__name__)
 
 CV_RECORD = "uniseg_cv.json"
-FOLD_RECORD = "fold.json"
+FOLD_STATE_FILE = "fold.json"
 OUT_OF_FOLD = "out_of_fold.json"
 FOLD_TAG = "cv.fold"
 SUMMARY_ARTIFACTS = "cross_validation"
@@ -102,7 +102,7 @@ def run_cv(cfg: ExperimentConfig, folds: Sequence[int] | None = None, resume: bo
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     check_tracking_server(tracking_uri, cfg.mlflow)
     chosen = choose_folds(check_stores(cfg), folds if record is None else record["folds"])
-    parent_id = record["parent_run_id"] if record else _start_parent(cfg, tracking_uri, chosen)
+    parent_id = record["parent_run_id"] if record else _start_cv_run(cfg, tracking_uri, chosen)
     outcomes = {o["fold"]: FoldOutcome(**o) for o in (record or {}).get("outcomes", [])}
     _write_record(run_dir, cfg, parent_id, chosen, outcomes, "running")
     connect_ray(cfg.ray.address, cfg.ray.host)
@@ -157,10 +157,10 @@ def fold_driver_fn(params: dict[str, Any], base: dict[str, Any], parent_run_id: 
     fold = int(params["fold"])
     cfg = fold_config(config_from_dict(base, source="cross-validation base"), fold)
     fold_dir = f"{run_dir}/folds/{cfg.name}"
-    state = read_json(f"{fold_dir}/{FOLD_RECORD}") or {"fold": fold, "attempts": 0}
+    state = read_json(f"{fold_dir}/{FOLD_STATE_FILE}") or {"fold": fold, "attempts": 0}
     run_id, _ = child_run(cfg, parent_run_id, tracking_uri, (FOLD_TAG, str(fold)), {"stage": "cv-fold"})
     state |= {"attempts": state["attempts"] + 1, "run_id": run_id}
-    write_json(f"{fold_dir}/{FOLD_RECORD}", state)
+    write_json(f"{fold_dir}/{FOLD_STATE_FILE}", state)
     if state["attempts"] > 1:
         log.warning("fold %d: attempt %d, continuing from its last checkpoint", fold, state["attempts"])
     context = RunContext(**{**contexts.get(fold, {}), "tracking_uri": tracking_uri, "mlflow_run_id": run_id})
@@ -173,7 +173,7 @@ def fold_driver_fn(params: dict[str, Any], base: dict[str, Any], parent_run_id: 
         client.set_terminated(run_id, "FAILED")
         raise
     write_json(f"{fold_dir}/{OUT_OF_FOLD}", [asdict(r) for r in rows])
-    write_json(f"{fold_dir}/{FOLD_RECORD}", state | {"checkpoint": checkpoint_uri(result.checkpoint.path, run_dir)})
+    write_json(f"{fold_dir}/{FOLD_STATE_FILE}", state | {"checkpoint": checkpoint_uri(result.checkpoint.path, run_dir)})
     client.set_terminated(run_id, "FINISHED")
 
 
@@ -236,7 +236,7 @@ def _run_folds(cfg: ExperimentConfig, folds: list[int], run_dir: str, parent_id:
         # A trial lost before it started (its actor killed, e.g. out of memory) has no config;
         # results come in the order of the fold grid.
         fold = int((result.config or {}).get("fold", folds[position]))
-        state = read_json(f"{run_dir}/folds/{cfg.name}-fold{fold}/{FOLD_RECORD}") or {}
+        state = read_json(f"{run_dir}/folds/{cfg.name}-fold{fold}/{FOLD_STATE_FILE}") or {}
         error = None if result.error is None else _error_line(result.error)
         finished = error is None and state.get("checkpoint") is not None
         outcomes[fold] = FoldOutcome(fold, "finished" if finished else "failed", int(state.get("attempts", 0)),
@@ -313,7 +313,7 @@ def _register(cfg: ExperimentConfig, finished: list[FoldOutcome], tracking_uri: 
     return model_uri
 
 
-def _start_parent(cfg: ExperimentConfig, tracking_uri: str, folds: list[int]) -> str:
+def _start_cv_run(cfg: ExperimentConfig, tracking_uri: str, folds: list[int]) -> str:
     run_id = tracking.start_run(cfg, tracking_uri)
     client = MlflowClient(tracking_uri)
     client.set_tag(run_id, "stage", "cross-validation")

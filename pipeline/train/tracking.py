@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.common.config import ExperimentConfig, flatten, save_config
 from pipeline.common.tracking import ensure_experiment
+from pipeline.common.trials import param_value
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def start_run(cfg: ExperimentConfig, tracking_uri: str, run_id: str | None = Non
         return run_id
     experiment_id = ensure_experiment(cfg.mlflow.experiment, tracking_uri)
     with mlflow.start_run(run_name=cfg.name, experiment_id=experiment_id) as run:
-        mlflow.log_params({k: _param(v) for k, v in flatten(cfg).items()})
+        mlflow.log_params({k: param_value(v) for k, v in flatten(cfg).items()})
         mlflow.set_tag("stage", "train")
         _log_config(cfg, "config/config.yaml")
         return run.info.run_id
@@ -49,10 +50,6 @@ def start_run(cfg: ExperimentConfig, tracking_uri: str, run_id: str | None = Non
 def end_run(tracking_uri: str, run_id: str, status: str) -> None:
     """Mark the run FINISHED, FAILED or KILLED."""
     MlflowClient(tracking_uri).set_terminated(run_id, status=status)
-
-
-def _param(value: Any) -> str:
-    return str(list(value) if isinstance(value, tuple) else value)[:6000]
 
 
 def _log_config(cfg: ExperimentConfig, artifact: str) -> None:

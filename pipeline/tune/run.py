@@ -69,7 +69,7 @@ def run(cfg: ExperimentConfig, resume: bool = False) -> TuneResult:
     check_tracking_server(tracking_uri, cfg.mlflow)
     connect_ray(cfg.ray.address, cfg.ray.host)
     record = read_json(f"{search_dir}/{RECORD_FILE}") if restorable else None
-    parent_id = record["parent_run_id"] if record else _start_parent(cfg, tracking_uri)
+    parent_id = record["parent_run_id"] if record else _start_search_run(cfg, tracking_uri)
     write_json(f"{search_dir}/{RECORD_FILE}", {"parent_run_id": parent_id, "tracking_uri": tracking_uri, "config": to_dict(cfg)})
     trainable = tune.with_resources(
         tune.with_parameters(train_driver_fn, base=to_dict(cfg), parent_run_id=parent_id, tracking_uri=tracking_uri,
@@ -146,7 +146,7 @@ def _searcher(cfg: ExperimentConfig) -> Any:
     return OptunaSearch(metric=cfg.tune.metric, mode=cfg.tune.mode, seed=cfg.tune.seed)
 
 
-def _start_parent(cfg: ExperimentConfig, tracking_uri: str) -> str:
+def _start_search_run(cfg: ExperimentConfig, tracking_uri: str) -> str:
     client = MlflowClient(tracking_uri)
     experiment_id = ensure_experiment(cfg.mlflow.experiment, tracking_uri)
     parent = client.create_run(experiment_id, run_name=cfg.name, tags={"stage": "tune"})
