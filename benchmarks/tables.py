@@ -1,0 +1,222 @@
+"""README tables rendered from the benchmarks' results files, so a figure cannot drift from its data.
+
+A table in a README sits between two markers naming its results file and its renderer:
+
+    <!-- results: benchmarks/results/loader/results.json table=loader -->
+    ...generated; do not edit...
+    <!-- /results -->
+
+Extra `key=value` words in the opening marker go to the renderer (`table=cv scores=test`).
+
+    python -m benchmarks.tables            # rewrite every marked table in README.md and benchmarks/README.md
+    python -m benchmarks.tables --check    # exit status 1 and one line per table that differs
+
+Adding a table: a function `(data: dict, **options) -> str` registered with `@renderer("name")`,
+and a marker in the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks.results import ROOT, read
+
+log = logging.getLogger("benchmarks.tables")
+READMES = [ROOT / "README.md", ROOT / "benchmarks" / "README.md"]
+BLOCK = re.compile(r"(?P<open><!-- results: (?P<args>[^>]*?) -->\n)(?P<body>.*?)(?P<close><!-- /results -->)", re.S)
+NO_FIGURES = "<!-- no-figures -->"
+DECIMAL = re.compile(r"\d\.\d")
+RENDERERS: dict[str, Callable[..., str]] = {}
+
+
+def renderer(name: str) -> Callable[[Callable[..., str]], Callable[..., str]]:
+    def register(function: Callable[..., str]) -> Callable[..., str]:
+        RENDERERS[name] = function
+        return function
+    return register
+
+
+def caption(provenance: dict[str, Any]) -> str:
+    """Where and how the figures below were measured, from a results file's provenance block."""
+    machine = provenance.get("machine", {})
+    loads = [machine[k][0] for k in ("load_average_before", "load_average_after") if machine.get(k)]
+    load = provenance.get("load_note") or (
+        "load average " + " to ".join(dict.fromkeys(f"{v:.1f}" for v in loads)) if loads else "load not recorded")
+    gpu = machine.get("gpu") or "no GPU"
+    cpu = f"{machine.get('cpus', '?')} CPUs" + (f" ({machine['cpu_model']})" if machine.get("cpu_model") else "")
+    commit = provenance.get("commit") or "unknown commit"
+    if provenance.get("dirty"):
+        commit += " + uncommitted changes"
+    date = (provenance.get("started") or "")[:10] or "date not recorded"
+    seeds = provenance.get("seeds")
+    seeded = f", seeds {', '.join(map(str, seeds))}" if seeds else ""
+    torch = f", torch {machine['torch']}" if machine.get("torch") else ""
+    return (f"_Run {date} on {commit}: {cpu}, {load}, {gpu}{torch}{seeded}; "
+            f"`{provenance.get('command', 'command not recorded')}`._")
+
+
+def _table(header: list[str], rows: list[list[str]], align: str) -> str:
+    """A markdown table; `align` has one letter per column, l or r."""
+    rule = "|".join("---" if a == "l" else "---:" for a in align)
+    return "\n".join([f"| {' | '.join(header)} |", f"|{rule}|", *(f"| {' | '.join(r)} |" for r in rows)])
+
+
+@renderer("loader")
+def loader_table(data: dict[str, Any]) -> str:
+    """benchmarks/loader.py: samples/s per core, CPU ms per sample, cores per GPU, ours / nnU-Net."""
+    gpu = data.get("gpu_samples_per_s", 18.6)
+    arms = [("ours_loader", "ours"), ("ours_device", "ours, augmentation on the device"), ("nnunet", "nnU-Net v2")]
+    rows = []
+    for row in data["rows"]:
+        patch = "x".join(map(str, row["patch"]))
+        for key, label in arms:
+            if key in row:
+                per_s, cpu_ms = row[key]
+                rows.append([patch, label, f"{per_s:.2f}", f"{cpu_ms:.0f}", f"{row['cores_per_gpu'][key]:.1f}"])
+        rows.append([patch, "ours / nnU-Net", f"x{row['ours_over_nnunet']:.2f}", "", ""])
+    return _table(["patch", "loader", "samples/s per core", "CPU ms per sample", f"cores per GPU ({gpu} samples/s)"],
+                  rows, "llrrr")
+
+
+@renderer("real_accuracy_seeds")
+def real_accuracy_seeds_table(data: dict[str, Any]) -> str:
+    """benchmarks/real_accuracy.py's seeds summary: test Dice mean ± std over seeds, both tools."""
+    rows = [[str(b["budget"]), b["task"], ", ".join(map(str, b["seeds"])),
+             f"{b['ours']['mean']:.3f} ± {b['ours']['std']:.3f}", f"{b['nnunet']['mean']:.3f} ± {b['nnunet']['std']:.3f}",
+             f"{b['difference']['mean']:+.3f} ± {b['difference']['std']:.3f}"] for b in data["budgets"]]
+    return _table(["iterations", "task", "seeds", "ours", "nnU-Net v2", "ours - nnU-Net (paired)"], rows, "rllrrr")
+
+
+CV_LABELS = {"uniseg": "UniSeg (paper)", "uniseg-last-stage": "UniSeg + prompt at the last stage",
+             "multihead": "multi-head", "dodnet": "DoDNet-style", "single": "single-task nets"}
+
+
+def _cv_models(data: dict[str, Any]) -> dict[str, str]:
+    """Statistics key -> row label, in the results' order (single-task nets last)."""
+    names = {r["name"]: r["model"] for r in data["results"] if r["task"] is None} | {"single": "single"}
+    return {name: CV_LABELS.get(model, model) for name, model in names.items()}
+
+
+@renderer("cv")
+def cv_table(data: dict[str, Any], scores: str = "test", figures: str = "dice") -> str:
+    """benchmarks/train_accuracy.py --folds: per model and task, Dice mean ± std over folds
+    (`figures=dice`, with the training minutes) or the paired difference to the single-task nets
+    (`figures=difference`, `*` where it is larger than its std); `scores` is out_of_fold or test."""
+    statistics = data["statistics"][scores]
+    tasks = [t for t in next(iter(statistics.values())) if t != "mean"]
+    short = [t.split("_", 1)[-1].removeprefix("Synth") for t in tasks]
+    minutes = {r["name"]: r["seconds"] / 60 for r in data["results"] if r["task"] is None}
+    minutes["single"] = sum(r["seconds"] for r in data["results"] if r["task"] is not None) / 60
+    rows = []
+    for name, label in _cv_models(data).items():
+        stats = statistics.get(name)
+        if stats is None:
+            continue
+        if figures == "dice":
+            cells = [f"{stats[t]['mean']:.3f} ± {stats[t]['std']:.3f}" for t in [*tasks, "mean"]]
+            rows.append([label, *cells, f"{minutes[name]:.1f}"])
+        elif "difference_mean" in stats["mean"]:
+            cells = [f"{stats[t]['difference_mean']:+.3f} ± {stats[t]['difference_std']:.3f}"
+                     f"{' *' if stats[t]['exceeds'] else ''}" for t in [*tasks, "mean"]]
+            rows.append([label, *cells])
+    first = "model" if figures == "dice" else "minus single-task, paired by fold"
+    header = [first, *short, "mean over tasks"] + (["train min"] if figures == "dice" else [])
+    return _table(header, rows, "l" + "r" * (len(header) - 1))
+
+
+def render(args: str, base: Path = ROOT) -> str:
+    """The body of one marked block: its caption and table, from `args` (`PATH table=NAME k=v ...`)."""
+    path, *words = args.split()
+    options = dict(word.split("=", 1) for word in words)
+    name = options.pop("table", None)
+    if name not in RENDERERS:
+        raise ValueError(f"marker 'results: {args}': unknown table {name!r} (known: {', '.join(sorted(RENDERERS))})")
+    data = read(base / path)
+    return f"{caption(data['provenance'])}\n\n{RENDERERS[name](data, **options)}\n"
+
+
+def rendered(text: str, base: Path = ROOT) -> str:
+    """`text` with every marked block's body rendered afresh."""
+    return BLOCK.sub(lambda m: m["open"] + "\n" + render(m["args"], base) + "\n" + m["close"], text)
+
+
+def unmarked_figure_tables(text: str) -> list[int]:
+    """Line numbers of markdown tables holding decimals outside result markers (and not preceded
+    by the `<!-- no-figures -->` marker of a table of settings)."""
+    inside, fence, exempt, found = False, False, False, []
+    previous = ""
+    in_table = False
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.startswith("```"):
+            fence = not fence
+        if line.startswith("<!-- results:"):
+            inside = True
+        elif line.startswith("<!-- /results -->"):
+            inside = False
+        is_row = line.startswith("|") and not fence
+        if is_row and not in_table:
+            exempt = previous.strip() == NO_FIGURES
+            if not inside and not exempt and _has_figures(text.splitlines()[number - 1:]):
+                found.append(number)
+        in_table = is_row
+        if line.strip():
+            previous = line
+    return found
+
+
+def _has_figures(lines: list[str]) -> bool:
+    """Whether the table starting at lines[0] has a decimal number in a cell."""
+    for line in lines:
+        if not line.startswith("|"):
+            return False
+        if DECIMAL.search(re.sub(r"`[^`]*`", "", line)):
+            return True
+    return False
+
+
+def problems(readme: Path, base: Path = ROOT) -> list[str]:
+    """One line per marked table of `readme` that differs from what its results file renders, and
+    per table of figures without markers."""
+    text = readme.read_text()
+    found = []
+    for match in BLOCK.finditer(text):
+        line = text.count("\n", 0, match.start()) + 1
+        try:
+            body = "\n" + render(match["args"], base) + "\n"
+        except (ValueError, KeyError, TypeError) as error:
+            found.append(f"{readme}:{line}: {error}")
+            continue
+        if match["body"] != body:
+            found.append(f"{readme}:{line}: table differs from {match['args'].split()[0]} "
+                         "(python -m benchmarks.tables rewrites it)")
+    found += [f"{readme}:{n}: a table of figures without a results marker" for n in unmarked_figure_tables(text)]
+    return found
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--check", action="store_true", help="only report tables that differ from their results files")
+    p.add_argument("readmes", nargs="*", type=Path, default=READMES)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.check:
+        found = [line for readme in args.readmes for line in problems(readme)]
+        for line in found:
+            log.error("%s", line)
+        sys.exit(1 if found else 0)
+    for readme in args.readmes:
+        text = readme.read_text()
+        new = rendered(text)
+        if new != text:
+            readme.write_text(new)
+            log.info("%s: tables rewritten", readme)
+
+
+if __name__ == "__main__":
+    main()
