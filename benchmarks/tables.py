@@ -70,7 +70,7 @@ def _table(header: list[str], rows: list[list[str]], align: str) -> str:
 @renderer("loader")
 def loader_table(data: dict[str, Any]) -> str:
     """benchmarks/loader.py: samples/s per core, CPU ms per sample, cores per GPU, ours / nnU-Net."""
-    gpu = data.get("gpu_samples_per_s", 18.6)
+    gpu = data["gpu_samples_per_s"]
     arms = [("ours_loader", "ours"), ("ours_device", "ours, augmentation on the device"), ("nnunet", "nnU-Net v2")]
     rows = []
     for row in data["rows"]:
@@ -78,7 +78,7 @@ def loader_table(data: dict[str, Any]) -> str:
         for key, label in arms:
             if key in row:
                 per_s, cpu_ms = row[key]
-                rows.append([patch, label, f"{per_s:.2f}", f"{cpu_ms:.0f}", f"{row['cores_per_gpu'][key]:.1f}"])
+                rows.append([patch, label, f"{per_s:.2f}", f"{cpu_ms:.0f}", f"{row['cores_per_gpu'][key]:.2f}"])
         rows.append([patch, "ours / nnU-Net", f"x{row['ours_over_nnunet']:.2f}", "", ""])
     return _table(["patch", "loader", "samples/s per core", "CPU ms per sample", f"cores per GPU ({gpu} samples/s)"],
                   rows, "llrrr")
