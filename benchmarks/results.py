@@ -60,7 +60,7 @@ def _torch_version() -> str | None:
 
 
 def _command() -> str:
-    """The command line as typed (`python -m benchmarks.x ...` or `python benchmarks/x.py ...`)."""
+    """The command line as typed (`python -m benchmarks.x ...` or `python -m benchmarks.x ...`)."""
     return shlex.join(["python", *sys.orig_argv[1:]])
 
 

@@ -79,7 +79,8 @@ def loader_table(data: dict[str, Any]) -> str:
             if key in row:
                 per_s, cpu_ms = row[key]
                 rows.append([patch, label, f"{per_s:.2f}", f"{cpu_ms:.0f}", f"{row['cores_per_gpu'][key]:.2f}"])
-        rows.append([patch, "ours / nnU-Net", f"x{row['ours_over_nnunet']:.2f}", "", ""])
+        if "ours_over_nnunet" in row:
+            rows.append([patch, "ours / nnU-Net", f"x{row['ours_over_nnunet']:.2f}", "", ""])
     return _table(["patch", "loader", "samples/s per core", "CPU ms per sample", f"cores per GPU ({gpu} samples/s)"],
                   rows, "llrrr")
 
