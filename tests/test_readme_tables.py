@@ -81,3 +81,15 @@ def test_check_mode_exit_status(tmp_path: Path) -> None:
                           capture_output=True, text=True)
     assert done.returncode == 1
     assert "a table of figures without a results marker" in done.stderr
+
+
+def test_a_benchmark_writes_its_results_file(tmp_path: Path) -> None:
+    out = tmp_path / "inference.json"
+    subprocess.run([sys.executable, "-m", "benchmarks.inference", "--presets", "tiny", "--tta", "off",
+                    "--implementations", "ours", "--tiny-scan", "16", "32", "32", "--out", str(out)],
+                   cwd=ROOT, check=True, capture_output=True, text=True)
+    data = results.read(out)
+    assert data["provenance"]["command"].startswith("python -m benchmarks.inference --presets tiny")
+    assert data["provenance"]["seeds"] == [0, 1]
+    (row,) = data["rows"]
+    assert row["preset"] == "tiny" and row["implementation"] == "ours" and row["voxels_per_cpu_s"] > 0
