@@ -88,7 +88,7 @@ def main() -> None:
     if args.single:
         print(json.dumps(measure_step(*args.single, args.batch_size, args.repeats, args.device)))
         return
-    run = results.start()
+    run = results.start(seeds=[0])  # measure_step's network seed
     peak = matmul_gflops() if args.device == "cpu" else float("nan")
     print(f"device {args.device}, torch threads {torch.get_num_threads()}, batch {args.batch_size}")
     print(f"plain float32 matmul 2048^3: {peak:.1f} GFLOP/s (practical limit)")

@@ -131,6 +131,78 @@ def cv_table(data: dict[str, Any], scores: str = "test", figures: str = "dice") 
     return _table(header, rows, "l" + "r" * (len(header) - 1))
 
 
+def _nan_or(value: float | None, spec: str) -> str:
+    return "" if value is None or value != value else format(value, spec)
+
+
+@renderer("model_step")
+def model_step_table(data: dict[str, Any]) -> str:
+    """benchmarks/model_step.py: seconds per forward+backward step, GFLOP/s, peak memory."""
+    peak = data.get("matmul_gflops")
+    rows = [[r["preset"], r["architecture"], f"{r['seconds']:.3f}", f"{r['gflops']:.1f}",
+             f"{r['gflops'] / peak:.0%}" if peak else "", f"{r['peak_mib']:.0f}"] for r in data["rows"]]
+    return _table(["preset", "architecture", "s per step", "GFLOP/s", f"of matmul ({_nan_or(peak, '.1f')} GFLOP/s)",
+                   "peak MiB"], rows, "llrrrr")
+
+
+@renderer("train_step")
+def train_step_table(data: dict[str, Any]) -> str:
+    """benchmarks/train_step.py: the full step on N Ray workers beside the loader and the model alone."""
+    loader = ", ".join(f"{v:.1f} with {w} loader workers" for w, v in data["loader_only_samples_per_s"].items())
+    rows = [[str(r["workers"]), f"{r['samples_per_s']:.1f}", f"{r['samples_per_s'] / r['workers']:.1f}",
+             f"{100 * r['data_wait']:.0f} %", f"{r['scaling_efficiency']:.2f}", f"{r['peak_rss_mib']:.0f}",
+             f"{r['peak_loader_rss_mib']:.0f}"] for r in data["full_step"]]
+    head = (f"{data['preset']} {data['architecture']}, patch {data['patch']}, batch {data['batch_size']} per worker, "
+            f"{data['device']}; loader alone {loader} samples/s; model alone "
+            f"{data['model_only_samples_per_s']:.1f} samples/s\n\n")
+    return head + _table(["Ray workers", "samples/s", "per worker", "data wait", "efficiency", "peak RSS MiB",
+                          "loader RSS MiB"], rows, "rrrrrrr")
+
+
+@renderer("model_only")
+def model_only_table(data: dict[str, Any]) -> str:
+    """benchmarks/train_step.py --model-only: the model step alone per step setting."""
+    rows = [[r["setting"], f"{r['samples_per_s']:.1f}", f"{r['epoch_seconds']:.0f}", _nan_or(r["peak_gpu_gib"], ".1f"),
+             f"{r['tflops_per_s']:.3g}", _nan_or(r["mfu"], ".1%"), f"{r['warmup_seconds']:.0f}"]
+            for r in data["settings"]]
+    head = f"{data['preset']} {data['architecture']}, patch {data['patch']}, batch {data['batch_size']}, {data['device']}\n\n"
+    return head + _table(["setting", "samples/s", "epoch of 550 it, s", "peak GPU GiB", "TFLOP/s", "MFU",
+                          "warm-up s"], rows, "lrrrrrr")
+
+
+@renderer("inference")
+def inference_table(data: dict[str, Any]) -> str:
+    """benchmarks/inference.py: voxels per wall and CPU second and peak memory per preset, TTA and tool."""
+    rows = [[r["preset"], "on" if r["tta"] else "off", r["implementation"], f"{r['seconds']:.2f}",
+             f"{r['cpu_seconds']:.2f}", f"{r['voxels_per_s'] / 1e6:.3f}", f"{r['voxels_per_cpu_s'] / 1e6:.3f}",
+             f"{r['peak_mib']:.0f}"] for r in data["rows"]]
+    scans = "; ".join(f"{p}: scan {' x '.join(map(str, s))}" for p, s in data["scans"].items())
+    return f"{scans}; device {data['device']}, {data['threads']} thread(s)\n\n" + _table(
+        ["preset", "TTA", "implementation", "wall s", "CPU s", "Mvox/s", "Mvox/CPU s", "peak MiB"], rows, "lllrrrrr")
+
+
+@renderer("ingest")
+def ingest_table(data: dict[str, Any]) -> str:
+    """benchmarks/ingest.py: ingest per tool and worker count, then patch reads (median and range of runs)."""
+    cases, raw = data["cases"], data["raw_mib"]
+    rows = [[r["tool"], str(r["workers"]), f"{r['seconds']:.1f}", f"{cases / r['seconds']:.2f}",
+             f"{raw / r['seconds']:.1f}", f"{r['peak_mib']:.0f}", f"{r['cpu_seconds']:.1f}", f"{r['out_mib']:.1f}"]
+            for r in data["runs"]]
+    reads = [[tool, f"{r['per_second']:.0f}", f"{min(r['runs']):.0f} to {max(r['runs']):.0f}", f"{r['cpu_ms']:.2f}"]
+             for tool, r in data["reads"].items()]
+    return (f"{data['dataset']}: {cases} cases, {raw:.0f} MiB of raw voxels\n\n"
+            + _table(["tool", "workers", "wall s", "cases/s", "MiB/s", "peak MiB", "CPU s", "out MiB"], rows, "lrrrrrrr")
+            + "\n\n" + _table(["patch reader", "reads/s (median)", "reads/s (runs)", "CPU ms per read"], reads, "lrrr"))
+
+
+@renderer("finetune")
+def finetune_table(data: dict[str, Any]) -> str:
+    """benchmarks/finetune.py: validation Dice of the new task after each epoch, per arm."""
+    epochs = max(len(a["dice_per_epoch"]) for a in data["arms"].values())
+    rows = [[arm, *(f"{d:.3f}" for d in a["dice_per_epoch"]), f"{a['seconds']:.0f}"] for arm, a in data["arms"].items()]
+    return _table(["arm", *(f"ep {e + 1}" for e in range(epochs)), "wall s"], rows, "l" + "r" * (epochs + 1))
+
+
 def render(args: str, base: Path = ROOT) -> str:
     """The body of one marked block: its caption and table, from `args` (`PATH table=NAME k=v ...`)."""
     path, *words = args.split()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import results
-from benchmarks.tables import READMES, ROOT, problems, rendered
+from benchmarks.tables import READMES, RENDERERS, ROOT, problems, rendered
 
 RESULTS_FILE = "benchmarks/results/loader/results.json"
 
@@ -93,3 +93,21 @@ def test_a_benchmark_writes_its_results_file(tmp_path: Path) -> None:
     assert data["provenance"]["seeds"] == [0, 1]
     (row,) = data["rows"]
     assert row["preset"] == "tiny" and row["implementation"] == "ours" and row["voxels_per_cpu_s"] > 0
+    table = RENDERERS["inference"](data)
+    assert table.startswith("tiny: scan 16 x 32 x 32; device cpu, 1 thread(s)")
+    assert f"| tiny | off | ours | {row['seconds']:.2f} | {row['cpu_seconds']:.2f} |" in table
+
+
+def test_renderers_of_built_results() -> None:
+    finetune = {"arms": {"from universal": {"dice_per_epoch": [0.5, 0.75], "seconds": 99.6},
+                         "from scratch": {"dice_per_epoch": [0.25, 0.5], "seconds": 80.0}}}
+    assert RENDERERS["finetune"](finetune).splitlines() == [
+        "| arm | ep 1 | ep 2 | wall s |", "|---|---:|---:|---:|",
+        "| from universal | 0.500 | 0.750 | 100 |", "| from scratch | 0.250 | 0.500 | 80 |"]
+    step = {"preset": "tiny", "architecture": "uniseg", "patch": "32x64x64", "batch_size": 2, "device": "cpu",
+            "loader_only_samples_per_s": {"0": 40.0, "1": 50.0}, "model_only_samples_per_s": 3.5,
+            "full_step": [{"workers": 2, "samples_per_s": 5.0, "data_wait": 0.01, "scaling_efficiency": 0.75,
+                           "peak_rss_mib": 1000.0, "peak_loader_rss_mib": 600.0}]}
+    table = RENDERERS["train_step"](step)
+    assert "loader alone 40.0 with 0 loader workers, 50.0 with 1 loader workers samples/s" in table
+    assert table.endswith("| 2 | 5.0 | 2.5 | 1 % | 0.75 | 1000 | 600 |")
