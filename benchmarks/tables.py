@@ -203,6 +203,21 @@ def finetune_table(data: dict[str, Any]) -> str:
     return _table(["arm", *(f"ep {e + 1}" for e in range(epochs)), "wall s"], rows, "l" + "r" * (epochs + 1))
 
 
+@renderer("demo_training")
+def demo_training_table(data: dict[str, Any]) -> str:
+    """benchmarks/demo_training.py: training wall time per variant against the first, Dice of the evaluation."""
+    base = data["variants"][0]["train_seconds"]
+    rows = []
+    for v in data["variants"]:
+        dice = v["dice"]
+        rows.append([v["variant"], str(v["iterations"]), f"{v['train_seconds'] / 60:.1f}", f"x{v['train_seconds'] / base:.2f}",
+                     f"{v['samples_per_s']:.2f}", f"{dice['Task10_RealCT']['liver']:.3f}",
+                     f"{dice['Task01_SynthLiver']['liver']:.3f}",
+                     f"{v['load_before'][0]:.1f}-{v['load_after'][0]:.1f}"])
+    return _table(["variant", "iterations", "train min", "x first", "samples/s", "real CT liver Dice",
+                   "synthetic liver Dice", "load average"], rows, "lrrrrrrl")
+
+
 def render(args: str, base: Path = ROOT) -> str:
     """The body of one marked block: its caption and table, from `args` (`PATH table=NAME k=v ...`)."""
     path, *words = args.split()
