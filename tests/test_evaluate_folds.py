@@ -15,12 +15,13 @@ import pytest
 
 from pipeline.common.config import IngestConfig, config_from_dict
 from pipeline.common.inference import InferenceOptions
-from pipeline.common.model_card import CARD_FILE, ModelCard, write_ensemble_dir
+from pipeline.common.model_card import CARD_FILE, WEIGHTS_FILE, ModelCard, write_ensemble_dir
 from pipeline.common.store import TaskStore
 from pipeline.evaluate.__main__ import main
 from pipeline.evaluate.run import EvaluateOptions, run
 from pipeline.ingest.run import run as ingest
 from pipeline.train.build import model_card
+from pipeline.train.folds import _score_cases
 from test_predict_world import LIVER, SPLEEN, TARGET_SPACING, World, single_thread, world  # noqa: F401 (fixtures)
 
 FAST = InferenceOptions(mirror_axes=())
@@ -94,6 +95,7 @@ def _without_case(raw: Path, case_id: str, root: Path) -> Path:
     return copy
 
 
+@pytest.mark.catalogue("evaluate-trained-cases")
 def test_re_ingested_store_with_moved_folds_scores_no_training_case(world: World, tmp_path: Path,
                                                                     caplog: pytest.LogCaptureFixture) -> None:
     """The liver dataset ingested anew with case 000 removed (as on another machine): its fold 0
@@ -118,6 +120,10 @@ def test_re_ingested_store_with_moved_folds_scores_no_training_case(world: World
         f"{store}: 1 case(s) the model trained on, not scored (the store's folds were drawn anew since "
         "training): synthliver_003"]
     assert "1 case(s) the model trained on left out" in (tmp_path / "val" / "summary.md").read_text()
+    # cross-validation's out-of-fold scoring (the Ray task's body) on that store leaves it out too
+    out_of_fold = _score_cases((models[0] / WEIGHTS_FILE).read_bytes(), (models[0] / CARD_FILE).read_text(),
+                               [store], 0, amp=False)
+    assert {r.case for r in out_of_fold} == {"synthliver_004"}
 
     caplog.clear()
     assert main(["--model", str(models[2]), "--store", store, "--split", "val", "--no-mlflow", "--space", "store",

@@ -129,9 +129,10 @@ class ModelCard:
         """Ids of the `task` cases any network of this model trained on; None when the card does
         not record them (written before the field)."""
         recorded = [m.trained_cases for m in self.members] if self.members else [self.trained_cases]
-        if any(r is None for r in recorded):
+        known = [r for r in recorded if r is not None]
+        if len(known) < len(recorded):
             return None
-        return frozenset(case for r in recorded for case in r.get(task, ()))  # type: ignore[union-attr]
+        return frozenset(case for r in known for case in r.get(task, ()))
 
     def select_folds(self, folds: tuple[int, ...] | None) -> ModelCard:
         """The card of the ensemble of `folds` only (None: all); ValueError naming the known folds."""
