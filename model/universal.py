@@ -67,6 +67,11 @@ class UniversalNetwork(nn.Module):
             )
         return ids
 
+    def reach_key(self, task_id: int) -> tuple[int, ...]:
+        """Tasks with equal keys train the same parameters (the input stem of their channel count
+        and everything shared), so `pipeline.train.execution` probes one task per key."""
+        return (self.tasks[task_id].in_channels,)
+
     def crop_to_task(self, logits: torch.Tensor, task_id: int) -> torch.Tensor:
         """Keep only the classes of `task_id` (background included)."""
         return logits[:, : self.tasks[task_id].num_classes]
@@ -129,6 +134,9 @@ class MultiHeadUNet(UniversalNetwork):
         self.heads = nn.ModuleList(
             SegmentationHeads(spec.features, self.max_classes, spec.deep_supervision) for _ in self.tasks
         )
+
+    def reach_key(self, task_id: int) -> tuple[int, ...]:
+        return (self.tasks[task_id].in_channels, task_id)  # each task has its own head
 
     def decode(self, features: list[torch.Tensor], task_ids: list[int]) -> list[torch.Tensor]:
         decoded = self.decoder(features[:-1], features[-1])
