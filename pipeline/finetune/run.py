@@ -38,7 +38,9 @@ def prepare(cfg: ExperimentConfig) -> ExperimentConfig:
     """The config with an absolute tracking URI and the pretrained URI pinned; checks the model."""
     if not cfg.finetune.pretrained:
         raise ConfigError("finetune.pretrained: give the model to start from (--pretrained models:/NAME@ALIAS)")
-    if len(cfg.data.stores) != 1:
+    if cfg.finetune.add_task and cfg.finetune.from_scratch:
+        raise ConfigError("finetune: add_task keeps the pretrained weights; it cannot go with from_scratch")
+    if len(cfg.data.stores) != 1 and not cfg.finetune.add_task:
         raise ConfigError(f"data.stores: fine-tuning trains one new task, got {len(cfg.data.stores)} stores")
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     check_tracking_server(tracking_uri, cfg.mlflow)
@@ -54,6 +56,7 @@ def prepare(cfg: ExperimentConfig) -> ExperimentConfig:
 
 
 def run(cfg: ExperimentConfig, resume: bool = False) -> TrainResult:
-    """Fine-tune (or, with finetune.from_scratch, train the same architecture from scratch)."""
+    """Fine-tune (or, with finetune.from_scratch, train the same architecture from scratch; with
+    finetune.add_task, add the stores' tasks to the universal model)."""
     cfg = prepare(cfg)
     return train_run(cfg, resume=resume)
