@@ -1,6 +1,7 @@
 """Training start-up, step time and memory with many tasks (2, 11, 50, 200 by default), tiny preset.
 
-Run by hand: `python benchmarks/many_tasks.py [--tasks 2 11 50 200] [--steps 30] [--work DIR]`.
+Run by hand: `PYTHONPATH=. python benchmarks/many_tasks.py [--tasks 2 11 50 200] [--steps 30] [--work DIR]`
+(PYTHONPATH=. so that this checkout's code is measured, not an installed one's).
 
 Stores: two small synthetic tasks (1-channel CT with 3 classes, 2-channel MR with 3 classes) are
 written and ingested with `pipeline.ingest`; the N task stores are copies of them, each with its
@@ -160,7 +161,10 @@ def measure(uris: list[str], steps: int, validation_tasks: int) -> dict[str, Any
 def provenance(argv: list[str]) -> dict[str, Any]:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout.strip())
+    import pipeline
+
     return {"command": " ".join([Path(sys.executable).name, *argv]), "commit": commit, "dirty": dirty,
+            "pipeline_imported_from": str(Path(pipeline.__file__).parent),  # PYTHONPATH=. in a worktree
             "cores": os.cpu_count(), "load_avg_start": list(os.getloadavg()),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 

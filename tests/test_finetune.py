@@ -213,6 +213,25 @@ def test_finetune_from_registered_model(stores: dict[str, list[str]], tmp_path: 
     assert universal.model_uri == "models:/ft-universal/1"
 
 
+def test_add_task_refuses_a_non_uniseg_model_and_a_known_task(stores: dict[str, list[str]], tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Checked before Ray starts: one line per problem, exit status 2."""
+    from pipeline.common.model_card import ModelCard, TaskCard, save_model_dir
+    from pipeline.common.store import TaskStore
+
+    manifests = [TaskStore.open(uri).manifest for uri in stores["upstream"]]
+    spec = preset_spec("tiny", patch_size=(16, 32, 32), spacing=(4.0, 1.5, 1.5), architecture="multihead")
+    network = build_network(spec, [TaskSpec(m.task_name, m.num_classes, m.num_channels) for m in manifests])
+    folder = save_model_dir(network, ModelCard(spec, tuple(TaskCard.from_manifest(m) for m in manifests)),
+                            tmp_path / "multihead")
+    code = main(["--pretrained", str(folder), "--store", stores["upstream"][0], "--add-task",
+                 "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    assert code == 2
+    assert f"{folder}: adding a task needs a UniSeg model, this one is multihead" in caplog.text
+    assert f"{folder} already has task {UPSTREAM[0].name}" in caplog.text
+    assert not ray.is_initialized()
+
+
 @pytest.mark.slow
 def test_add_a_task_to_a_registered_model(stores: dict[str, list[str]], tmp_path: Path, local_ray: None) -> None:
     """One command adds a task to a registered universal model (2 DDP workers): a new version of

@@ -16,6 +16,8 @@ from mlflow.tracking import MlflowClient
 from pipeline.common.config import ConfigError, ExperimentConfig, config_from_dict, to_dict
 from pipeline.common.mlflow_model import load_model
 from pipeline.common.tracking import check_tracking_server, resolve_tracking_uri
+from pipeline.train.build import open_stores
+from pipeline.train.finetune import check_addition
 from pipeline.train.run import TrainResult
 from pipeline.train.run import run as train_run
 
@@ -47,6 +49,11 @@ def prepare(cfg: ExperimentConfig) -> ExperimentConfig:
     mlflow.set_tracking_uri(tracking_uri)
     pinned = pin_model_uri(cfg.finetune.pretrained, tracking_uri)
     _, card = load_model(pinned)
+    if cfg.finetune.add_task:
+        try:
+            check_addition(cfg.finetune.pretrained, card, [s.manifest for s in open_stores(cfg.data.stores)])
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     log.info("pretrained %s (%s): %s, tasks %s", cfg.finetune.pretrained, pinned, card.spec.architecture,
              ", ".join(t.name for t in card.tasks))
     raw = to_dict(cfg)

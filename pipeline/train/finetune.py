@@ -31,7 +31,7 @@ from model.unet import PlainUNet
 from model.universal import UniSeg, add_tasks
 from pipeline.common.config import ExperimentConfig, FinetuneConfig, TrainConfig
 from pipeline.common.mlflow_model import load_model
-from pipeline.common.model_card import TaskCard
+from pipeline.common.model_card import ModelCard, TaskCard
 from pipeline.common.store import StoreManifest
 from pipeline.train.build import task_specs
 from pipeline.train.optim import OPTIMIZERS
@@ -74,17 +74,24 @@ def extended_network(
     if cfg.mlflow.tracking_uri:
         mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     source, card = load_model(cfg.finetune.pretrained)  # type: ignore[arg-type]
-    if not isinstance(source, UniSeg):
-        raise ValueError(f"{cfg.finetune.pretrained}: adding a task needs a UniSeg model, got {card.spec.architecture}")
-    known = {t.name for t in card.tasks} & {m.task_name for m in manifests}
-    if known:
-        raise ValueError(f"{cfg.finetune.pretrained} already has task(s) {', '.join(sorted(known))}")
-    network, new_elements = add_tasks(source, task_specs(manifests))
+    check_addition(cfg.finetune.pretrained, card, manifests)  # type: ignore[arg-type]
+    network, new_elements = add_tasks(source, task_specs(manifests))  # type: ignore[arg-type]
     freeze_old_elements(network, new_elements)
     log.info("added %s to %s (%d tasks before); %d of %d weights train", ", ".join(m.task_name for m in manifests),
              cfg.finetune.pretrained, len(card.tasks), sum(int(m.sum()) for m in new_elements.values()),
              sum(m.numel() for m in new_elements.values()))
     return card.spec, network, card.tasks, new_elements
+
+
+def check_addition(uri: str, card: ModelCard, manifests: Sequence[StoreManifest]) -> None:
+    """Tasks can be added to a UniSeg model, under names it does not have; one line per problem."""
+    problems = []
+    if card.spec.architecture != "uniseg":
+        problems.append(f"{uri}: adding a task needs a UniSeg model, this one is {card.spec.architecture}")
+    problems += [f"{uri} already has task {m.task_name} (store {m.dataset or m.task_name})"
+                 for m in manifests if m.task_name in {t.name for t in card.tasks}]
+    if problems:
+        raise ValueError("\n".join(problems))
 
 
 def freeze_old_elements(network: nn.Module, new_elements: dict[str, torch.Tensor]) -> None:
