@@ -18,6 +18,12 @@ in the order a worker builds them (`pipeline.train.loop.build_parts`):
   sampler, after warm-up); batch: the median time the stream takes to make one batch;
 - validation: sliding-window validation of one case of the first tasks, seconds per task.
 
+With `--train N ...`, also the real thing for those N: `python -m pipeline.train` (local Ray,
+1 worker, 1 epoch of 10 iterations, MLflow SQLite under --work): the whole command's wall time,
+the worker's "ready to train after" (its start to its first step), the epoch and the validation of
+every task's validation case (from the log); the wall time without the last two bounds start-up
+(Ray, MLflow run, stores, worker group, network) plus the end (checkpoint, model logged).
+
 Results: `benchmarks/results/many_tasks/results.json` (with provenance) and `many_tasks.png`.
 """
 
@@ -107,7 +113,8 @@ def measure(uris: list[str], steps: int, validation_tasks: int) -> dict[str, Any
     torch.manual_seed(0)
     cfg = config_from_dict({"name": "many-tasks", "data": {"stores": uris},
                             "model": {"preset": "tiny", "architecture": "uniseg"},
-                            "train": {"epochs": 1, "iterations_per_epoch": 250, "precision": "fp32"}}, source="benchmark")
+                            "train": {"epochs": 1, "iterations_per_epoch": 250, "precision": "fp32"}},
+                           source="benchmark")
     device = torch.device("cpu")
     stores, t_open = timed(open_stores, cfg.data.stores)
     manifests = [s.manifest for s in stores]
@@ -158,12 +165,44 @@ def measure(uris: list[str], steps: int, validation_tasks: int) -> dict[str, Any
     }
 
 
+def train_run(work: Path, uris: list[str]) -> dict[str, Any]:
+    """`pipeline.train` on these stores, timed; the worker's start-up and validation from its log."""
+    import re
+
+    import yaml
+
+    name = f"many-{len(uris)}-{int(time.time())}"
+    config = work / f"{name}.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": name, "data": {"stores": uris}, "model": {"preset": "tiny"},
+        "train": {"epochs": 1, "iterations_per_epoch": 10, "validate_every": 1, "checkpoint_every": 1,
+                  "loader_workers": 1, "precision": "fp32", "log_every": 1000},
+        "ray": {"num_workers": 1, "cpus_per_worker": 1, "storage_path": str(work / "ray")},
+        "mlflow": {"tracking_uri": f"sqlite:///{work / 'mlflow.db'}", "experiment": "many-tasks",
+                   "registered_model": None},
+    }))
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", str(config)], cwd=ROOT,
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    text = done.stdout + done.stderr
+    if done.returncode:
+        raise RuntimeError(f"pipeline.train with {len(uris)} tasks failed:\n{text[-3000:]}")
+    ready = re.search(r"ready to train after ([0-9.]+) s", text)
+    epoch = re.search(r"epoch 1/1 done: .* ([0-9.]+) s, run ETA", text)
+    validation = re.search(r"epoch 1 validation: .*\(([0-9.]+) s\)", text)
+    parts = {key: float(found.group(1)) if found else None
+             for key, found in (("worker_ready_s", ready), ("epoch_s", epoch), ("validation_all_tasks_s", validation))}
+    rest = wall - (parts["epoch_s"] or 0) - (parts["validation_all_tasks_s"] or 0)
+    return {"tasks": len(uris), "command_wall_s": wall, **parts, "wall_minus_epoch_and_validation_s": rest}
+
+
 def provenance(argv: list[str]) -> dict[str, Any]:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout.strip())
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
     import pipeline
 
-    return {"command": " ".join([Path(sys.executable).name, *argv]), "commit": commit, "dirty": dirty,
+    return {"command": " ".join([Path(sys.executable).name, *argv]), "commit": commit, "dirty": bool(status.strip()),
             "pipeline_imported_from": str(Path(pipeline.__file__).parent),  # PYTHONPATH=. in a worktree
             "cores": os.cpu_count(), "load_avg_start": list(os.getloadavg()),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -201,10 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--validation-tasks", type=int, default=4, help="tasks validated (one case each) per N")
     p.add_argument("--work", type=Path, default=ROOT / "outputs" / "many_tasks")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--train", type=int, nargs="*", default=[], metavar="N",
+                   help="also time pipeline.train end to end with these task counts")
     p.add_argument("--measure", type=int, help=argparse.SUPPRESS)  # child process: measure N tasks, print JSON
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    uris = task_stores(args.work, base_stores(args.work), max(args.tasks if args.measure is None else [args.measure]))
+    uris = task_stores(args.work, base_stores(args.work),
+                       max([*args.tasks, *args.train] if args.measure is None else [args.measure]))
     if args.measure is not None:
         print(json.dumps(measure(uris[: args.measure], args.steps, args.validation_tasks)))
         return 0
@@ -216,8 +258,12 @@ def main(argv: list[str] | None = None) -> int:
                                cwd=ROOT, check=True, capture_output=True, text=True)
         rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
         log.info("%d tasks: %s", n, json.dumps(rows[-1]))
+    trained = []
+    for n in args.train:
+        trained.append(train_run(args.work, uris[:n]))
+        log.info("pipeline.train, %d tasks: %s", n, json.dumps(trained[-1]))
     first, last = rows[0], rows[-1]
-    record |= {"load_avg_end": list(os.getloadavg()), "per_tasks": rows,
+    record |= {"load_avg_end": list(os.getloadavg()), "per_tasks": rows, "pipeline_train": trained,
                "step_ratio_last_first": last["step_median_s"] / first["step_median_s"],
                "startup_last_s": last["startup_total_s"]}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -105,7 +105,8 @@ def freeze_old_elements(network: nn.Module, new_elements: dict[str, torch.Tensor
             param.register_hook(lambda grad, mask=mask: grad * mask.to(grad.device))
 
 
-def keep_old_elements(optimizer: torch.optim.Optimizer, network: nn.Module, new_elements: dict[str, torch.Tensor]) -> None:
+def keep_old_elements(optimizer: torch.optim.Optimizer, network: nn.Module,
+                      new_elements: dict[str, torch.Tensor]) -> None:
     """After every optimizer step, reset the old elements of partly new parameters to their values now."""
     kept = [(param, mask.to(param.device), param.detach().clone()) for name, param in network.named_parameters()
             if (mask := new_elements[name]).any() and not mask.all()]
