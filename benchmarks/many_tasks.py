@@ -15,7 +15,9 @@ in the order a worker builds them (`pipeline.train.loop.build_parts`):
 - card: the model card of the N tasks and its JSON;
 - loader: the batch stream's opening of every store and its first batch (as a loader worker does);
 - step: the median optimizer step (`train_step`, fp32, batch 2, single-task batches drawn by the
-  sampler, after warm-up); batch: the median time the stream takes to make one batch;
+  sampler, after 3 warm-up steps), every N's network stepping in turn in one process so that
+  other load on the machine falls on all alike (`step_alone_median_s`: each N in its own process);
+  batch: the median time the stream takes to make one batch;
 - validation: sliding-window validation of one case of the first tasks, seconds per task.
 
 With `--train N ...`, also the real thing for those N: `python -m pipeline.train` (local Ray,
@@ -39,7 +41,8 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,8 +98,34 @@ def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
     return value, time.perf_counter() - started
 
 
-def measure(uris: list[str], steps: int, validation_tasks: int) -> dict[str, Any]:
-    """Start-up parts, step and batch times, validation per task and peak RSS for these stores."""
+@dataclass
+class Worker:
+    """What a training worker builds for these stores, and how long each part took."""
+
+    cfg: Any
+    stores: list[Any]
+    spec: Any
+    network: Any
+    execution: Any
+    optimizer: Any
+    batches: Iterator[Any]
+    startup_s: dict[str, float]
+
+    def step(self) -> tuple[float, float]:
+        """(seconds to make the next batch, seconds of the optimizer step on it)."""
+        import torch
+
+        from pipeline.train.step import train_step
+
+        batch, t_batch = timed(next, self.batches)
+        device, precision = torch.device("cpu"), self.execution.precision
+        _, t_step = timed(train_step, self.network, batch, self.optimizer, precision.scaler(device), device, precision,
+                          self.cfg.train.loss, self.cfg.train.grad_clip)
+        return t_batch, t_step
+
+
+def build_worker(uris: list[str]) -> Worker:
+    """Stores, network, sampler, card and batch stream, as `pipeline.train.loop.build_parts` builds them."""
     import torch
 
     from model.presets import build_network
@@ -106,23 +135,20 @@ def measure(uris: list[str], steps: int, validation_tasks: int) -> dict[str, Any
     from pipeline.train.execution import prepare_network
     from pipeline.train.optim import build_optimizer
     from pipeline.train.sampling import build_sampler
-    from pipeline.train.step import train_step
-    from pipeline.train.validation import ValidationTask, validate
 
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     cfg = config_from_dict({"name": "many-tasks", "data": {"stores": uris},
                             "model": {"preset": "tiny", "architecture": "uniseg"},
                             "train": {"epochs": 1, "iterations_per_epoch": 250, "precision": "fp32"}},
                            source="benchmark")
-    device = torch.device("cpu")
     stores, t_open = timed(open_stores, cfg.data.stores)
     manifests = [s.manifest for s in stores]
 
     def network_parts() -> tuple[Any, Any, Any, Any]:
         spec = network_spec(cfg.model, manifests)
         network = build_network(spec, task_specs(manifests))
-        execution = prepare_network(network, cfg.train, device, [m.num_channels for m in manifests], spec.strides)
+        execution = prepare_network(network, cfg.train, torch.device("cpu"), [m.num_channels for m in manifests],
+                                    spec.strides)
         return spec, network, execution, build_optimizer(network.parameters(), cfg.train)
 
     (spec, network, execution, optimizer), t_network = timed(network_parts)
@@ -138,31 +164,53 @@ def measure(uris: list[str], steps: int, validation_tasks: int) -> dict[str, Any
     stream = BatchStream(sampler, uris, [m.num_classes for m in manifests], spec.patch_size, epochs=1,
                          opener=open_store)
     batches, t_loader = timed(lambda: (it := iter(stream), [next(it)])[0])
-    step_times, batch_times = [], []
-    scaler = execution.precision.scaler(device)
-    for i in range(steps):
-        batch, t_batch = timed(next, batches)
-        _, t_step = timed(train_step, network, batch, optimizer, scaler, device, execution.precision, cfg.train.loss,
-                          cfg.train.grad_clip)
-        if i >= 3:  # warm-up
-            step_times.append(t_step)
-            batch_times.append(t_batch)
+    startup = {"open_stores": t_open, "network": t_network, "sampler": t_sampler, "model_card": t_card,
+               "loader_first_batch": t_loader}
+    return Worker(cfg, stores, spec, network, execution, optimizer, batches, startup)
+
+
+def measure(uris: list[str], steps: int, validation_tasks: int) -> dict[str, Any]:
+    """Start-up parts, step (alone) and batch times, validation per task and peak RSS for these stores."""
+    import torch
+
+    from pipeline.train.validation import ValidationTask, validate
+
+    torch.set_num_threads(1)
+    worker = build_worker(uris)
+    times = [worker.step() for _ in range(steps)][3:]  # after warm-up
+    stores = worker.stores
     shown = [ValidationTask(i, s.manifest.task_name, s.manifest.labels, tuple(s.case_ids("validation")[:1]))
              for i, s in enumerate(stores[:validation_tasks])]
-    _, t_validation = timed(validate, network, shown, lambda task, case: stores[task].read_case(case), spec.patch_size)
-    prompt = network.prompt.numel() + sum(p.numel() for p in network.fuse.parameters())
+    _, t_validation = timed(validate, worker.network, shown, lambda task, case: stores[task].read_case(case),
+                            worker.spec.patch_size)
+    network = worker.network
     return {
         "tasks": len(uris),
-        "startup_s": {"open_stores": t_open, "network": t_network, "sampler": t_sampler, "model_card": t_card,
-                      "loader_first_batch": t_loader},
-        "startup_total_s": t_open + t_network + t_sampler + t_card + t_loader,
-        "step_median_s": statistics.median(step_times),
-        "batch_median_s": statistics.median(batch_times),
+        "startup_s": worker.startup_s,
+        "startup_total_s": sum(worker.startup_s.values()),
+        "step_alone_median_s": statistics.median(t for _, t in times),
+        "batch_median_s": statistics.median(t for t, _ in times),
         "validation_s_per_task": t_validation / len(shown),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "parameters": sum(p.numel() for p in network.parameters()),
-        "prompt_and_fuse_parameters": prompt,
+        "prompt_and_fuse_parameters": network.prompt.numel() + sum(p.numel() for p in network.fuse.parameters()),
     }
+
+
+def interleaved_steps(uris: list[str], counts: list[int], steps: int) -> dict[int, float]:
+    """Median optimizer step per task count, the counts stepping in turn in one process, so that
+    the load of a shared machine falls on every count alike."""
+    import torch
+
+    torch.set_num_threads(1)
+    workers = {n: build_worker(uris[:n]) for n in counts}
+    times: dict[int, list[float]] = {n: [] for n in counts}
+    for i in range(steps):
+        for n, worker in workers.items():
+            _, t_step = worker.step()
+            if i >= 3:  # warm-up
+                times[n].append(t_step)
+    return {n: statistics.median(t) for n, t in times.items()}
 
 
 def train_run(work: Path, uris: list[str]) -> dict[str, Any]:
@@ -258,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
                                cwd=ROOT, check=True, capture_output=True, text=True)
         rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
         log.info("%d tasks: %s", n, json.dumps(rows[-1]))
+    steps = interleaved_steps(uris, args.tasks, args.steps)
+    for row in rows:
+        row["step_median_s"] = steps[row["tasks"]]
+    log.info("interleaved step medians: %s", steps)
     trained = []
     for n in args.train:
         trained.append(train_run(args.work, uris[:n]))
