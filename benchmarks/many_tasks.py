@@ -234,6 +234,7 @@ def train_run(work: Path, uris: list[str]) -> dict[str, Any]:
                           capture_output=True, text=True)
     wall = time.perf_counter() - started
     text = done.stdout + done.stderr
+    (work / f"{name}.log").write_text(text)
     if done.returncode:
         raise RuntimeError(f"pipeline.train with {len(uris)} tasks failed:\n{text[-3000:]}")
     ready = re.search(r"ready to train after ([0-9.]+) s", text)
