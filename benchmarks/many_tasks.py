@@ -1,7 +1,6 @@
 """Training start-up, step time and memory with many tasks (2, 11, 50, 200 by default), tiny preset.
 
-Run by hand: `PYTHONPATH=. python benchmarks/many_tasks.py [--tasks 2 11 50 200] [--steps 30] [--work DIR]`
-(PYTHONPATH=. so that this checkout's code is measured, not an installed one's).
+Run by hand: `python -m benchmarks.many_tasks [--tasks 2 11 50 200] [--steps 30] [--train 2 200] [--work DIR]`.
 
 Stores: two small synthetic tasks (1-channel CT with 3 classes, 2-channel MR with 3 classes) are
 written and ingested with `pipeline.ingest`; the N task stores are copies of them, each with its
@@ -26,7 +25,7 @@ the worker's "ready to train after" (its start to its first step), the epoch and
 every task's validation case (from the log); the wall time without the last two bounds start-up
 (Ray, MLflow run, stores, worker group, network) plus the end (checkpoint, model logged).
 
-Results: `benchmarks/results/many_tasks/results.json` (with provenance) and `many_tasks.png`.
+Results: `benchmarks/results/many_tasks/results.json` (`benchmarks/results.py`) and `many_tasks.png`.
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import resource
 import shutil
 import statistics
@@ -45,6 +43,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from benchmarks import results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "many_tasks"
@@ -246,17 +246,6 @@ def train_run(work: Path, uris: list[str]) -> dict[str, Any]:
     return {"tasks": len(uris), "command_wall_s": wall, **parts, "wall_minus_epoch_and_validation_s": rest}
 
 
-def provenance(argv: list[str]) -> dict[str, Any]:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    status = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-    import pipeline
-
-    return {"command": " ".join([Path(sys.executable).name, *argv]), "commit": commit, "dirty": bool(status.strip()),
-            "pipeline_imported_from": str(Path(pipeline.__file__).parent),  # PYTHONPATH=. in a worktree
-            "cores": os.cpu_count(), "load_avg_start": list(os.getloadavg()),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -299,12 +288,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.measure is not None:
         print(json.dumps(measure(uris[: args.measure], args.steps, args.validation_tasks)))
         return 0
-    record = provenance(["benchmarks/many_tasks.py", *argv])
+    run = results.start()
     rows = []
     for n in args.tasks:
-        child = subprocess.run([sys.executable, __file__, "--measure", str(n), "--steps", str(args.steps),
-                                "--validation-tasks", str(args.validation_tasks), "--work", str(args.work)],
-                               cwd=ROOT, check=True, capture_output=True, text=True)
+        child = subprocess.run([sys.executable, "-m", "benchmarks.many_tasks", "--measure", str(n), "--steps",
+                                str(args.steps), "--validation-tasks", str(args.validation_tasks), "--work",
+                                str(args.work)], cwd=ROOT, check=True, capture_output=True, text=True)
         rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
         log.info("%d tasks: %s", n, json.dumps(rows[-1]))
     steps = interleaved_steps(uris, args.tasks, args.steps)
@@ -316,14 +305,13 @@ def main(argv: list[str] | None = None) -> int:
         trained.append(train_run(args.work, uris[:n]))
         log.info("pipeline.train, %d tasks: %s", n, json.dumps(trained[-1]))
     first, last = rows[0], rows[-1]
-    record |= {"load_avg_end": list(os.getloadavg()), "per_tasks": rows, "pipeline_train": trained,
-               "step_ratio_last_first": last["step_median_s"] / first["step_median_s"],
-               "startup_last_s": last["startup_total_s"]}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+    values = {"per_tasks": rows, "pipeline_train": trained,
+              "step_ratio_last_first": last["step_median_s"] / first["step_median_s"],
+              "startup_last_s": last["startup_total_s"]}
+    results.write(args.out / "results.json", run, values)
     plot(rows, args.out / "many_tasks.png")
     log.info("step %d tasks / %d tasks: %.3fx; start-up at %d tasks %.1f s; written to %s", last["tasks"],
-             first["tasks"], record["step_ratio_last_first"], last["tasks"], last["startup_total_s"], args.out)
+             first["tasks"], values["step_ratio_last_first"], last["tasks"], last["startup_total_s"], args.out)
     return 0
 
 
