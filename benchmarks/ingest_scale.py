@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,6 +41,7 @@ import psutil
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from ingest import DATASET_ID, raw_mib, write_dataset  # noqa: E402
 
+from cluster.simulate import detached_cluster  # noqa: E402
 from pipeline.common.logs import setup_logging  # noqa: E402
 
 log = logging.getLogger("benchmarks.ingest_scale")
@@ -192,27 +193,10 @@ def run_nnunet(peers: Path, dataset: Path, out: Path, workers: int) -> tuple[Usa
     return usage, size
 
 
-@contextmanager
-def simulated_cluster_env() -> Iterator[int]:
-    """The simulated cluster up, RAY_ADDRESS pointing at it; yields its CPU count."""
-    from cluster.simulate import HEAD_CPUS, WORKER_NODES, SimulatedCluster
-
-    sim = SimulatedCluster({})
-    previous = os.environ.get("RAY_ADDRESS")
-    os.environ["RAY_ADDRESS"] = sim.address
-    try:
-        yield HEAD_CPUS + sum(n["num_cpus"] for n in WORKER_NODES.values())
-    finally:
-        os.environ.pop("RAY_ADDRESS")
-        if previous is not None:
-            os.environ["RAY_ADDRESS"] = previous
-        sim.shutdown()
-
-
-def provenance(argv: list[str]) -> dict[str, object]:
+def provenance(script: str, argv: list[str]) -> dict[str, object]:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout)
-    return {"command": " ".join(["python", "benchmarks/ingest_scale.py", *argv]), "commit": commit, "dirty": dirty,
+    return {"command": " ".join(["python", f"benchmarks/{script}", *argv]), "commit": commit, "dirty": dirty,
             "cpus": os.cpu_count(), "load_average_start": os.getloadavg(),
             "memory_gib": psutil.virtual_memory().total / 2**30,
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -291,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     sizes = sorted(args.sizes)
     nnunet_sizes = sizes[:2] if args.nnunet_sizes is None else args.nnunet_sizes
     peers = _peers(args.peers) if nnunet_sizes else None
-    record = provenance(argv)
+    record = provenance("ingest_scale.py", argv)
     with (nullcontext(args.work) if args.work else tempfile.TemporaryDirectory(prefix="bench-scale-")) as work:
         work = Path(work)
         full = work / "raw" / f"Dataset{DATASET_ID}_SynthLiver"
@@ -307,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
                     rows.append(Row("nnU-Net v2", cases, workers, *run_nnunet(peers, dataset, work / "nnunet", workers)))
                 log.info("%s", rows[-1])
         if args.cluster:
-            with simulated_cluster_env() as cpus:
+            with detached_cluster() as cpus:
                 for cases in sizes:
                     usage, out = run_ours(subset(full, cases, work), work / "out", cpus, on_ray=True)
                     rows.append(Row("ours, Dask on Ray (3 nodes)", cases, cpus, usage, out))
