@@ -49,8 +49,9 @@ def write_scans(work: Path, scans: int, scale: float) -> tuple[Path, TaskCard]:
     raw = write_task(work / "raw", task)
     inputs = work / "scans"
     inputs.mkdir()
-    for i in range(scans):
-        (inputs / f"scan_{i:04d}.nii.gz").symlink_to(raw / "imagesTr" / f"{task.case_prefix}_{i % DISTINCT:03d}.nii.gz")
+    for i in range(scans):  # "scan-0001", not "scan_0001": that would read as channel 1 of "scan"
+        source = raw / "imagesTr" / f"{task.case_prefix}_{i % DISTINCT:03d}.nii.gz"
+        (inputs / f"scan-{i:04d}.nii.gz").symlink_to(source)
     x, y, z = task.spacing
     card = TaskCard(task.name, dict(enumerate(task.labels)), task.modalities, (z, y, x), ({"scheme": "zscore"},))
     return inputs, card
