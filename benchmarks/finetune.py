@@ -1,19 +1,19 @@
 """A new task fine-tuned from the universal model vs. trained from scratch, at equal iterations.
 
-Run by hand: `python benchmarks/finetune.py [--work DIR] [--cases 8] [--epochs 10] [--iterations 30]
+Run by hand, from the repository root: `python -m benchmarks.finetune [--work DIR] [--cases 8] [--epochs 10] [--iterations 30]
 [--ft-epochs 6] [--ft-iterations 20] [--patch 16 32 32] [--freeze 1] [--warmup 1] [--decay 0.9]`.
 
 Generates the four default synthetic tasks; the universal tiny UniSeg is trained on three of
 them (liver, prostate, brain tumour) and registered; the fourth (spleen, CT) is the new task.
 Both arms go through `pipeline.finetune.run` with the same recipe and the same number of
 iterations; the only difference is `finetune.from_scratch` (same plain U-Net, random weights).
-Reported: validation Dice of the new task after every epoch (MLflow history) and at the end.
+Reported: validation Dice of the new task after every epoch (MLflow history) and at the end,
+printed and written to `--out` (a results file, `benchmarks/results.py`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import subprocess
@@ -23,6 +23,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from benchmarks import results
 from pipeline.common.config import config_from_dict
 from pipeline.common.logs import setup_logging
 from pipeline.finetune.run import run as finetune_run
@@ -83,9 +84,10 @@ def main() -> None:
     p.add_argument("--freeze", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--decay", type=float, default=0.9)
-    p.add_argument("--out", type=Path)
+    p.add_argument("--out", type=Path, default=results.RESULTS / "finetune" / "results.json", help="results file")
     args = p.parse_args()
     setup_logging()
+    run = results.start(seeds=[0])  # the configs' train.seed default
     args.work = args.work.resolve()
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     import ray
@@ -112,9 +114,7 @@ def main() -> None:
     summary = {"setup": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "universal": {"model": universal.model_uri, "seconds": universal_s,
                              "dice_mean": universal.metrics.get("dice/mean")}, "new_task": NEW_TASK, "arms": rows}
-    text = json.dumps(summary, indent=2)
-    (args.out or args.work / "finetune.json").write_text(text)
-    print(text)
+    results.write(args.out, run, summary)
     print(f"\n{'arm':16} " + " ".join(f"ep{e + 1:<5}" for e in range(args.ft_epochs)) + "  seconds")
     for arm, row in rows.items():
         print(f"{arm:16} " + " ".join(f"{d:<7.3f}" for d in row["dice_per_epoch"]) + f"  {row['seconds']:.0f}")

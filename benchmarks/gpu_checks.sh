@@ -49,11 +49,11 @@ if ! "$PYTHON" -c "import ray, mlflow, monai, zarr" 2>/dev/null; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 "$PYTHON" -m pytest -m gpu -v -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/pytest_gpu.log" || status=1
-"$PYTHON" benchmarks/train_step.py --gpu --model-only --preset tiny --steps 30 --settings fp16 \
+"$PYTHON" -m benchmarks.train_step --gpu --model-only --preset tiny --steps 30 --settings fp16 \
     --out "$OUT/train_step_tiny.json" 2>&1 | tee -a "$OUT/train_step.log" || status=1
-"$PYTHON" benchmarks/train_step.py --gpu --model-only --preset uniseg-paper --steps 30 \
+"$PYTHON" -m benchmarks.train_step --gpu --model-only --preset uniseg-paper --steps 30 \
     --out "$OUT/train_step_uniseg-paper.json" 2>&1 | tee -a "$OUT/train_step.log" || status=1
-"$PYTHON" benchmarks/inference.py --device cuda --implementations ours --paper-scan 128 320 320 \
+"$PYTHON" -m benchmarks.inference --device cuda --implementations ours --paper-scan 128 320 320 \
     --tiny-scan 128 320 320 --threads 4 --json "$OUT/inference.json" 2>&1 | tee "$OUT/inference.log" || status=1
 "$PYTHON" -m benchmarks.loader --without-nnunet --augment-on-device --batches 10 --patches 64,192,192 \
     --out "$OUT/loader.json" 2>&1 | tee "$OUT/loader.log" || status=1

@@ -4,7 +4,7 @@ Run by hand on a CUDA machine with the project's dependencies importable (benchm
 installs them from carried wheels first):
 
     python -m benchmarks.gpu_job [--cases 4] [--scale 4] [--iterations 250]
-        [--augment-on loader device] [--loader-workers N] [--out gpu-results/gpu_job.json]
+        [--augment-on loader device] [--loader-workers N] [--out benchmarks/results/gpu_job/results.json]
 
 1. data: one synthetic CT task (Task01_SynthLiver, liver and tumour) with `--cases` cases at
    `--scale` times its grid (4: 256 x 256 x 128 voxels), ingested into a Zarr store;
@@ -24,7 +24,6 @@ With `--cpu` (no GPU; a check of the script itself) it runs the same on the CPU:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import subprocess
@@ -34,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks import results
 from benchmarks.ingest import write_dataset
 from pipeline.common.config import config_from_dict
 from pipeline.common.logs import setup_logging
@@ -121,19 +121,18 @@ def main() -> None:
     p.add_argument("--loader-workers", type=int, help="loader processes (default: CPUs - 2)")
     p.add_argument("--cpu", action="store_true", help="no GPU: check the script on the CPU")
     p.add_argument("--work", type=Path, help="keep data, runs and predictions here (default: temporary)")
-    p.add_argument("--out", type=Path, default=Path("gpu-results") / "gpu_job.json")
+    p.add_argument("--out", type=Path, default=results.RESULTS / "gpu_job" / "results.json", help="results file")
     args = p.parse_args()
     setup_logging()
+    run = results.start(seeds=[0])  # the configs' train.seed default
     work = args.work or Path(tempfile.mkdtemp(prefix="gpu-job-"))
     dataset = write_dataset(work / "raw", TASK, args.cases, args.scale)
     store, ingest_s = ingest(dataset, work)
     runs = [train(args, store, work, mode) for mode in args.augment_on]
     model_uri = runs[-1]["model_uri"]
     predictions = [predict(args, model_uri, dataset, work, tta) for tta in ("off", "on")] if model_uri else []
-    results = {"command": " ".join(sys.argv), "cpus": os.cpu_count(), "preset": args.preset, "ingest_s": ingest_s,
-               "reference_epoch": REFERENCE_EPOCH, "train": runs, "predict": predictions}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    results.write(args.out, run, {"preset": args.preset, "ingest_s": ingest_s, "reference_epoch": REFERENCE_EPOCH,
+                                  "train": runs, "predict": predictions})
     for r in runs:
         print(f"augment_on {r['augment_on']:6s} {r['samples_per_s']:6.1f} samples/s, data wait "
               f"{100 * r['data_wait_fraction']:4.1f} %, epoch of 550 it {r['epoch_of_550_s']:6.1f} s "

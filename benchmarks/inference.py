@@ -5,7 +5,7 @@ Run by hand. nnU-Net lives in its own venv (a different torch); set it up once:
     python3 -m venv .venv-peers && echo '*' > .venv-peers/.gitignore \\
         && .venv-peers/bin/pip install torch==2.14.1 torchvision==0.29.1 nnunetv2
 
-then `python benchmarks/inference.py [--presets tiny uniseg-paper] [--tta off on]
+then `python -m benchmarks.inference [--presets tiny uniseg-paper] [--tta off on]
 [--threads 1] [--device auto]`.
 
 One randomly initialised UniSeg (seed 0; one task, 3 classes, 1 channel) per preset and one
@@ -48,7 +48,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model.presets import PRESETS, build_network  # noqa: E402 (after the path, for the peers venv)
+from benchmarks import results  # noqa: E402 (after the path, for the peers venv)
+from model.presets import PRESETS, build_network  # noqa: E402
 from model.tasks import TaskSpec  # noqa: E402
 
 log = logging.getLogger("benchmarks.inference")
@@ -214,12 +215,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads per run (1: robust on a busy machine)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--out", "--json", type=Path, default=results.RESULTS / "inference" / "results.json",
+                        help="results file")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(measure(json.loads(args.worker))))
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    run = results.start(seeds=[0, 1])  # network, scan
     scans = {p: tuple(args.tiny_scan if p == "tiny" else args.paper_scan) for p in args.presets}
     rows = []
     for preset, tta, implementation in itertools.product(args.presets, args.tta, args.implementations):
@@ -227,8 +230,8 @@ def main() -> None:
                "window_batch_size": args.window_batch_size, "threads": args.threads, "device": args.device}
         rows += [row] if (row := _run(job)) else []
     _print_table(rows, scans, args)
-    if args.json:
-        args.json.write_text(json.dumps([r.__dict__ for r in rows], indent=2))
+    results.write(args.out, run, {"scans": scans, "overlap": OVERLAP, "window_batch_size": args.window_batch_size,
+                                  "threads": args.threads, "device": args.device, "rows": [r.__dict__ for r in rows]})
 
 
 if __name__ == "__main__":

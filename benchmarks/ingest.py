@@ -5,9 +5,10 @@ Run by hand. nnU-Net lives in its own venv (a different torch); set it up once:
     python3 -m venv .venv-peers && echo '*' > .venv-peers/.gitignore \\
         && .venv-peers/bin/pip install torch==2.14.1 torchvision==0.29.1 nnunetv2
 
-then `python benchmarks/ingest.py [--cases 24] [--scale 2] [--workers 1 2] [--patches 300]
+then `python -m benchmarks.ingest [--cases 24] [--scale 2] [--workers 1 2] [--patches 300]
 [--chunk-size 32 32 32]`. `--without-nnunet` skips nnU-Net (no peers venv needed): our ingest
-and the two readers of our store only.
+and the two readers of our store only. Every figure goes to `--out` (a results file,
+`benchmarks/results.py`).
 
 One synthetic task (`--task`, default Task01_SynthLiver: CT, anisotropic, mixed orientations)
 is written in nnU-Net v2 layout as Dataset501_<name> with `--cases` cases, its voxel grid
@@ -44,13 +45,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import psutil
 
+from benchmarks import results
 from pipeline.common.logs import setup_logging
 from pipeline.datasets import DEFAULT_TASKS, write_task
 
@@ -247,12 +249,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=1, help="runs per tool and worker count; the fastest counts")
     parser.add_argument("--peers", type=Path, default=ROOT / ".venv-peers", help="venv with nnunetv2")
     parser.add_argument("--without-nnunet", action="store_true", help="our ingest and our two readers only")
+    parser.add_argument("--out", type=Path, default=results.RESULTS / "ingest" / "results.json", help="results file")
     return parser
 
 
 def main() -> None:
     args = _parser().parse_args()
     setup_logging()
+    run = results.start()
     peers = None if args.without_nnunet else args.peers
     if peers and not (peers / "bin" / "nnUNetv2_plan_and_preprocess").is_file():
         raise SystemExit(f"{peers}: no nnunetv2 there; create it with the command in this file's docstring, "
@@ -270,7 +274,12 @@ def main() -> None:
         reads = patch_reads(peers, work / f"ours-{args.workers[0]}" / f"{dataset.name}.zarr",
                             work / f"nnunet-{args.workers[0]}" / dataset.name / "nnUNetPlans_3d_fullres",
                             tuple(args.patch), args.patches, args.repeats)
-        print_table(dataset, args.cases, raw_mib(dataset), runs, reads)
+        raw = raw_mib(dataset)
+        print_table(dataset, args.cases, raw, runs, reads)
+    results.write(args.out, run, {"dataset": dataset.name, "cases": args.cases, "scale": args.scale,
+                                  "patch": args.patch, "patches": args.patches, "repeats": args.repeats,
+                                  "chunk_size": args.chunk_size, "raw_mib": raw, "runs": [asdict(r) for r in runs],
+                                  "reads": {tool: asdict(r) for tool, r in reads.items()}})
 
 
 if __name__ == "__main__":

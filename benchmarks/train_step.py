@@ -1,8 +1,8 @@
 """Training step throughput: full step (loader + model) on 1 and 2 Ray workers, loader alone, model alone.
 
-Run by hand: `python benchmarks/train_step.py [--stores S.zarr ...] [--patch 32 64 64] [--steps 30]`.
+Run by hand: `python -m benchmarks.train_step [--stores S.zarr ...] [--patch 32 64 64] [--steps 30]`.
 Without `--stores`, the four default synthetic tasks are generated and ingested into a temporary
-folder first. On a GPU: `python benchmarks/train_step.py --gpu --model-only --preset uniseg-paper`
+folder first. On a GPU: `python -m benchmarks.train_step --gpu --model-only --preset uniseg-paper`
 times the model step alone (a random batch of one of the 11 reference tasks, no stores, no Ray) in
 each step setting (`--settings`: fp32, fp16, bf16, bf16 + channels-last, bf16 + channels-last +
 torch.compile), each from the same seed on the same batch: samples/s, the epoch time (550
@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from benchmarks import results
 from model.presets import REFERENCE_TASKS, build_network, preset_spec
 from pipeline.common.config import ExperimentConfig, TrainConfig, config_from_dict, to_dict
 from pipeline.common.logs import setup_logging
@@ -359,14 +360,16 @@ def main() -> None:
                    help="step settings of --model-only (default: all on a GPU, fp32 on the CPU)")
     p.add_argument("--seed", type=int, default=0, help="network seed of every --model-only setting")
     p.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, TFLOP/s (default: a table)")
-    p.add_argument("--out", type=Path, help="write the figures as JSON here")
+    p.add_argument("--out", type=Path, help="results file (default: benchmarks/results/train_step/"
+                                            "results.json, model_only.json with --model-only)")
     args = p.parse_args()
     setup_logging()
+    run = results.start(seeds=[args.seed])
+    out = args.out or results.RESULTS / "train_step" / ("model_only.json" if args.model_only else "results.json")
     if args.model_only:
-        results = model_only_synthetic(args, torch.device("cuda" if args.gpu else "cpu"))
-        print(model_only_report(results))
-        if args.out:
-            args.out.write_text(json.dumps(results, indent=2))
+        figures = model_only_synthetic(args, torch.device("cuda" if args.gpu else "cpu"))
+        print(model_only_report(figures))
+        results.write(out, run, figures)
         return
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     import ray
@@ -379,7 +382,7 @@ def main() -> None:
         torch.set_num_threads(max(1, int(args.cpus_per_worker)))
         device = torch.device("cuda" if args.gpu else "cpu")
         patch = "x".join(map(str, build_parts(cfg, 0, torch.device("cpu")).spec.patch_size))
-        results: dict[str, Any] = {
+        figures: dict[str, Any] = {
             "preset": args.preset, "architecture": args.architecture, "patch": patch, "batch_size": args.batch_size,
             "augment_on": args.augment_on,
             "cpus": os.cpu_count(), "load_average": os.getloadavg(), "torch": torch.__version__,
@@ -390,14 +393,13 @@ def main() -> None:
             "model_only_samples_per_s": model_only(cfg, args.steps, device) * args.batch_size,
         }
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-        results["full_step"] = [full_step(args, stores, w, str(Path(tmp) / "ray")) for w in args.workers]
+        figures["full_step"] = [full_step(args, stores, w, str(Path(tmp) / "ray")) for w in args.workers]
         ray.shutdown()
-    base = results["full_step"][0]["samples_per_s"] / results["full_step"][0]["workers"]
-    for row in results["full_step"]:
+    base = figures["full_step"][0]["samples_per_s"] / figures["full_step"][0]["workers"]
+    for row in figures["full_step"]:
         row["scaling_efficiency"] = row["samples_per_s"] / (row["workers"] * base)
-    print(report(results))
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=2))
+    print(report(figures))
+    results.write(out, run, figures)
 
 
 def report(r: dict[str, Any]) -> str:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole pipeline on a laptop: data -> ingest (Dask) -> train (Ray, 2 workers) -> evaluate
+# The whole pipeline on a laptop: data -> ingest (Dask) -> train (Ray, 1 worker, 2 threads) -> evaluate
 # -> model registry -> predict on a raw NIfTI. Run through `make demo`, which sets up .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,7 +42,7 @@ if [ -d "$OUT/raw/Task10_RealCT" ]; then
 fi
 stores=$(ls -d "$OUT"/stores/*.zarr | paste -sd, -)
 
-step "3/6 train: tiny UniSeg on a local Ray with 2 workers, tracked in MLflow"
+step "3/6 train: tiny UniSeg on a local Ray (one worker, both cores), tracked in MLflow"
 "$PY" -m pipeline.train --config configs/demo.yaml --set "data.stores=[$stores]" \
     --set "mlflow.tracking_uri=$MLFLOW_TRACKING_URI"
 

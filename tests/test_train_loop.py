@@ -38,7 +38,8 @@ def _manifest(name: str, channels: int, classes: int, spacing: tuple[float, floa
     return StoreManifest(
         task_name=name, modalities=tuple(f"MR{i}" for i in range(channels)),
         labels={0: "background", **{c: f"class {c}" for c in range(1, classes)}}, target_spacing=spacing,
-        normalization=tuple(ChannelNormalization("zscore") for _ in range(channels)), cases={}, split={},
+        normalization=tuple(ChannelNormalization("zscore") for _ in range(channels)), cases={},
+        split={"train": [], "validation": []},
     )
 
 

