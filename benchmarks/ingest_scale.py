@@ -16,7 +16,7 @@ Per run: wall time, CPU time, peak PSS and disk bytes read and written (psutil i
 storage I/O, page-cache hits are not reads) of the whole process tree, sampled every 0.1 s (the
 ingest process and its descendants; with `--cluster` also the Ray nodes' processes, every one
 a child of this process, counted from the run's start). Results: JSON and PNG under
-`benchmarks/results/ingest_scale/` (`--results`), with the command, commit, CPUs and load.
+`benchmarks/results/ingest_scale/` (`--results`), provenance by benchmarks/results.py.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ from pathlib import Path
 import nibabel as nib
 import psutil
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from ingest import DATASET_ID, raw_mib, write_dataset  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import results  # noqa: E402
+from benchmarks.ingest import DATASET_ID, raw_mib, write_dataset  # noqa: E402
 from cluster.simulate import detached_cluster  # noqa: E402
 from pipeline.common.logs import setup_logging  # noqa: E402
 
@@ -193,15 +193,6 @@ def run_nnunet(peers: Path, dataset: Path, out: Path, workers: int) -> tuple[Usa
     return usage, size
 
 
-def provenance(script: str, argv: list[str]) -> dict[str, object]:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout)
-    return {"command": " ".join(["python", f"benchmarks/{script}", *argv]), "commit": commit, "dirty": dirty,
-            "cpus": os.cpu_count(), "load_average_start": os.getloadavg(),
-            "memory_gib": psutil.virtual_memory().total / 2**30,
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-
 def summary(rows: list[Row]) -> dict[str, dict[str, float]]:
     """Per tool and worker count: largest / smallest size's per-case time and peak memory."""
     out = {}
@@ -275,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     sizes = sorted(args.sizes)
     nnunet_sizes = sizes[:2] if args.nnunet_sizes is None else args.nnunet_sizes
     peers = _peers(args.peers) if nnunet_sizes else None
-    record = provenance("ingest_scale.py", argv)
+    run = results.start()
     with (nullcontext(args.work) if args.work else tempfile.TemporaryDirectory(prefix="bench-scale-")) as work:
         work = Path(work)
         full = work / "raw" / f"Dataset{DATASET_ID}_SynthLiver"
@@ -296,12 +287,10 @@ def main(argv: list[str] | None = None) -> None:
                     usage, out = run_ours(subset(full, cases, work), work / "out", cpus, on_ray=True)
                     rows.append(Row("ours, Dask on Ray (3 nodes)", cases, cpus, usage, out))
         first = next((full / "imagesTr").glob("*.nii.gz"))
-        record |= {"case_shape": list(nib.load(first).shape),
+        record = {"case_shape": list(nib.load(first).shape),
                    "raw_mib_per_case": raw_mib(subset(full, sizes[0], work)) / sizes[0],
-                   "load_average_end": os.getloadavg(),
                    "rows": [asdict(r) | {"per_case_s": r.per_case_s} for r in rows], "summary": summary(rows)}
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "results.json").write_text(json.dumps(record, indent=2))
+    results.write(args.results / "results.json", run, record)
     plot(rows, args.results / "ingest_scale.png")
     print(json.dumps(record["summary"], indent=2))
 

@@ -8,8 +8,7 @@ gives 128x128x64; 5 distinct volumes, symlinked under distinct case ids) are pre
 (head 1 CPU, node-a 1, node-b 2: at most 4 workers of 1 CPU), with a tiny UniSeg (the `tiny`
 preset, untrained weights: the work per scan is the same). Then the largest worker count is run
 again with `--resume` on its finished folder: it must recompute nothing (every output's mtime
-kept). Results: JSON under `benchmarks/results/predict_batch/` with the command, commit, CPUs
-and load.
+kept). Results: JSON under `benchmarks/results/predict_batch/` (benchmarks/results.py).
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import subprocess
 import sys
 import tempfile
@@ -25,9 +23,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from ingest_scale import provenance  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import results  # noqa: E402
 from cluster.simulate import detached_cluster  # noqa: E402
 from model.presets import PRESETS  # noqa: E402
 from pipeline.common.logs import setup_logging  # noqa: E402
@@ -84,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     setup_logging()
-    record = provenance("predict_batch.py", argv)
+    run = results.start()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
         work = Path(tmp)
@@ -102,11 +99,10 @@ def main(argv: list[str] | None = None) -> None:
             before = _mtimes(last)
             rerun = predict(model, task.name, inputs, last, max(args.workers), resume=True)
             recomputed = sorted(name for name, mtime in _mtimes(last).items() if before.get(name) != mtime)
-    record |= {"scans": args.scans, "scan_shape": [round(n * args.scale) for n in DEFAULT_TASKS[0].shape],
-               "load_average_end": os.getloadavg(), "rows": rows,
+    record = {"scans": args.scans, "scan_shape": [round(n * args.scale) for n in DEFAULT_TASKS[0].shape],
+               "rows": rows,
                "resume": {"workers": max(args.workers), "seconds": rerun, "recomputed_outputs": recomputed}}
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "results.json").write_text(json.dumps(record, indent=2))
+    results.write(args.results / "results.json", run, record)
     print(json.dumps({"rows": rows, "resume": record["resume"]}, indent=2))
 
 
