@@ -218,6 +218,18 @@ def demo_training_table(data: dict[str, Any]) -> str:
                    "synthetic liver Dice", "load average"], rows, "lrrrrrrl")
 
 
+@renderer("many_tasks")
+def many_tasks_table(data: dict[str, Any]) -> str:
+    """benchmarks/many_tasks.py: start-up, step, memory and validation per task count."""
+    first = data["per_tasks"][0]["step_median_s"]
+    rows = [[str(r["tasks"]), f"{r['startup_total_s']:.1f}", f"{r['startup_s']['network']:.1f}",
+             f"{r['step_median_s']:.2f}", f"x{r['step_median_s'] / first:.2f}", f"{r['batch_median_s']:.2f}",
+             f"{r['validation_s_per_task']:.1f}", f"{r['peak_rss_mib']:.0f}", f"{r['parameters'] / 1e6:.2f} M"]
+            for r in data["per_tasks"]]
+    return _table(["tasks", "start-up s", "of which network s", "step s", "x first", "batch s",
+                   "validation s per task", "peak RSS MiB", "parameters"], rows, "rrrrrrrrr")
+
+
 def render(args: str, base: Path = ROOT) -> str:
     """The body of one marked block: its caption and table, from `args` (`PATH table=NAME k=v ...`)."""
     path, *words = args.split()

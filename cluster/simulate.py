@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 
 from pipeline.common.config import ExperimentConfig, IngestConfig, load_config
-from pipeline.common.services import free_port, single_machine_mode
+from pipeline.common.services import environment, free_port, single_machine_mode
 from pipeline.datasets.synthetic import SyntheticTask, write_task
 from pipeline.train.run import TrainResult, read_record, run
 
@@ -178,6 +178,18 @@ def simulated_cluster(env: dict[str, str]) -> Iterator[SimulatedCluster]:
         yield sim
     finally:
         ray.shutdown()
+        sim.shutdown()
+
+
+@contextmanager
+def detached_cluster() -> Iterator[int]:
+    """The cluster up, for processes started meanwhile (benchmarks run the stages as commands):
+    RAY_ADDRESS points at it and Ray's single-machine mode keeps its 127.0.0.1; yields its CPUs."""
+    sim = SimulatedCluster({})
+    try:
+        with environment({"RAY_ADDRESS": sim.address}), single_machine_mode():
+            yield HEAD_CPUS + sum(node["num_cpus"] for node in WORKER_NODES.values())
+    finally:
         sim.shutdown()
 
 

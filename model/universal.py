@@ -67,6 +67,11 @@ class UniversalNetwork(nn.Module):
             )
         return ids
 
+    def reach_key(self, task_id: int) -> tuple[int, ...]:
+        """Tasks with equal keys train the same parameters (the input stem of their channel count
+        and everything shared), so `pipeline.train.execution` probes one task per key."""
+        return (self.tasks[task_id].in_channels,)
+
     def crop_to_task(self, logits: torch.Tensor, task_id: int) -> torch.Tensor:
         """Keep only the classes of `task_id` (background included)."""
         return logits[:, : self.tasks[task_id].num_classes]
@@ -121,6 +126,34 @@ class UniSeg(UniversalNetwork):
         return self.heads(decoded)
 
 
+def add_tasks(network: UniSeg, new: Sequence[TaskSpec]) -> tuple[UniSeg, dict[str, torch.Tensor]]:
+    """`network` with the `new` tasks after its own: a prompt slot and FUSE output maps per new
+    task, head outputs for classes beyond the old ones, a stem for a new channel count.
+
+    Every old weight is copied; the new prompts' inputs to FUSE are zero, so the old tasks' outputs
+    stay those of `network` (up to float rounding). Returns the network and, per parameter, a
+    mask of the elements that are new (the ones adding a task trains; all False for a parameter
+    that is old throughout, such as FUSE's first convolution, whose zero columns stay zero). With
+    the old elements frozen the new prompt slot gets no gradient: the new task is learnt by its
+    FUSE output maps (and new head outputs and stem); a later joint training uses the slot.
+    """
+    grown = UniSeg(network.spec, [*network.tasks, *new])
+    old = network.state_dict()
+    new_elements = {}
+    with torch.no_grad():
+        for name, param in grown.named_parameters():
+            mask = torch.ones_like(param, dtype=torch.bool)
+            if name in old:  # not a new stem
+                region = tuple(slice(0, n) for n in old[name].shape)
+                if name == "fuse.0.conv.weight":
+                    param.zero_()
+                    mask[:] = False
+                param[region] = old[name]
+                mask[region] = False
+            new_elements[name] = mask
+    return grown, new_elements
+
+
 class MultiHeadUNet(UniversalNetwork):
     """Baseline: a shared encoder-decoder with one segmentation head per task."""
 
@@ -129,6 +162,9 @@ class MultiHeadUNet(UniversalNetwork):
         self.heads = nn.ModuleList(
             SegmentationHeads(spec.features, self.max_classes, spec.deep_supervision) for _ in self.tasks
         )
+
+    def reach_key(self, task_id: int) -> tuple[int, ...]:
+        return (self.tasks[task_id].in_channels, task_id)  # each task has its own head
 
     def decode(self, features: list[torch.Tensor], task_ids: list[int]) -> list[torch.Tensor]:
         decoded = self.decoder(features[:-1], features[-1])

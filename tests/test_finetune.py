@@ -16,14 +16,25 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from model.presets import preset_spec
+from model.presets import build_network, preset_spec
+from model.tasks import TaskSpec
 from model.unet import PlainUNet
+from model.universal import add_tasks
 from pipeline.common.config import FinetuneConfig, TrainConfig, load_config
 from pipeline.common.mlflow_model import load_model
 from pipeline.datasets.synthetic import SyntheticTask, write_task
 from pipeline.finetune.__main__ import main
 from pipeline.train.checkpoint import STATE_FILE
-from pipeline.train.finetune import apply_schedule, build_finetune_optimizer, freeze_encoder, layer_ids, warmup_factor
+from pipeline.train.finetune import (
+    apply_schedule,
+    build_finetune_optimizer,
+    freeze_encoder,
+    freeze_old_elements,
+    keep_old_elements,
+    layer_ids,
+    warmup_factor,
+)
+from pipeline.train.optim import build_optimizer
 from pipeline.train.run import run as train_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +86,48 @@ def test_decay_freeze_and_warmup() -> None:
     assert freeze_encoder(network, finetune, 1) and all(p.requires_grad for p in network.parameters())
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * scales[0])
     assert optimizer.param_groups[-1]["lr"] == pytest.approx(0.1)
+
+
+def _old_slices_equal(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(after[n][tuple(slice(0, k) for k in w.shape)], w) for n, w in before.items())
+
+
+def test_an_added_task_leaves_the_old_tasks_alone() -> None:
+    """A 2-channel task with 4 classes added to a UniSeg of 1- and 2-class tasks (1 channel): a
+    new stem, prompt slot, FUSE maps and head outputs; the old tasks' outputs unchanged; trained
+    with weight decay and momentum, only the new elements move, and the new task learns."""
+    torch.manual_seed(0)
+    spec = preset_spec("tiny", patch_size=(8, 16, 16), spacing=(1.0, 1.0, 1.0), architecture="uniseg")
+    source = build_network(spec, [TaskSpec("a", 3, 1), TaskSpec("b", 2, 1)]).eval()
+    grown, new = add_tasks(source, [TaskSpec("c", 4, 2)])
+    assert [t.name for t in grown.tasks] == ["a", "b", "c"] and grown.max_classes == 4
+    assert new["encoder.stems.2.weight"].all() and not new["fuse.0.conv.weight"].any()
+    assert new["prompt"][0, 2 * spec.prompt_channels:].all() and not new["prompt"][0, :2 * spec.prompt_channels].any()
+    x = torch.randn(2, 1, 8, 16, 16)
+    before = [source(x, t)[0][:, :source.tasks[t].num_classes] for t in (0, 1)]
+    grown.eval()
+    for t in (0, 1):
+        torch.testing.assert_close(grown(x, t)[0][:, :source.tasks[t].num_classes], before[t], rtol=0, atol=1e-6)
+
+    grown.train()
+    freeze_old_elements(grown, new)
+    optimizer = build_optimizer(grown.parameters(), TrainConfig(learning_rate=0.1, weight_decay=0.1))
+    keep_old_elements(optimizer, grown, new)
+    image, label = torch.randn(2, 2, 8, 16, 16), torch.randint(0, 4, (2, 8, 16, 16))
+    start = {n: p.detach().clone() for n, p in grown.named_parameters()}
+    losses = []
+    for _ in range(5):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(grown(image, 2)[0], label)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert _old_slices_equal(source.state_dict(), grown.state_dict())
+    assert not torch.equal(start["fuse.2.conv.weight"], grown.fuse[2].conv.weight)
+    assert losses[-1] < losses[0]
+    grown.eval()
+    for t in (0, 1):
+        torch.testing.assert_close(grown(x, t)[0][:, :source.tasks[t].num_classes], before[t], rtol=0, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +211,60 @@ def test_finetune_from_registered_model(stores: dict[str, list[str]], tmp_path: 
                              "attributes.run_name = 'spleen'")[0]
     assert "dice/mean" in run.data.metrics and run.data.params["finetune.pretrained"] == "models:/ft-universal/1"
     assert universal.model_uri == "models:/ft-universal/1"
+
+
+def test_add_task_refuses_a_non_uniseg_model_and_a_known_task(stores: dict[str, list[str]], tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Checked before training starts: one line per problem, exit status 2."""
+    from pipeline.common.model_card import ModelCard, TaskCard, save_model_dir
+    from pipeline.common.store import TaskStore
+
+    manifests = [TaskStore.open(uri).manifest for uri in stores["upstream"]]
+    spec = preset_spec("tiny", patch_size=(16, 32, 32), spacing=(4.0, 1.5, 1.5), architecture="multihead")
+    network = build_network(spec, [TaskSpec(m.task_name, m.num_classes, m.num_channels) for m in manifests])
+    folder = save_model_dir(network, ModelCard(spec, tuple(TaskCard.from_manifest(m) for m in manifests)),
+                            tmp_path / "multihead")
+    code = main(["--pretrained", str(folder), "--store", stores["upstream"][0], "--add-task",
+                 "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    assert code == 2
+    assert f"{folder}: adding a task needs a UniSeg model, this one is multihead" in caplog.text
+    assert f"{folder} already has task {UPSTREAM[0].name}" in caplog.text
+
+
+@pytest.mark.slow
+def test_add_a_task_to_a_registered_model(stores: dict[str, list[str]], tmp_path: Path, local_ray: None) -> None:
+    """One command adds a task to a registered universal model (2 DDP workers): a new version of
+    that model lists 3 tasks, keeps every old weight bit for bit and predicts the old tasks as
+    before; the new task is validated and predicted."""
+    from pipeline.common.inference import InferenceOptions, segment
+    from pipeline.common.store import TaskStore
+
+    cfg = load_config(write_config(tmp_path, stores["upstream"], "universal"))
+    train_run(cfg)
+    MlflowClient(cfg.mlflow.tracking_uri).set_registered_model_alias("ft-universal", "champion", "1")
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    source, _ = load_model("models:/ft-universal@champion")
+
+    config = write_config(tmp_path, stores["upstream"], "recipe")
+    code = main(["--pretrained", "models:/ft-universal@champion", "--store", stores["new"][0], "--config", str(config),
+                 "--add-task", "--name", "add-spleen", "--set", "ray.num_workers=2"])
+    assert code == 0
+    grown, card = load_model("models:/ft-universal/2")
+    assert [t.name for t in card.tasks] == [*(t.name for t in UPSTREAM), NEW.name]
+    assert card.spec.architecture == "uniseg" and card.metadata["add_task"] is True
+    assert card.metadata["pretrained"] == "models:/ft-universal/1"
+    assert _old_slices_equal(source.state_dict(), grown.state_dict())
+    options = InferenceOptions()
+    for task, uri in enumerate([*stores["upstream"], *stores["new"]]):
+        store = TaskStore.open(uri)
+        image, _ = store.read_case(store.case_ids("validation")[0])
+        image = torch.as_tensor(image)
+        predicted = segment(grown, image, task, card.tasks[task].num_classes, card.spec.patch_size, options)
+        assert predicted.shape == image.shape[1:] and int(predicted.max()) < card.tasks[task].num_classes
+        if task < len(UPSTREAM):
+            expected = segment(source, image, task, card.tasks[task].num_classes, card.spec.patch_size, options)
+            assert torch.equal(predicted, expected), f"task {task} predicts otherwise"
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    run = client.search_runs([client.get_experiment_by_name("finetune-tests").experiment_id],
+                             "attributes.run_name = 'add-spleen'")[0]
+    assert any(NEW.name.lower() in key.lower() for key in run.data.metrics if key.startswith("dice/")), run.data.metrics

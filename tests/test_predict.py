@@ -94,6 +94,22 @@ def test_folder_of_scans_and_overwrite(world: World, tmp_path: Path) -> None:
     run(_options(world, inputs, tmp_path / "out", overwrite=True))
 
 
+def test_resume_keeps_finished_scans_and_redoes_partial_ones(world: World, tmp_path: Path) -> None:
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    for case in ("synthliver_000", "synthliver_001"):
+        (inputs / f"{case}.nii.gz").symlink_to(_image(world, case))
+    run(_options(world, inputs, out))
+    finished = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    (out / "synthliver_001.json").unlink()  # a run stopped between this scan's renames
+    written = run(_options(world, inputs, out, resume=True))
+    assert sorted(p.name for p in written) == ["synthliver_001.json", "synthliver_001.nii.gz"]
+    assert {n: (out / n).stat().st_mtime_ns for n in ("synthliver_000.json", "synthliver_000.nii.gz")} == {
+        n: finished[n] for n in ("synthliver_000.json", "synthliver_000.nii.gz")}
+    assert run(_options(world, inputs, out, resume=True)) == []
+    assert parse_args(["--model", "m", "--task", "t", "-i", "a", "-o", "b", "--resume"]).resume
+
+
 def test_pyfunc_on_a_raw_nifti_path(world: World, tmp_path: Path) -> None:
     mlflow.set_tracking_uri(world.tracking_uri)
     model = mlflow.pyfunc.load_model(world.model_uri)

@@ -245,6 +245,8 @@ def _real_unreached(network: torch.nn.Module, task: int, channels: int, classes:
                         "pre_head.1.norm_act.0.bias"}, False),
     ("multihead", (1, 1), {"heads.0.convs.1.weight", "heads.1.convs.1.weight"}, True),
     ("uniseg", (1, 2), {"heads.convs.1.weight"}, True),  # one stem per channel count
+    ("uniseg", (1, 2, 1, 2), {"heads.convs.1.weight"}, True),  # one probe per channel count, for every task
+    ("multihead", (1, 1, 1), {"heads.0.convs.1.weight", "heads.1.convs.1.weight", "heads.2.convs.1.weight"}, True),
 ])
 def test_unreached_parameters_match_the_loss(architecture: str, channels: tuple[int, ...], never: set[str],
                                              search: bool) -> None:
@@ -259,6 +261,17 @@ def test_unreached_parameters_match_the_loss(architecture: str, channels: tuple[
     assert find_unused_parameters(network, unreached) is search
     for task, c in enumerate(channels):
         assert _real_unreached(network, task, c, 2 + task) == unreached[task] - never
+
+
+@pytest.mark.parametrize(("architecture", "passes"), [("uniseg", 2), ("dodnet", 2), ("multihead", 5)])
+def test_the_probe_runs_once_per_parameter_set(architecture: str, passes: int) -> None:
+    """Tasks of one channel count reach the same UniSeg or DoDNet parameters: one pass each, not
+    one per task (200 tasks cost 200 passes at start-up); a multihead network's tasks differ."""
+    network = _network(architecture, (1, 1, 2, 1, 2))
+    calls = []
+    network.register_forward_hook(lambda *_: calls.append(1))
+    unreached_parameters(network, (1, 1, 2, 1, 2), network.spec.strides)
+    assert len(calls) == passes
 
 
 def test_a_frozen_encoder_needs_no_search() -> None:

@@ -38,7 +38,8 @@ def _manifest(name: str, channels: int, classes: int, spacing: tuple[float, floa
     return StoreManifest(
         task_name=name, modalities=tuple(f"MR{i}" for i in range(channels)),
         labels={0: "background", **{c: f"class {c}" for c in range(1, classes)}}, target_spacing=spacing,
-        normalization=tuple(ChannelNormalization("zscore") for _ in range(channels)), cases={}, split={},
+        normalization=tuple(ChannelNormalization("zscore") for _ in range(channels)), cases={},
+        split={"train": [], "validation": []},
     )
 
 
@@ -116,3 +117,27 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     assert loaded.metadata["epochs_trained"] == 7 and loaded.metadata["patch_size"] == list(PATCH)
     with pytest.raises(FileNotFoundError, match="not a training checkpoint"):
         load_checkpoint(tmp_path / "missing", fresh)
+
+
+@pytest.mark.parametrize("tasks", [2, 200])
+def test_dice_plot_fits_any_number_of_tasks(tasks: int, tmp_path: Path) -> None:
+    """Up to MAX_NAMED_TASKS tasks the legend names them; 200 tasks' names would not fit (matplotlib
+    warned that it could not lay the figure out), so their lines go unnamed around the mean."""
+    import warnings
+
+    import matplotlib.pyplot as plt
+
+    from pipeline.train import tracking
+
+    history = [{"epoch": float(e), "train/loss": 1.0 - e / 10, "dice/mean": 0.5,
+                **{f"dice/Task{i:03d}/mean": i / tasks for i in range(tasks)}} for e in range(2)]
+    legends = []
+    with warnings.catch_warnings(), pytest.MonkeyPatch.context() as patch:
+        warnings.simplefilter("error")
+        close = plt.close
+        patch.setattr(plt, "close", lambda fig: (legends.append(fig.axes[0].get_legend()), close(fig)))
+        written = tracking.write_plots(history, tmp_path)
+    assert [p.name for p in written] == ["loss.png", "dice.png"] and all(p.stat().st_size for p in written)
+    names = [t.get_text() for t in legends[-1].get_texts()]
+    assert names == ([f"Task{i:03d}" for i in range(tasks)] if tasks <= tracking.MAX_NAMED_TASKS else []) + \
+        ["mean over tasks"]

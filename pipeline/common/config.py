@@ -194,6 +194,9 @@ class FinetuneConfig:
 
     pretrained: str | None = None
     from_scratch: bool = False
+    # Add the stores' tasks to the pretrained UniSeg (new prompt slots; its old weights and tasks frozen)
+    # instead of transferring it to a single-task U-Net.
+    add_task: bool = False
     freeze_encoder_epochs: NonNegativeInt = 0
     warmup_epochs: NonNegativeInt = 0
     layer_decay: PositiveFloat = 1.0  # 1.0 = off

@@ -7,11 +7,16 @@ normalisation planned at ingest. Loading never unpickles anything.
 A fold ensemble is one folder too: one card whose `members` name a weights file per
 cross-validation fold (`fold_0.safetensors`, ...); it loads as a `FoldEnsemble`
 (pipeline.common.ensemble), optionally with a subset of its folds.
+
+The card records, per task, the ids of the cases each network trained on (`trained_cases`; of an
+ensemble, per member), so evaluation never scores a training case, whatever folds the store it
+reads has drawn since (`unseen_cases`). Cards written before the field load with it unknown (None).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -29,6 +34,8 @@ from pipeline.common.ensemble import FoldEnsemble
 
 if TYPE_CHECKING:  # the store (zarr, fsspec) is not needed to load or run a model
     from pipeline.common.store import StoreManifest
+
+log = logging.getLogger(__name__)
 
 CARD_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -82,12 +89,17 @@ class TaskCard:
         )
 
 
+TrainedCases = dict[str, tuple[str, ...]]  # task name -> ids of the cases a network trained on
+
+
 @dataclass(frozen=True)
 class Member:
-    """One network of a fold ensemble: its weights file in the model folder and its held-out fold."""
+    """One network of a fold ensemble: its weights file in the model folder, its held-out fold and
+    the cases it trained on (None: not recorded)."""
 
     file: str
     fold: int
+    trained_cases: TrainedCases | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +109,7 @@ class ModelCard:
     metadata: dict[str, Any] = field(default_factory=dict)
     version: int = CARD_VERSION
     members: tuple[Member, ...] = ()  # a fold ensemble's networks; empty: one network in WEIGHTS_FILE
+    trained_cases: TrainedCases | None = None  # of the single network; an ensemble's are its members'
 
     @property
     def folds(self) -> tuple[int, ...]:
@@ -111,6 +124,15 @@ class ModelCard:
             return self.folds
         fold = self.metadata.get(FOLD_KEY)
         return () if fold is None else (int(fold),)
+
+    def cases_trained_on(self, task: str) -> frozenset[str] | None:
+        """Ids of the `task` cases any network of this model trained on; None when the card does
+        not record them (written before the field)."""
+        recorded = [m.trained_cases for m in self.members] if self.members else [self.trained_cases]
+        known = [r for r in recorded if r is not None]
+        if len(known) < len(recorded):
+            return None
+        return frozenset(case for r in known for case in r.get(task, ()))
 
     def select_folds(self, folds: tuple[int, ...] | None) -> ModelCard:
         """The card of the ensemble of `folds` only (None: all); ValueError naming the known folds."""
@@ -136,8 +158,10 @@ class ModelCard:
     def to_json(self) -> str:
         raw = {"version": self.version, "spec": self.spec.to_dict(), "tasks": [asdict(t) for t in self.tasks]}
         raw["metadata"] = self.metadata
+        if self.trained_cases is not None:
+            raw["trained_cases"] = self.trained_cases
         if self.members:
-            raw["members"] = [asdict(m) for m in self.members]
+            raw["members"] = [{k: v for k, v in asdict(m).items() if v is not None} for m in self.members]
         return json.dumps(raw, indent=2)
 
     @classmethod
@@ -149,8 +173,30 @@ class ModelCard:
             spec=NetworkSpec.from_dict(raw["spec"]),
             tasks=tuple(TaskCard.from_dict(t) for t in raw["tasks"]),
             metadata=raw.get("metadata", {}),
-            members=tuple(Member(str(m["file"]), int(m["fold"])) for m in raw.get("members", [])),
+            members=tuple(Member(str(m["file"]), int(m["fold"]), _trained_cases(m.get("trained_cases")))
+                          for m in raw.get("members", [])),
+            trained_cases=_trained_cases(raw.get("trained_cases")),
         )
+
+
+def _trained_cases(raw: Mapping[str, Any] | None) -> TrainedCases | None:
+    return None if raw is None else {str(task): tuple(map(str, cases)) for task, cases in raw.items()}
+
+
+def unseen_cases(card: ModelCard, task: str, case_ids: list[str], where: str) -> list[str]:
+    """`case_ids` less those the model trained on, which are logged by id (a store re-ingested
+    since training may have drawn other folds); all of them, with a warning, when the card does
+    not record its training cases. `where` names the store in the log lines."""
+    trained = card.cases_trained_on(task)
+    if trained is None:
+        log.warning("%s: the model card does not record the cases the model trained on (written before "
+                    "trained_cases); trusting the store's folds, which may have been drawn anew since", where)
+        return case_ids
+    seen = [c for c in case_ids if c in trained]
+    if seen:
+        log.warning("%s: %d case(s) the model trained on, not scored (the store's folds were drawn anew since "
+                    "training): %s", where, len(seen), ", ".join(seen))
+    return [c for c in case_ids if c not in trained]
 
 
 def build_from_card(card: ModelCard) -> nn.Module:
@@ -220,10 +266,10 @@ def write_ensemble_dir(fold_dirs: Mapping[int, str | Path], directory: str | Pat
     for fold, card in cards.items():
         if card.members or (card.spec, card.tasks) != (first.spec, first.tasks):
             raise ValueError(f"{fold_dirs[fold]}: fold {fold} is not a single network like the other folds")
-    members = tuple(Member(f"fold_{k}.safetensors", k) for k in cards)
+    members = tuple(Member(f"fold_{k}.safetensors", k, card.trained_cases) for k, card in cards.items())
     for member in members:
         shutil.copyfile(Path(fold_dirs[member.fold]) / WEIGHTS_FILE, directory / member.file)
     kept = {k: v for k, v in first.metadata.items() if k != FOLD_KEY}  # the members name their folds
-    card = replace(first, members=members, metadata={**kept, **(metadata or {})})
+    card = replace(first, members=members, metadata={**kept, **(metadata or {})}, trained_cases=None)
     (directory / CARD_FILE).write_text(card.to_json())
     return directory

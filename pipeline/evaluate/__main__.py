@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> EvaluateOptions | FolderOptions
     parser.add_argument("--split", choices=("val", "validation", "test", "train"), default="val",
                         help="which cases of each store to score (default val: those of the fold the model held "
                              "out in training; a fold ensemble needs --folds k or --split test; test cases need "
-                             "labels)")
+                             "labels; cases the model trained on are left out)")
     parser.add_argument("--space", choices=("original", "store"), default="original",
                         help="score on the source files' grids (default) or on the stores' resampled grids")
     parser.add_argument("--raw-root", type=Path, help="folder holding the raw dataset folders, if moved since ingest")

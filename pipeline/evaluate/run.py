@@ -9,6 +9,12 @@ The train and validation splits are those of the cross-validation fold the model
 training (its card's `held_out_folds`: `data.fold`, or the one fold of an ensemble picked with
 `--folds k`; fold 0 for a model trained on the stores' default split). A fold ensemble of
 several folds has no such split: every fold trained on the others' validation cases.
+
+Of the validation and test splits, the cases the model trained on (its card's `trained_cases`)
+are left out, logged by id and counted in the report's title: a store ingested anew (`--overwrite`,
+another machine, a case fewer) may have drawn other folds than the one the model trained with.
+When none is left, EvaluateError (exit status 2). A card without the record scores the split
+as the store draws it (logged).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from pipeline.common.cli import output_folder_problem
 from pipeline.common.inference import InferenceOptions, resolve_device
 from pipeline.common.metrics import EmptyRule
 from pipeline.common.mlflow_model import load_model
-from pipeline.common.model_card import ModelCard, TaskCard
+from pipeline.common.model_card import ModelCard, TaskCard, unseen_cases
 from pipeline.common.store import StoreError, TaskStore
 from pipeline.common.tracking import check_model_tracking
 from pipeline.evaluate.cases import EvaluateError, Space, evaluate_case
@@ -73,18 +79,24 @@ def run(options: EvaluateOptions) -> Evaluation:
     network, card = _load(options.model, options.device, options.folds)
     fold = None if split == "test" else held_out_fold(card, options.split)
     stores = [_open(uri, options.storage_options, fold) for uri in options.stores]
-    plan = [(store, _task_id(card, store), _cases(store, split, fold)) for store in stores]
+    plan = []
+    for store in stores:
+        task_id = _task_id(card, store)
+        case_ids = _cases(store, split, fold)
+        plan.append((store, task_id, case_ids, _untrained(card, card.tasks[task_id].name, store.uri, split, case_ids)))
     problem = output_folder_problem(str(options.output))
     if problem:
         raise EvaluateError(problem)
     rows, examples = [], {}
-    for store, task_id, case_ids in plan:
+    for store, task_id, _, case_ids in plan:
         task_rows, task_examples = _evaluate_store(network, card, task_id, store, case_ids, options)
         rows += task_rows
         if task_examples:
             examples[card.tasks[task_id].name] = task_examples
     of_fold = "" if fold is None else f" of fold {fold}"
-    title = f"Evaluation of {options.model} on the {split} split{of_fold} ({options.space} space)"
+    excluded = sum(len(split_ids) - len(scored) for _, _, split_ids, scored in plan)
+    left_out = f"; {excluded} case(s) the model trained on left out" if excluded else ""
+    title = f"Evaluation of {options.model} on the {split} split{of_fold} ({options.space} space{left_out})"
     summaries, files = write_report(rows, options.output, title)
     files += write_slices(examples, {t.name: t.labels for t in card.tasks}, options.output)
     metrics = mlflow_metrics(summaries, split)
@@ -167,6 +179,18 @@ def _cases(store: TaskStore, split: str, fold: int | None) -> list[str]:
         of_fold = "" if fold is None else f" of fold {fold} (the store has {len(store.manifest.folds)} folds)"
         raise EvaluateError(f"{store.uri}: no cases in the {split} split{of_fold}")
     return case_ids
+
+
+def _untrained(card: ModelCard, task: str, uri: str, split: str, case_ids: list[str]) -> list[str]:
+    """The split's cases less those the model trained on (the train split: all of them)."""
+    if split == "train":
+        return case_ids
+    unseen = unseen_cases(card, task, case_ids, uri)
+    if not unseen:
+        raise EvaluateError(f"{uri}: the model trained on every case of the {split} split ({len(case_ids)}), "
+                            "so the store's folds were drawn anew since training; evaluate on the store it trained "
+                            "on, or with --split test")
+    return unseen
 
 
 def _log(options: EvaluateOptions, metrics: dict[str, float], split: str) -> str | None:

@@ -337,7 +337,7 @@ def _plan(
     outcomes = [_task(guarded, plan_step, c, shared_spec, statistics, key=f"plan-{spec.name}-{c.case_id}")
                 for c in spec.train_cases if not c.problems]  # cases with missing files are reported already
     reduced = _task(_reduce_plan, outcomes, spec, cfg, key=f"plan-{spec.name}")
-    plan, *results = compute([reduced, *outcomes])
+    [(plan, results)] = compute([reduced])
     _collect(results, report, ingested=False)
     if isinstance(plan, str):
         log.error("%s", plan)
@@ -349,12 +349,17 @@ def _plan(
     return plan
 
 
-def _reduce_plan(outcomes: list[CaseOutcome], spec: DatasetSpec, cfg: IngestConfig) -> Plan | str:
-    """The plan, or why there is none (a message, so that no executor has to carry an error)."""
+def _reduce_plan(
+    outcomes: list[CaseOutcome], spec: DatasetSpec, cfg: IngestConfig
+) -> tuple[Plan | str, list[CaseOutcome]]:
+    """The plan, or why there is none (a message, so that no executor has to carry an error), and
+    the outcomes without their summaries: the driver needs their problems only, so its memory
+    does not grow with the case count (the summaries' foreground samples stay on the worker)."""
+    light = [dataclasses.replace(o, summary=None) for o in outcomes]
     try:
-        return make_plan([o.summary for o in outcomes if o.ok], spec, cfg)
+        return make_plan([o.summary for o in outcomes if o.ok], spec, cfg), light
     except ValueError as err:
-        return str(err)
+        return str(err), light
 
 
 def _collect(outcomes: list[CaseOutcome], report: DatasetReport, ingested: bool = True) -> None:

@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> PredictOptions:
                         help="the input's channel modalities, comma-separated (e.g. CT or T2,ADC): checked "
                              "against --task, and how --task all picks its tasks (required there)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the scans whose every output exists (a re-run of a stopped batch), predict the rest")
     parser.add_argument("--save-probabilities", action="store_true", help="also write softmax probabilities per task")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
     parser.add_argument("--folds", type=parse_folds, metavar="all|0,1,...",
@@ -69,6 +71,7 @@ def parse_args(argv: list[str] | None = None) -> PredictOptions:
         output=args.output,
         modalities=tuple(m.strip() for m in args.modality.split(",") if m.strip()),
         overwrite=args.overwrite,
+        resume=args.resume,
         save_probabilities=args.save_probabilities,
         inference=inference_options(parser, args),
         device=args.device,

@@ -2,7 +2,8 @@
 
 The driver ships the weights (safetensors bytes) and the card (JSON) through the object store,
 so workers need neither MLflow nor the model folder; they do need the input and output folders
-(a shared file system). Each worker writes its scan's outputs atomically. Inside
+(a shared file system). Each worker writes its scan's outputs atomically, so a worker lost
+mid-scan (its node gone) leaves no half-written output; its scan runs again on another worker. Inside
 `ray job submit` the job's cluster is joined; elsewhere a local Ray is started, listening on
 `RayOptions.host` only (127.0.0.1 unless `--host` says otherwise; pipeline/common/services.py).
 """
@@ -10,12 +11,14 @@ so workers need neither MLflow nor the model folder; they do need the input and 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import ray
 import torch
-from ray.util import ActorPool
+from ray.actor import ActorHandle
+from ray.exceptions import RayActorError
 from safetensors.torch import load as load_weights
 from safetensors.torch import save as save_weights
 from torch import nn
@@ -57,7 +60,9 @@ def run_on_ray(
     network: nn.Module, card: ModelCard, jobs: Sequence[Job], options: InferenceOptions, ray_options: RayOptions
 ) -> Iterator[Outcome]:
     """Run every job on Ray actors and yield each outcome as it comes (a failed scan is an
-    outcome, not an error; a lost worker stops the batch)."""
+    outcome, not an error). A worker lost with its node is dropped and its scan goes to another
+    worker; outputs already written stay (each scan's are renamed into place whole). Raises
+    RuntimeError when every worker is lost."""
     started = connect_ray(ray_options.address, ray_options.host, log_to_driver=True)
     workers = []
     try:
@@ -70,13 +75,36 @@ def run_on_ray(
         threads = max(1, int(ray_options.cpus_per_worker))
         workers = [actor.remote(weights, card.to_json(), ray_options.device, threads) for _ in range(count)]
         log.info("predicting %d scan(s) on %d Ray worker(s)", len(jobs), count)
-        results = ActorPool(workers).map_unordered(lambda worker, job: worker.run.remote(job, options), jobs)
+        results = _schedule(list(workers), jobs, options)
         yield from tqdm(results, total=len(jobs), desc="scans", disable=None)
     finally:
         for worker in workers:
             ray.kill(worker)
         if started:
             ray.shutdown()
+
+
+def _schedule(workers: list[ActorHandle], jobs: Sequence[Job], options: InferenceOptions) -> Iterator[Outcome]:
+    """One job at a time per worker, outcomes as they come; a job whose worker died is queued again."""
+    queue, idle = deque(jobs), deque(workers)
+    running: dict[ray.ObjectRef, tuple[ActorHandle, Job]] = {}
+    while queue or running:
+        while queue and idle:
+            worker, job = idle.popleft(), queue.popleft()
+            running[worker.run.remote(job, options)] = (worker, job)
+        if not running:
+            raise RuntimeError(f"every Ray worker was lost; {len(queue)} scan(s) not predicted")
+        [ready], _ = ray.wait(list(running), num_returns=1)
+        worker, job = running.pop(ready)
+        try:
+            outcome = ray.get(ready)
+        except RayActorError as err:
+            log.warning("%s: its Ray worker was lost (%s); predicting it on another worker",
+                        job.scan.name, type(err).__name__)
+            queue.appendleft(job)
+            continue
+        idle.append(worker)
+        yield outcome
 
 
 def _default_workers(ray_options: RayOptions) -> int:

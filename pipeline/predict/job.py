@@ -63,11 +63,12 @@ def plan_jobs(
     modalities: Sequence[str] = (),
     save_probabilities: bool = False,
     overwrite: bool = False,
+    resume: bool = False,
 ) -> tuple[list[Job], list[str]]:
     """A job per scan that can run, and one line per scan that cannot (no task takes it, or
     several inputs share its case id). Raises PredictError, before any work, for what stops the
     whole batch: an unknown task, `all` without modalities, an existing output (without
-    `overwrite`)."""
+    `overwrite` or `resume`). With `resume`, scans whose every output exists get no job."""
     if task == ALL_TASKS and not modalities:
         raise PredictError("--task all picks the tasks by modality: give the scans' channel modalities with "
                            "--modality (e.g. --modality CT or --modality T2,ADC)")
@@ -82,11 +83,24 @@ def plan_jobs(
             jobs.append(_plan_job(card, scan, task, output, model, modalities, save_probabilities))
         except PredictError as err:
             problems.append(str(err))
+    if resume:
+        jobs = _unfinished(jobs)
     existing = [path for job in jobs for path in job.paths if path.exists()]
-    if existing and not overwrite:
+    if existing and not (overwrite or resume):
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-        raise PredictError(f"{existing[0]}: output already exists{more}; pass --overwrite to replace")
+        raise PredictError(f"{existing[0]}: output already exists{more}; pass --overwrite to replace "
+                           "or --resume to keep finished scans")
     return jobs, problems
+
+
+def _unfinished(jobs: list[Job]) -> list[Job]:
+    """The jobs not all of whose outputs exist. Outputs are renamed into place whole, so an
+    existing one is complete; a scan with only some (a run stopped between renames) runs again."""
+    todo = [job for job in jobs if not all(path.exists() for path in job.paths)]
+    if len(todo) < len(jobs):
+        log.info("%d of %d scan(s) already predicted (every output exists): kept, not recomputed",
+                 len(jobs) - len(todo), len(jobs))
+    return todo
 
 
 def _plan_job(

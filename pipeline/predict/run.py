@@ -2,7 +2,8 @@
 
 Order of work: check the tracking server (for a models:/ or runs:/ model), load the model
 (registry, run or folder), find and check every scan, pick the tasks per scan and the output
-paths (refusing existing ones without `overwrite`), create the output folder and prove it
+paths (refusing existing ones without `overwrite`; with `resume` a scan whose every output
+exists is kept and not recomputed), create the output folder and prove it
 writable; only then predict, in this process or spread over Ray workers.
 
 Each scan fails alone: a scan that cannot be read or run is logged as one line naming its file,
@@ -42,6 +43,7 @@ class PredictOptions:
     output: Path
     modalities: tuple[str, ...] = ()  # the input's channel modalities, checked against the task
     overwrite: bool = False
+    resume: bool = False  # keep the scans whose every output exists, predict the others
     save_probabilities: bool = False
     inference: InferenceOptions = field(default_factory=InferenceOptions)
     device: str = "auto"
@@ -60,7 +62,7 @@ def run(options: PredictOptions) -> list[Path]:
     scans, rejected = find_scans(options.input)
     jobs, unplanned = plan_jobs(
         card, scans, options.task, options.output, options.model,
-        options.modalities, options.save_probabilities, options.overwrite,
+        options.modalities, options.save_probabilities, options.overwrite, options.resume,
     )
     outcomes = [Outcome(problem.split(": ", 1)[0], problem=problem, bad_input=True) for problem in rejected + unplanned]
     batch = len(outcomes) + len(jobs) > 1  # a lone scan's problem is the final message, logged once

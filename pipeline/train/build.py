@@ -77,15 +77,20 @@ def task_median_shapes(stores: Sequence[TaskStore]) -> list[tuple[int, int, int]
     return shapes
 
 
-def model_card(cfg: ExperimentConfig, spec: NetworkSpec, manifests: Sequence[StoreManifest], epoch: int) -> ModelCard:
-    """Everything `predict` needs: network spec (patch size included) and the task table; with
-    `data.fold`, the cross-validation fold held out (`metadata["fold"]`: evaluate's validation split)."""
+def model_card(cfg: ExperimentConfig, spec: NetworkSpec, manifests: Sequence[StoreManifest], epoch: int,
+               prior_tasks: Sequence[TaskCard] = ()) -> ModelCard:
+    """Everything `predict` needs: network spec (patch size included) and the task table (`prior_tasks`,
+    a pretrained model's when tasks were added to it, then the stores'); with `data.fold`, the
+    cross-validation fold held out (`metadata["fold"]`: evaluate's validation split); per store task
+    the ids of its training cases (evaluation never scores them, whatever the store's folds)."""
     return ModelCard(
         spec=spec,
-        tasks=tuple(TaskCard.from_manifest(m) for m in manifests),
+        tasks=(*prior_tasks, *(TaskCard.from_manifest(m) for m in manifests)),
+        trained_cases={m.task_name: tuple(sorted(m.split["train"])) for m in manifests},
         metadata={"run": cfg.name, "epochs_trained": epoch, "stores": list(cfg.data.stores),
                   "patch_size": list(spec.patch_size)}
         | ({FOLD_KEY: cfg.data.fold} if cfg.data.fold is not None else {})
-        | ({"pretrained": cfg.finetune.pretrained, "from_scratch": cfg.finetune.from_scratch}
+        | ({"pretrained": cfg.finetune.pretrained, "from_scratch": cfg.finetune.from_scratch,
+            "add_task": cfg.finetune.add_task}
            if cfg.finetune.pretrained else {}),
     )

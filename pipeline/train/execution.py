@@ -123,29 +123,41 @@ def unreached_parameters(network: nn.Module, task_channels: Sequence[int],
     """Per task, the names of the parameters requiring a gradient that a single-task batch of
     that task (`task_channels[i]` input channels) leaves without one under the deep-supervision
     loss weights. Runs the network once per task in training mode on `smallest_grid` (no
-    random numbers drawn; buffers restored)."""
+    random numbers drawn; buffers restored). A universal network's tasks with equal `reach_key`
+    reach the same parameters, so one of them is run for all (200 tasks of one channel count: one
+    pass, not 200)."""
     grid = smallest_grid(strides)
-    device = next(network.parameters()).device
     named = [(n, p) for n, p in network.named_parameters() if p.requires_grad]
     buffers = {n: b.detach().clone() for n, b in network.named_buffers()}
     was_training = network.training
     network.train()
+    reach_key = getattr(network, "reach_key", lambda task: (task,))
+    probed: dict[tuple[int, ...], frozenset[str]] = {}
     unreached = []
     try:
         for task, channels in enumerate(task_channels):
-            x = torch.linspace(-1, 1, channels * math.prod(grid), device=device).reshape(1, channels, *grid)
-            with torch.enable_grad():
-                outputs = network(x, torch.tensor([task]))
-                weights = deep_supervision_weights(len(outputs))
-                total = sum(w * out.float().sum() for w, out in zip(weights, outputs) if w)
-                grads = torch.autograd.grad(total, [p for _, p in named], allow_unused=True)
-            unreached.append(frozenset(n for (n, _), g in zip(named, grads) if g is None))
+            key = (*reach_key(task), channels)
+            if key not in probed:
+                probed[key] = _unreached_by(network, named, task, channels, grid)
+            unreached.append(probed[key])
     finally:
         network.train(was_training)
         with torch.no_grad():
             for name, buffer in network.named_buffers():
                 buffer.copy_(buffers[name])
     return tuple(unreached)
+
+
+def _unreached_by(network: nn.Module, named: Sequence[tuple[str, nn.Parameter]], task: int, channels: int,
+                  grid: tuple[int, int, int]) -> frozenset[str]:
+    device = named[0][1].device
+    x = torch.linspace(-1, 1, channels * math.prod(grid), device=device).reshape(1, channels, *grid)
+    with torch.enable_grad():
+        outputs = network(x, torch.tensor([task]))
+        weights = deep_supervision_weights(len(outputs))
+        total = sum(w * out.float().sum() for w, out in zip(weights, outputs) if w)
+        grads = torch.autograd.grad(total, [p for _, p in named], allow_unused=True)
+    return frozenset(n for (n, _), g in zip(named, grads) if g is None)
 
 
 def freeze_unreached(network: nn.Module, unreached: Sequence[frozenset[str]]) -> list[str]:

@@ -9,6 +9,10 @@ group's rate (schedule x warm-up x depth scale; 0 for a frozen encoder) and `fre
 freezes the encoder during the first `freeze_encoder_epochs` (no gradients, so momentum and weight
 decay leave it alone). DDP syncs only the parameters that required gradients when it wrapped the
 network, so the training loop freezes before wrapping and wraps again when the encoder thaws.
+
+With `finetune.add_task` the pretrained UniSeg keeps its architecture and gains the stores' tasks
+after its own (`extended_network`, `model.universal.add_tasks`): only the new elements train
+(`freeze_old_elements`), so the old tasks predict as before.
 """
 
 from __future__ import annotations
@@ -24,9 +28,12 @@ from torch import nn
 from model.spec import NetworkSpec
 from model.transfer import transfer_to_single_task
 from model.unet import PlainUNet
+from model.universal import UniSeg, add_tasks
 from pipeline.common.config import ExperimentConfig, FinetuneConfig, TrainConfig
 from pipeline.common.mlflow_model import load_model
+from pipeline.common.model_card import ModelCard, TaskCard
 from pipeline.common.store import StoreManifest
+from pipeline.train.build import task_specs
 from pipeline.train.optim import OPTIMIZERS
 
 log = logging.getLogger(__name__)
@@ -50,6 +57,66 @@ def transferred_network(cfg: ExperimentConfig, manifests: Sequence[StoreManifest
     network, report = transfer_to_single_task(source.state_dict(), card.spec, task.num_channels, task.num_classes)
     log.info("%s from %s", report.summary(), cfg.finetune.pretrained)
     return spec, network
+
+
+def transfers(cfg: ExperimentConfig) -> bool:
+    """Whether the run transfers a pretrained model to a single-task U-Net (fine-tuning's schedule
+    and layer-wise groups apply), as opposed to training from scratch or adding tasks."""
+    return bool(cfg.finetune.pretrained) and not cfg.finetune.add_task
+
+
+def extended_network(
+    cfg: ExperimentConfig, manifests: Sequence[StoreManifest]
+) -> tuple[NetworkSpec, UniSeg, tuple[TaskCard, ...], dict[str, torch.Tensor]]:
+    """The pretrained UniSeg with the stores' tasks added after its own, only their new elements
+    trainable; returns its spec, the network, the pretrained model's task cards and the masks of
+    the new elements (`model.universal.add_tasks`)."""
+    if cfg.mlflow.tracking_uri:
+        mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    source, card = load_model(cfg.finetune.pretrained)  # type: ignore[arg-type]
+    check_addition(cfg.finetune.pretrained, card, manifests)  # type: ignore[arg-type]
+    network, new_elements = add_tasks(source, task_specs(manifests))  # type: ignore[arg-type]
+    freeze_old_elements(network, new_elements)
+    log.info("added %s to %s (%d tasks before); %d of %d weights train", ", ".join(m.task_name for m in manifests),
+             cfg.finetune.pretrained, len(card.tasks), sum(int(m.sum()) for m in new_elements.values()),
+             sum(m.numel() for m in new_elements.values()))
+    return card.spec, network, card.tasks, new_elements
+
+
+def check_addition(uri: str, card: ModelCard, manifests: Sequence[StoreManifest]) -> None:
+    """Tasks can be added to a UniSeg model, under names it does not have; one line per problem."""
+    problems = []
+    if card.spec.architecture != "uniseg":
+        problems.append(f"{uri}: adding a task needs a UniSeg model, this one is {card.spec.architecture}")
+    problems += [f"{uri} already has task {m.task_name} (store {m.dataset or m.task_name})"
+                 for m in manifests if m.task_name in {t.name for t in card.tasks}]
+    if problems:
+        raise ValueError("\n".join(problems))
+
+
+def freeze_old_elements(network: nn.Module, new_elements: dict[str, torch.Tensor]) -> None:
+    """Gradients only for the new elements: off for a parameter without any, masked for one with
+    some. Weight decay would still move the old elements: `keep_old_elements` puts them back."""
+    for name, param in network.named_parameters():
+        mask = new_elements[name]
+        if not mask.any():
+            param.requires_grad_(False)
+        elif not mask.all():
+            param.register_hook(lambda grad, mask=mask: grad * mask.to(grad.device))
+
+
+def keep_old_elements(optimizer: torch.optim.Optimizer, network: nn.Module,
+                      new_elements: dict[str, torch.Tensor]) -> None:
+    """After every optimizer step, reset the old elements of partly new parameters to their values now."""
+    kept = [(param, mask.to(param.device), param.detach().clone()) for name, param in network.named_parameters()
+            if (mask := new_elements[name]).any() and not mask.all()]
+
+    def restore(*_: object) -> None:
+        with torch.no_grad():
+            for param, mask, old in kept:
+                param.copy_(torch.where(mask, param, old))
+
+    optimizer.register_step_post_hook(restore)
 
 
 def layer_ids(names: Sequence[str]) -> dict[str, int]:

@@ -19,7 +19,9 @@ After its training, each fold's final model segments its held-out cases (a Ray t
 training worker's resources; sliding window on the store grid, no mirroring, as validation)
 and scores them (pipeline.common.metrics, nnU-Net's empty-reference rule): the out-of-fold rows
 (`folds/<name>-fold<k>/out_of_fold.json`) from which `cv_summary` computes per task and class the
-mean and std over folds and the pooled Dice over all out-of-fold cases.
+mean and std over folds and the pooled Dice over all out-of-fold cases. A held-out case the fold's
+model trained on (its card's `trained_cases`; a store re-ingested with other folds before a
+`--resume`) is left out, logged by id.
 
 MLflow: one parent run (the config, the summary as a table, cv_summary.{md,csv,png}, the
 `cv/...` metrics, one `cv.fold<k>.*` tag set per fold) and one child run per fold (tag
@@ -46,7 +48,9 @@ from pipeline.common.config import ConfigError, ExperimentConfig, config_from_di
 from pipeline.common.files import read_json, resolve_storage, write_json
 from pipeline.common.inference import InferenceOptions, segment
 from pipeline.common.metrics import class_metrics
-from pipeline.common.model_card import CARD_FILE, WEIGHTS_FILE, ModelCard, build_from_card, write_ensemble_dir
+from pipeline.common.model_card import (
+    CARD_FILE, WEIGHTS_FILE, ModelCard, build_from_card, unseen_cases, write_ensemble_dir,
+)
 from pipeline.common.services import connect_ray
 from pipeline.common.store import TaskStore
 from pipeline.common.tracking import check_tracking_server, resolve_tracking_uri
@@ -203,7 +207,7 @@ def _score_cases(weights: bytes, card_json: str, stores: list[str], fold: int, a
     for task_id, uri in enumerate(stores):
         store = TaskStore.open(uri, fold=fold)
         task = card.tasks[task_id]
-        for case in store.case_ids("validation"):
+        for case in unseen_cases(card, task.name, store.case_ids("validation"), uri):
             image, label = store.read_case(case)
             predicted = segment(network, torch.from_numpy(np.asarray(image, np.float32)), task_id, task.num_classes,
                                 card.spec.patch_size, options).numpy()

@@ -31,7 +31,7 @@ from model.spec import NetworkSpec
 from pipeline.common.config import ExperimentConfig, config_from_dict
 from pipeline.common.logs import quiet_ray_train_reports, setup_logging
 from pipeline.common.metrics import metric_name
-from pipeline.common.model_card import unwrap
+from pipeline.common.model_card import TaskCard, unwrap
 from pipeline.common.store import StoreManifest, TaskStore
 from pipeline.train import finetune
 from pipeline.train.build import model_card, network_spec, open_stores, task_median_shapes, task_specs
@@ -81,6 +81,12 @@ class Parts:
     sampler: TaskSampler
     device: torch.device
     execution: Execution  # precision, memory layout, compilation, DDP's unused-parameter search
+    prior_tasks: tuple[TaskCard, ...] = ()  # finetune.add_task: the pretrained model's tasks, before the stores'
+
+    @property
+    def task_offset(self) -> int:
+        """The network's task id of the first store."""
+        return len(self.prior_tasks)
 
     @property
     def manifests(self) -> list[StoreManifest]:
@@ -99,13 +105,17 @@ def build_parts(cfg: ExperimentConfig, rank: int, device: torch.device) -> Parts
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed patch shapes: let cuDNN pick (nnU-Net does)
     stores = open_stores(cfg.data.stores, fold=cfg.data.fold, allow_incomplete=cfg.data.allow_incomplete_stores)
     manifests = [s.manifest for s in stores]
-    if cfg.finetune.pretrained:
+    prior: tuple[TaskCard, ...] = ()
+    if cfg.finetune.add_task:
+        spec, network, prior, new_elements = finetune.extended_network(cfg, manifests)
+    elif cfg.finetune.pretrained:
         spec, network = finetune.transferred_network(cfg, manifests)
     else:
         spec = network_spec(cfg.model, manifests, task_median_shapes(stores) if cfg.model.preset is None else None)
         network = build_network(spec, task_specs(manifests))
     network = network.to(device)
-    execution = prepare_network(network, cfg.train, device, [m.num_channels for m in manifests], spec.strides)
+    channels = [t.in_channels for t in prior] + [m.num_channels for m in manifests]
+    execution = prepare_network(network, cfg.train, device, channels, spec.strides)
     if rank == 0:
         log.info("%s", execution.summary(network))
     sampler = build_sampler(
@@ -113,9 +123,12 @@ def build_parts(cfg: ExperimentConfig, rank: int, device: torch.device) -> Parts
         batch_size=cfg.train.batch_size, mixed=cfg.train.mixed_task_batches,
         temperature=cfg.train.sampling_temperature, seed=cfg.train.seed, rank=rank,
     )
-    optimizer = (finetune.build_finetune_optimizer(network, cfg.train, cfg.finetune) if cfg.finetune.pretrained
+    optimizer = (finetune.build_finetune_optimizer(network, cfg.train, cfg.finetune) if finetune.transfers(cfg)
                  else build_optimizer(network.parameters(), cfg.train))
-    return Parts(cfg, stores, spec, network, optimizer, execution.precision.scaler(device), sampler, device, execution)
+    if cfg.finetune.add_task:
+        finetune.keep_old_elements(optimizer, network, new_elements)
+    return Parts(cfg, stores, spec, network, optimizer, execution.precision.scaler(device), sampler, device, execution,
+                 prior)
 
 
 def batch_loader(parts: Parts) -> DataLoader:
@@ -158,9 +171,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     run_started, first_epoch = time.perf_counter(), state.epoch  # state.epoch moves at each checkpoint
     for epoch in range(first_epoch, cfg.train.epochs):
         lr = set_learning_rate(parts.optimizer, cfg.train, epoch)
-        if cfg.finetune.pretrained:
+        if finetune.transfers(cfg):
             lr = finetune.apply_schedule(parts.optimizer, cfg.finetune, epoch, lr)
-        if model is None or (cfg.finetune.pretrained and finetune.freeze_encoder(parts.network, cfg.finetune, epoch)):
+        if model is None or (finetune.transfers(cfg) and finetune.freeze_encoder(parts.network, cfg.finetune, epoch)):
             model = None  # drop the old DDP wrapper (and its gradient hooks) before building a new one
             model = wrap_model(parts, epoch)
         stats = train_epoch(model, batches, parts, epoch, context, rank)
@@ -188,7 +201,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 def wrap_model(parts: Parts, epoch: int) -> nn.Module:
     """The network ready for `epoch` (DDP over the parameters that train in it, when world > 1;
     searching for unused ones only when some can get no gradient, `execution.find_unused_parameters`)."""
-    if parts.cfg.finetune.pretrained:
+    if finetune.transfers(parts.cfg):
         finetune.freeze_encoder(parts.network, parts.cfg.finetune, epoch)
     unused = find_unused_parameters(parts.network, parts.execution.unreached)
     return ray.train.torch.prepare_model(parts.network, parallel_strategy_kwargs={"find_unused_parameters": unused})
@@ -202,9 +215,10 @@ def run_eta(elapsed_s: float, first_epoch: int, epoch: int, epochs: int) -> floa
 def validate_epoch(model: nn.Module, parts: Parts, epoch: int, rank: int, world: int) -> dict[str, float]:
     """Per-task, per-class Dice on every store's validation split (cases shared among ranks)."""
     started = time.perf_counter()
-    tasks = [ValidationTask(i, s.manifest.task_name, s.manifest.labels, tuple(s.case_ids("validation")))
+    offset = parts.task_offset
+    tasks = [ValidationTask(offset + i, s.manifest.task_name, s.manifest.labels, tuple(s.case_ids("validation")))
              for i, s in enumerate(parts.stores)]
-    metrics = validate(unwrap(model), tasks, lambda task, case: parts.stores[task].read_case(case),
+    metrics = validate(unwrap(model), tasks, lambda task, case: parts.stores[task - offset].read_case(case),
                        parts.spec.patch_size, rank=rank, world_size=world, amp_dtype=parts.amp.dtype)
     if rank == 0:
         log.info("epoch %d validation: %s (%.1f s)", epoch + 1, format_summary(metrics), time.perf_counter() - started)
@@ -247,10 +261,11 @@ def train_epoch(model: nn.Module, batches: Iterator[Batch], parts: Parts, epoch:
         data_seconds += time.perf_counter() - waited
         if cfg.train.augment_on == "device":
             batch = augment_batch(batch, parts.device)
+        batch["task"] = batch["task"] + parts.task_offset  # store index -> the network's task id
         loss_sum += train_step(model, batch, parts.optimizer, parts.scaler, parts.device, parts.amp,
                                cfg.train.loss, cfg.train.grad_clip, parts.execution.memory_format)
         parts.sampler.advance()
-        task_samples += torch.bincount(batch["task"], minlength=len(parts.stores))
+        task_samples += torch.bincount(batch["task"] - parts.task_offset, minlength=len(parts.stores))
         if rank == 0 and (i + 1) % cfg.train.log_every == 0 and i + 1 < total:
             elapsed = time.perf_counter() - started
             log.info("epoch %d/%d [%d/%d] loss %.4f, %.2f it/s, epoch ETA %s", epoch + 1, cfg.train.epochs, i + 1,
@@ -301,7 +316,7 @@ def report_with_checkpoint(metrics: dict[str, float], parts: Parts, state: Train
             state.scaler = parts.scaler.state_dict()
             state.sampler = parts.sampler.state_dict()
             state.capture_rng()
-            card = model_card(parts.cfg, parts.spec, parts.manifests, state.epoch)
+            card = model_card(parts.cfg, parts.spec, parts.manifests, state.epoch, parts.prior_tasks)
             save_checkpoint(tmp, parts.network, card, state)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)

@@ -30,6 +30,7 @@ from pipeline.common.trials import param_value
 log = logging.getLogger(__name__)
 
 History = list[dict[str, float]]
+MAX_NAMED_TASKS = 12  # dice.png names each task's line up to this many tasks; more are drawn grey, unnamed
 
 
 def start_run(cfg: ExperimentConfig, tracking_uri: str, run_id: str | None = None) -> str:
@@ -101,7 +102,8 @@ class EpochLogger:
 
 
 def write_plots(history: History, folder: Path) -> list[Path]:
-    """loss.png (train loss per epoch) and dice.png (mean Dice per task per validation)."""
+    """loss.png (train loss per epoch) and dice.png (mean Dice per task per validation; with more
+    than MAX_NAMED_TASKS tasks, their lines grey and unnamed around the black mean)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,11 +123,16 @@ def write_plots(history: History, folder: Path) -> list[Path]:
     keys = sorted({k for h in history for k in h if k.startswith("dice/") and k.endswith("/mean")})
     keys = [k for k in keys if k != "dice/mean"] + (["dice/mean"] if any("dice/mean" in h for h in history) else [])
     if keys:
+        named = len(keys) <= MAX_NAMED_TASKS + 1  # beyond that, a legend of task names fills the figure
         fig, ax = plt.subplots(figsize=(6, 4))
         for key in keys:
             points = [(h["epoch"], h[key]) for h in history if key in h]
-            label = "mean over tasks" if key == "dice/mean" else key.split("/")[1]
-            ax.plot(*zip(*points), marker="o", label=label, linewidth=2.5 if key == "dice/mean" else 1.2)
+            if key == "dice/mean":
+                ax.plot(*zip(*points), marker="o", label="mean over tasks", linewidth=2.5, color="black")
+            elif named:
+                ax.plot(*zip(*points), marker="o", label=key.split("/")[1], linewidth=1.2)
+            else:
+                ax.plot(*zip(*points), linewidth=0.6, color="grey", alpha=0.5)
         ax.set_xlabel("epoch")
         ax.set_ylabel("validation Dice")
         ax.set_ylim(0, 1)
