@@ -80,6 +80,7 @@ KEY_HELP: dict[str, str] = {
     # finetune
     "finetune.pretrained": "model to start from (models:/NAME@ALIAS, runs:/ID/model or a model folder); None: train as usual",
     "finetune.from_scratch": "keep the pretrained architecture but not its weights (the baseline at equal iterations)",
+    "finetune.add_task": "add the stores' tasks to the pretrained UniSeg (new prompts; old weights and tasks frozen) instead of a single-task U-Net",
     "finetune.freeze_encoder_epochs": "epochs the encoder stays frozen at the start (0: never)",
     "finetune.warmup_epochs": "epochs over which the learning rate rises linearly to train.learning_rate",
     "finetune.layer_decay": "each layer, counted back from the heads, gets this times the next one's rate (1.0: off)",
