@@ -261,11 +261,11 @@ def train_epoch(model: nn.Module, batches: Iterator[Batch], parts: Parts, epoch:
         data_seconds += time.perf_counter() - waited
         if cfg.train.augment_on == "device":
             batch = augment_batch(batch, parts.device)
+        task_samples += torch.bincount(batch["task"], minlength=len(parts.stores))
         batch["task"] = batch["task"] + parts.task_offset  # store index -> the network's task id
         loss_sum += train_step(model, batch, parts.optimizer, parts.scaler, parts.device, parts.amp,
                                cfg.train.loss, cfg.train.grad_clip, parts.execution.memory_format)
         parts.sampler.advance()
-        task_samples += torch.bincount(batch["task"] - parts.task_offset, minlength=len(parts.stores))
         if rank == 0 and (i + 1) % cfg.train.log_every == 0 and i + 1 < total:
             elapsed = time.perf_counter() - started
             log.info("epoch %d/%d [%d/%d] loss %.4f, %.2f it/s, epoch ETA %s", epoch + 1, cfg.train.epochs, i + 1,
