@@ -21,11 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-from mlflow.tracking import MlflowClient
-
 from benchmarks import results
 from pipeline.common.config import config_from_dict
 from pipeline.common.logs import setup_logging
+from pipeline.common.tracking import TrackedRun
 from pipeline.finetune.run import run as finetune_run
 from pipeline.train.run import run as train_run
 
@@ -67,8 +66,7 @@ def config(args: argparse.Namespace, name: str, stores_: list[str], epochs: int,
 
 
 def dice_history(tracking_uri: str, run_id: str, key: str) -> list[float]:
-    history = MlflowClient(tracking_uri).get_metric_history(run_id, key)
-    return [m.value for m in sorted(history, key=lambda m: m.step)]
+    return [value for _, value in TrackedRun(tracking_uri, run_id).metric_history(key)]
 
 
 def main() -> None:

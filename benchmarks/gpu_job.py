@@ -68,10 +68,9 @@ def train_config(args: argparse.Namespace, store: str, work: Path, augment_on: s
 
 def epoch_figures(tracking_uri: str, run_id: str, iterations: int) -> dict[str, float]:
     """The last epoch's step figures from the run's MLflow metrics."""
-    from mlflow.tracking import MlflowClient
+    from pipeline.common.tracking import TrackedRun
 
-    client = MlflowClient(tracking_uri)
-    last = client.get_run(run_id).data.metrics
+    last = TrackedRun(tracking_uri, run_id).latest_metrics()
     seconds_per_iteration = 1.0 / last["train/iterations_per_s"]
     return {
         "seconds_per_iteration": seconds_per_iteration,

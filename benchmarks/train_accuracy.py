@@ -189,7 +189,6 @@ def task_sensitivity(work: Path, run_name: str, stores: list[str], patch: list[i
     resolution first): ||f(x, other task) - f(x, own task)|| / ||f(x, own task)|| of the level's
     features, averaged over `patches` foreground patches of each task's validation cases and over
     the other tasks of the same channel count. 0 means the level does not see the task at all."""
-    import mlflow
     import numpy as np
     import torch
 
@@ -198,8 +197,7 @@ def task_sensitivity(work: Path, run_name: str, stores: list[str], patch: list[i
     from pipeline.train.run import RECORD_FILE
 
     record = json.loads((work / "ray" / run_name / RECORD_FILE).read_text())
-    mlflow.set_tracking_uri(record["tracking_uri"])
-    network, _ = load_model(record["model_uri"])
+    network, _ = load_model(record["model_uri"], tracking_uri=record["tracking_uri"])
     captured: dict[str, list[torch.Tensor]] = {}
     network.decoder.register_forward_hook(lambda module, args, out: captured.update(levels=out))
     rng, ratios = np.random.default_rng(seed), []

@@ -38,6 +38,7 @@ import yaml
 
 from pipeline.common.config import ExperimentConfig, IngestConfig, load_config
 from pipeline.common.services import environment, free_port, single_machine_mode
+from pipeline.common.tracking import TrackedRun
 from pipeline.datasets.synthetic import SyntheticTask, write_task
 from pipeline.train.run import TrainResult, read_record, run
 
@@ -260,13 +261,11 @@ class ElasticRun:
 
 def world_sizes(cfg: ExperimentConfig) -> dict[int, int]:
     """Epoch -> world size, as the run's MLflow metrics record it so far."""
-    from mlflow.tracking import MlflowClient
-
     record = read_record(f"{cfg.ray.storage_path}/{cfg.name}")
     if record is None or record.mlflow_run_id is None:
         return {}
-    history = MlflowClient(cfg.mlflow.tracking_uri).get_metric_history(record.mlflow_run_id, "train/world_size")
-    return {m.step: int(m.value) for m in history}
+    history = TrackedRun(cfg.mlflow.tracking_uri, record.mlflow_run_id).metric_history("train/world_size")
+    return {step: int(value) for step, value in history}
 
 
 def train_losing_a_node(sim: SimulatedCluster, cfg: ExperimentConfig, node: str = "node-b",

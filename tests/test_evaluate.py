@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mlflow import MlflowClient
 
 from pipeline.common.inference import InferenceOptions
 from pipeline.common.metrics import ClassMetrics
@@ -21,7 +20,7 @@ from pipeline.evaluate.cases import EvaluateError
 from pipeline.evaluate.report import CaseRow, markdown, mlflow_metrics, summarize, write_report
 from pipeline.evaluate.run import EvaluateOptions, run
 from pipeline.evaluate.slices import pick_slice, write_slices
-from pipeline.evaluate.tracking import model_run_id
+from pipeline.common.mlflow_model import model_run
 from test_predict_world import LIVER, SPLEEN, World, build_world, one_thread
 
 FAST = InferenceOptions(mirror_axes=())
@@ -84,12 +83,11 @@ def test_report_files(tmp_path: Path) -> None:
     assert summary["foreground_mean"]["Dice"] == pytest.approx((0.8 + 0.5 + 0.6) / 3)
 
 
-def test_model_run_id_of_uri_forms(world: World) -> None:
-    client = MlflowClient(world.tracking_uri)
-    run_id = model_run_id(world.model_uri, client)
-    assert run_id and model_run_id("models:/tiny-uniseg/1", client) == run_id
-    assert model_run_id(f"runs:/{run_id}/model", client) == run_id
-    assert model_run_id(str(world.model_dir), client) is None
+def test_model_run_of_uri_forms(world: World) -> None:
+    run = model_run(world.model_uri, world.tracking_uri)
+    assert run is not None and model_run("models:/tiny-uniseg/1", world.tracking_uri) == run
+    assert model_run(f"runs:/{run.run_id}/model", world.tracking_uri) == run
+    assert model_run(str(world.model_dir), world.tracking_uri) is None
 
 
 def test_store_space_on_two_stores(world: World, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import torch
 from pipeline.common.config import ConfigError, config_from_dict
 from pipeline.train.checkpoint import TrainState
 from pipeline.train.run import check_paths_are_shared, worker_resources
-from pipeline.train.tracking import merge_rank_metrics
+from pipeline.train.mlflow_run import merge_rank_metrics
 
 
 def _cfg(tmp_path: Path, **ray: object) -> object:

@@ -11,7 +11,6 @@ also takes `train.augment_on: device` through the loop's own epoch function.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -127,7 +127,7 @@ def test_dice_plot_fits_any_number_of_tasks(tasks: int, tmp_path: Path) -> None:
 
     import matplotlib.pyplot as plt
 
-    from pipeline.train import tracking
+    from pipeline.train import mlflow_run
 
     history = [{"epoch": float(e), "train/loss": 1.0 - e / 10, "dice/mean": 0.5,
                 **{f"dice/Task{i:03d}/mean": i / tasks for i in range(tasks)}} for e in range(2)]
@@ -136,8 +136,8 @@ def test_dice_plot_fits_any_number_of_tasks(tasks: int, tmp_path: Path) -> None:
         warnings.simplefilter("error")
         close = plt.close
         patch.setattr(plt, "close", lambda fig: (legends.append(fig.axes[0].get_legend()), close(fig)))
-        written = tracking.write_plots(history, tmp_path)
+        written = mlflow_run.write_plots(history, tmp_path)
     assert [p.name for p in written] == ["loss.png", "dice.png"] and all(p.stat().st_size for p in written)
     names = [t.get_text() for t in legends[-1].get_texts()]
-    assert names == ([f"Task{i:03d}" for i in range(tasks)] if tasks <= tracking.MAX_NAMED_TASKS else []) + \
+    assert names == ([f"Task{i:03d}" for i in range(tasks)] if tasks <= mlflow_run.MAX_NAMED_TASKS else []) + \
         ["mean over tasks"]

@@ -1,4 +1,5 @@
-"""The registered model's predict interface: what goes in, what comes out, and its MLflow signature.
+"""The registered model's predict interface: what goes in and what comes out (its MLflow
+signature, written from this description, is `mlflow_model.SIGNATURE`).
 
 The pyfunc model (`pyfunc_model.py`) takes a table, one row per scan: a pandas DataFrame, a list
 of row dicts or one row dict in Python; over HTTP (`mlflow models serve`, POST /invocations)
@@ -33,30 +34,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from mlflow.models import ModelSignature
-from mlflow.types.schema import AnyType, Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 from pipeline.common.inference import InferenceOptions
 from pipeline.common.model_card import ModelCard
 
 SOURCES = ("image", "path", "array")
-INPUT_SCHEMA = Schema([
-    ColSpec(DataType.string, "task"),
-    ColSpec(DataType.binary, "image", required=False),
-    ColSpec(DataType.string, "path", required=False),
-    ColSpec(AnyType(), "array", required=False),
-])
-OUTPUT_SCHEMA = Schema([
-    ColSpec(DataType.string, "task"),
-    ColSpec(AnyType(), "labels"),
-    ColSpec(Array(Array(DataType.double)), "affine", required=False),
-    ColSpec(DataType.string, "classes"),
-])
-PARAMS_SCHEMA = ParamSchema([
-    ParamSpec("tta", DataType.boolean, False),
-    ParamSpec("overlap", DataType.double, InferenceOptions().overlap),
-])
-SIGNATURE = ModelSignature(inputs=INPUT_SCHEMA, outputs=OUTPUT_SCHEMA, params=PARAMS_SCHEMA)
 EXAMPLE_SHAPE = (16, 16, 8)  # (x, y, z) voxels of the example scan: one window, milliseconds
 
 

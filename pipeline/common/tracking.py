@@ -1,5 +1,8 @@
-"""Where MLflow records go: the tracking URI, whether its server answers, and experiments whose
-artifacts outlive the job.
+"""MLflow's runs for every stage: where records go (the tracking URI, whether its server answers,
+experiments whose artifacts outlive the job) and `TrackedRun`, a run by id that stages log params,
+tags, metrics and files into, with its parent/child runs (a search's trials, cross-validation's
+folds). Models (logging, registering, loading) are `mlflow_model.py`'s. No other module of the
+pipeline imports MLflow but those two and the pyfunc entry (`pyfunc_model.py`).
 
 The default is an embedded SQLite store. MLflow would put that store's artifacts in `./mlruns`
 of whatever directory first creates the experiment, which for a Ray job is a temporary copy of
@@ -30,10 +33,14 @@ import fcntl
 import logging
 import os
 import sqlite3
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.credentials import get_default_host_creds
@@ -48,6 +55,8 @@ SERVER_SCHEMES = ("http://", "https://")
 MODEL_SCHEMES = ("models:/", "runs:/")  # model URIs that live in the tracking server
 PROBE_TIMEOUT_S = 5.0
 HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": 2, "MLFLOW_HTTP_REQUEST_TIMEOUT": 20}
+PARENT_TAG = "mlflow.parentRunId"
+BATCH = {"params": 100, "metrics": 1000}  # entries per log_batch request: MLflow's limits
 
 
 class TrackingUnavailable(RuntimeError):
@@ -128,6 +137,14 @@ def check_tracking_server(uri: str, settings: MLflowConfig | None = None,
         raise TrackingUnavailable(f"{uri}: MLflow tracking server answers HTTP {response.status_code} at /health")
 
 
+def use_tracking_uri(uri: str | None) -> str:
+    """Make `uri`, when given, MLflow's tracking URI in this process (where models:/ and runs:/
+    URIs are looked up); returns the one in use."""
+    if uri:
+        mlflow.set_tracking_uri(uri)
+    return mlflow.get_tracking_uri()
+
+
 def check_model_tracking(model_uri: str) -> None:
     """check_tracking_server for MLflow's current tracking URI when `model_uri` lives there
     (models:/, runs:/); a model folder needs no server."""
@@ -161,3 +178,98 @@ def _causes(err: BaseException | None) -> Iterator[BaseException]:
         seen.add(id(err))
         yield err
         err = err.__cause__ or err.__context__
+
+
+def param_value(value: Any) -> str:
+    """A value as an MLflow param (tuples as lists, cut to MLflow's 6000 characters)."""
+    return str(list(value) if isinstance(value, tuple) else value)[:6000]
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    """An MLflow run by id: what the stages log into it, from any process (the driver, a Ray Train
+    controller, a Tune trial), with no active run involved."""
+
+    tracking_uri: str
+    run_id: str
+
+    @classmethod
+    def create(cls, tracking_uri: str, experiment: str, name: str, tags: Mapping[str, str] | None = None,
+               params: Mapping[str, Any] | None = None) -> TrackedRun:
+        """A new run of `experiment` (created when missing, `ensure_experiment`)."""
+        created = MlflowClient(tracking_uri).create_run(ensure_experiment(experiment, tracking_uri),
+                                                        run_name=name, tags=dict(tags or {}))
+        run = cls(tracking_uri, created.info.run_id)
+        run.log_params(params or {})
+        return run
+
+    @property
+    def client(self) -> MlflowClient:
+        return MlflowClient(self.tracking_uri)
+
+    def child(self, tag: str, value: str, name: str, tags: Mapping[str, str] | None = None,
+              params: Mapping[str, Any] | None = None) -> tuple[TrackedRun, bool]:
+        """(run, created): the child run whose tag `tag` is `value`, reopened (RUNNING) when it
+        exists (a resumed job, a retried trial), else created with `tags` and `params`."""
+        found = self.children(tag).get(value)
+        if found is not None:
+            found.reopen()
+            return found, False
+        created = self.client.create_run(self._experiment_id(), run_name=name,
+                                         tags={PARENT_TAG: self.run_id, tag: value, **(tags or {})})
+        child = TrackedRun(self.tracking_uri, created.info.run_id)
+        child.log_params(params or {})
+        return child, True
+
+    def children(self, tag: str) -> dict[str, TrackedRun]:
+        """The child runs that carry `tag`, by its value."""
+        runs = self.client.search_runs([self._experiment_id()], f"tags.{PARENT_TAG} = '{self.run_id}'")
+        return {r.data.tags[tag]: TrackedRun(self.tracking_uri, r.info.run_id) for r in runs if tag in r.data.tags}
+
+    def reopen(self) -> None:
+        """Mark the run RUNNING again (a resumed job)."""
+        self.client.update_run(self.run_id, status="RUNNING")
+
+    def _experiment_id(self) -> str:
+        return self.client.get_run(self.run_id).info.experiment_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        entries = [Param(k, param_value(v)) for k, v in params.items()]
+        for start in range(0, len(entries), BATCH["params"]):
+            self.client.log_batch(self.run_id, params=entries[start : start + BATCH["params"]])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        timestamp = int(time.time() * 1000)
+        entries = [Metric(k, float(v), timestamp, step or 0) for k, v in metrics.items()]
+        for start in range(0, len(entries), BATCH["metrics"]):
+            self.client.log_batch(self.run_id, metrics=entries[start : start + BATCH["metrics"]])
+
+    def latest_metrics(self) -> dict[str, float]:
+        """Each metric's last logged value."""
+        return dict(self.client.get_run(self.run_id).data.metrics)
+
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        """(step, value) of every logged value of `key`, in step order."""
+        return sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, key))
+
+    def log_file(self, path: str | Path, folder: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), folder)
+
+    def log_folder(self, path: str | Path, folder: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(path), folder)
+
+    def log_dict(self, values: Any, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, values, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_table(self, columns: Mapping[str, list[Any]], artifact_file: str) -> None:
+        self.client.log_table(self.run_id, data=dict(columns), artifact_file=artifact_file)
+
+    def end(self, status: str) -> None:
+        """FINISHED, FAILED or KILLED."""
+        self.client.set_terminated(self.run_id, status)

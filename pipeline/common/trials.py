@@ -9,12 +9,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
-
-import mlflow
-from mlflow.tracking import MlflowClient
 
 from pipeline.common.config import ExperimentConfig, flatten
+from pipeline.common.tracking import TrackedRun
 
 
 def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
@@ -26,26 +23,9 @@ def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
     return {"CPU": 0, "memory": float(2**20)}
 
 
-def child_run(cfg: ExperimentConfig, parent_id: str, tracking_uri: str, key: tuple[str, str],
-              tags: Mapping[str, str] | None = None) -> tuple[str, bool]:
-    """(run id, created) of the child run of `parent_id` whose tag key[0] is key[1]: reopened
-    (status RUNNING) when it exists, else created with `tags` and the config as params (its
-    `tune` section left out)."""
-    client = MlflowClient(tracking_uri)
-    parent = client.get_run(parent_id)
-    tag, value = key
-    found = client.search_runs([parent.info.experiment_id],
-                               f"tags.mlflow.parentRunId = '{parent_id}' and tags.`{tag}` = '{value}'")
-    if found:
-        client.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id, False
-    child = client.create_run(parent.info.experiment_id, run_name=cfg.name,
-                              tags={"mlflow.parentRunId": parent_id, tag: value, **(tags or {})})
-    params = {k: param_value(v) for k, v in flatten(cfg).items() if not k.startswith("tune.")}
-    client.log_batch(child.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in params.items()])
-    return child.info.run_id, True
-
-
-def param_value(value: Any) -> str:
-    """A config value as an MLflow param (tuples as lists, cut to MLflow's 6000 characters)."""
-    return str(list(value) if isinstance(value, tuple) else value)[:6000]
+def child_run(cfg: ExperimentConfig, parent: TrackedRun, key: tuple[str, str],
+              tags: Mapping[str, str] | None = None) -> tuple[TrackedRun, bool]:
+    """(run, created) of the trial's child run of `parent`, whose tag key[0] is key[1]: reopened
+    when it exists, else created with `tags` and the config as params (its `tune` section left out)."""
+    params = {k: v for k, v in flatten(cfg).items() if not k.startswith("tune.")}
+    return parent.child(*key, name=cfg.name, tags=tags, params=params)

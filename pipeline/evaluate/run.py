@@ -24,22 +24,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import mlflow
-from mlflow import MlflowClient
 from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.common.cli import output_folder_problem
 from pipeline.common.inference import InferenceOptions, resolve_device
 from pipeline.common.metrics import EmptyRule
-from pipeline.common.mlflow_model import load_model
+from pipeline.common.mlflow_model import load_model, model_run
 from pipeline.common.model_card import ModelCard, TaskCard, unseen_cases
 from pipeline.common.store import StoreError, TaskStore
-from pipeline.common.tracking import check_model_tracking
+from pipeline.common.tracking import check_model_tracking, use_tracking_uri
 from pipeline.evaluate.cases import EvaluateError, Space, evaluate_case
 from pipeline.evaluate.report import CaseRow, mlflow_metrics, overall_dice, write_report
 from pipeline.evaluate.slices import SliceExample, write_slices
-from pipeline.evaluate.tracking import log_evaluation, model_run_id
 
 log = logging.getLogger(__name__)
 SPLIT_ALIASES = {"val": "validation"}
@@ -72,8 +69,7 @@ class Evaluation:
 
 
 def run(options: EvaluateOptions) -> Evaluation:
-    if options.tracking_uri:
-        mlflow.set_tracking_uri(options.tracking_uri)
+    tracking_uri = use_tracking_uri(options.tracking_uri)
     check_model_tracking(options.model)
     split = SPLIT_ALIASES.get(options.split, options.split)
     network, card = _load(options.model, options.device, options.folds)
@@ -101,7 +97,7 @@ def run(options: EvaluateOptions) -> Evaluation:
     files += write_slices(examples, {t.name: t.labels for t in card.tasks}, options.output)
     metrics = mlflow_metrics(summaries, split)
     log.info("mean Dice over %d task(s): %.4f; report in %s", len(stores), overall_dice(summaries), options.output)
-    run_id = _log(options, metrics, split)
+    run_id = _log(options, metrics, split, tracking_uri)
     return Evaluation(rows, files, metrics, run_id)
 
 
@@ -193,13 +189,15 @@ def _untrained(card: ModelCard, task: str, uri: str, split: str, case_ids: list[
     return unseen
 
 
-def _log(options: EvaluateOptions, metrics: dict[str, float], split: str) -> str | None:
+def _log(options: EvaluateOptions, metrics: dict[str, float], split: str, tracking_uri: str) -> str | None:
+    """Metrics and the report folder (under `evaluation/<split>`) into the run that logged the model."""
     if not options.log_to_mlflow:
         return None
-    client = MlflowClient()
-    run_id = model_run_id(options.model, client)
-    if run_id is None:
+    run = model_run(options.model, tracking_uri)
+    if run is None:
         log.warning("%s: no MLflow run found for this model; the report is not logged to MLflow", options.model)
         return None
-    log_evaluation(client, run_id, metrics, options.output, split)
-    return run_id
+    run.log_metrics(metrics)
+    run.log_folder(options.output, f"evaluation/{split}")
+    log.info("logged %d metric(s) and the report to MLflow run %s", len(metrics), run.run_id)
+    return run.run_id

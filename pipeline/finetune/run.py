@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import logging
 
-import mlflow
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
-
 from pipeline.common.config import ConfigError, ExperimentConfig, config_from_dict, to_dict
-from pipeline.common.mlflow_model import load_model
+from pipeline.common.mlflow_model import load_model, pin_model_uri
 from pipeline.common.tracking import check_tracking_server, resolve_tracking_uri
 from pipeline.train.build import open_stores
 from pipeline.train.finetune import check_addition
@@ -22,18 +18,6 @@ from pipeline.train.run import TrainResult
 from pipeline.train.run import run as train_run
 
 log = logging.getLogger(__name__)
-
-
-def pin_model_uri(uri: str, tracking_uri: str) -> str:
-    """`models:/NAME@ALIAS` -> `models:/NAME/VERSION`; other URIs as given."""
-    if not uri.startswith("models:/") or "@" not in uri:
-        return uri
-    name, alias = uri.removeprefix("models:/").split("@", 1)
-    try:
-        version = MlflowClient(tracking_uri).get_model_version_by_alias(name, alias).version
-    except MlflowException as err:  # unknown name or alias
-        raise FileNotFoundError(f"{uri}: no such registered model alias ({str(err).splitlines()[0]})") from None
-    return f"models:/{name}/{version}"
 
 
 def prepare(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -46,9 +30,8 @@ def prepare(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError(f"data.stores: fine-tuning trains one new task, got {len(cfg.data.stores)} stores")
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     check_tracking_server(tracking_uri, cfg.mlflow)
-    mlflow.set_tracking_uri(tracking_uri)
     pinned = pin_model_uri(cfg.finetune.pretrained, tracking_uri)
-    _, card = load_model(pinned)
+    _, card = load_model(pinned, tracking_uri=tracking_uri)
     if cfg.finetune.add_task:
         try:
             check_addition(cfg.finetune.pretrained, card, [s.manifest for s in open_stores(cfg.data.stores)])

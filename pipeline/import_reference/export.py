@@ -18,7 +18,6 @@ the reason. Exit status: 0 written; 2 a model that cannot be exported or not fou
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from collections import OrderedDict

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow
-from mlflow.tracking import MlflowClient
 from torch import nn
 
 from model.reference_layout import (
@@ -28,9 +26,9 @@ from model.reference_layout import (
     drop_unused_stems,
     from_reference,
 )
-from pipeline.common.mlflow_model import log_model
+from pipeline.common.mlflow_model import log_model_to_run
 from pipeline.common.model_card import ModelCard, build_from_card, save_model_dir
-from pipeline.common.tracking import check_tracking_server, ensure_experiment, resolve_tracking_uri
+from pipeline.common.tracking import TrackedRun, check_tracking_server, resolve_tracking_uri
 from pipeline.import_reference.checkpoint import ReferenceCheckpoint, read_checkpoint
 from pipeline.import_reference.facts import Fact, build_card, describe, load_facts
 
@@ -92,17 +90,11 @@ def _register(network: nn.Module, card: ModelCard, facts: list[Fact], name: str,
               tracking_uri: str | None, experiment: str, run_name: str) -> str:
     uri = resolve_tracking_uri(tracking_uri)
     check_tracking_server(uri)
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_name=run_name, experiment_id=ensure_experiment(experiment, uri)):
-        mlflow.set_tag("stage", "import_reference")
-        mlflow.log_params({"checkpoint": card.metadata["checkpoint"], "sha256": card.metadata["sha256"],
-                           "epochs_trained": card.metadata["epochs_trained"]})
-        mlflow.log_text("\n".join(describe(facts)) + "\n", "import/facts.txt")
-        info = log_model(network, card, registered_model_name=name)
-    version = getattr(info, "registered_model_version", None)
-    if alias and version:
-        MlflowClient(uri).set_registered_model_alias(name, alias, version)
-    model_uri = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}"
+    run = TrackedRun.create(uri, experiment, run_name, tags={"stage": "import_reference"},
+                            params={key: card.metadata[key] for key in ("checkpoint", "sha256", "epochs_trained")})
+    run.log_text("\n".join(describe(facts)) + "\n", "import/facts.txt")
+    model_uri = log_model_to_run(run, network, card, name, alias)
+    run.end("FINISHED")
     log.info("registered %s", model_uri)
     return model_uri
 

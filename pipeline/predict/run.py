@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlflow
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -27,7 +26,7 @@ from pipeline.common.cli import BatchFailed, output_folder_problem
 from pipeline.common.inference import InferenceOptions, resolve_device
 from pipeline.common.mlflow_model import load_model
 from pipeline.common.model_card import ModelCard
-from pipeline.common.tracking import check_model_tracking
+from pipeline.common.tracking import check_model_tracking, use_tracking_uri
 from pipeline.predict.distributed import RayOptions, run_on_ray
 from pipeline.predict.io import PredictError, find_scans
 from pipeline.predict.job import Job, Outcome, attempt_job, plan_jobs
@@ -55,8 +54,7 @@ class PredictOptions:
 def run(options: PredictOptions) -> list[Path]:
     """Predict every scan of `options.input`; returns the files written. Raises PredictError
     (bad input) or BatchFailed once the scans that could be predicted are written."""
-    if options.tracking_uri:
-        mlflow.set_tracking_uri(options.tracking_uri)
+    use_tracking_uri(options.tracking_uri)
     check_model_tracking(options.model)
     network, card = _load(options.model, "cpu" if options.ray else options.device, options.folds)
     scans, rejected = find_scans(options.input)

@@ -21,7 +21,6 @@ import logging
 import re
 from collections.abc import Sequence
 
-import mlflow
 import torch
 from torch import nn
 
@@ -46,9 +45,7 @@ def transferred_network(cfg: ExperimentConfig, manifests: Sequence[StoreManifest
     if len(manifests) != 1:
         raise ValueError(f"fine-tuning trains one new task, got {len(manifests)} stores in data.stores")
     task = manifests[0]
-    if cfg.mlflow.tracking_uri:
-        mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
-    source, card = load_model(cfg.finetune.pretrained)  # type: ignore[arg-type]
+    source, card = load_model(cfg.finetune.pretrained, tracking_uri=cfg.mlflow.tracking_uri)  # type: ignore[arg-type]
     spec = card.spec.replace(architecture="plain")
     if cfg.finetune.from_scratch:
         network = PlainUNet(spec, task.num_channels, task.num_classes)
@@ -71,9 +68,7 @@ def extended_network(
     """The pretrained UniSeg with the stores' tasks added after its own, only their new elements
     trainable; returns its spec, the network, the pretrained model's task cards and the masks of
     the new elements (`model.universal.add_tasks`)."""
-    if cfg.mlflow.tracking_uri:
-        mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
-    source, card = load_model(cfg.finetune.pretrained)  # type: ignore[arg-type]
+    source, card = load_model(cfg.finetune.pretrained, tracking_uri=cfg.mlflow.tracking_uri)  # type: ignore[arg-type]
     check_addition(cfg.finetune.pretrained, card, manifests)  # type: ignore[arg-type]
     network, new_elements = add_tasks(source, task_specs(manifests))  # type: ignore[arg-type]
     freeze_old_elements(network, new_elements)

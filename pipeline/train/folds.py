@@ -42,7 +42,6 @@ from typing import Any
 
 import fsspec
 import numpy as np
-from mlflow.tracking import MlflowClient
 
 from pipeline.common.config import ConfigError, ExperimentConfig, config_from_dict, to_dict
 from pipeline.common.files import read_json, resolve_storage, write_json
@@ -53,9 +52,9 @@ from pipeline.common.model_card import (
 )
 from pipeline.common.services import connect_ray
 from pipeline.common.store import TaskStore
-from pipeline.common.tracking import check_tracking_server, resolve_tracking_uri
+from pipeline.common.tracking import TrackedRun, check_tracking_server, resolve_tracking_uri
 from pipeline.common.trials import child_run, trial_resources
-from pipeline.train import tracking
+from pipeline.train import mlflow_run
 from pipeline.train.cv_summary import OutOfFoldRow, mlflow_metrics, overall, summarise, write_summary
 from pipeline.train.loop import RunContext
 from pipeline.train.run import (
@@ -119,7 +118,7 @@ def run_cv(cfg: ExperimentConfig, folds: Sequence[int] | None = None, resume: bo
             outcomes |= _run_folds(cfg, todo, run_dir, parent_id, tracking_uri, fold_context or {})
     except BaseException:
         _write_record(run_dir, cfg, parent_id, chosen, outcomes, "stopped")
-        MlflowClient(tracking_uri).set_terminated(parent_id, "KILLED")
+        TrackedRun(tracking_uri, parent_id).end("KILLED")
         raise
     return _finish(cfg, chosen, [outcomes[f] for f in chosen], run_dir, parent_id, tracking_uri)
 
@@ -162,23 +161,22 @@ def fold_driver_fn(params: dict[str, Any], base: dict[str, Any], parent_run_id: 
     cfg = fold_config(config_from_dict(base, source="cross-validation base"), fold)
     fold_dir = f"{run_dir}/folds/{cfg.name}"
     state = read_json(f"{fold_dir}/{FOLD_STATE_FILE}") or {"fold": fold, "attempts": 0}
-    run_id, _ = child_run(cfg, parent_run_id, tracking_uri, (FOLD_TAG, str(fold)), {"stage": "cv-fold"})
-    state |= {"attempts": state["attempts"] + 1, "run_id": run_id}
+    run, _ = child_run(cfg, TrackedRun(tracking_uri, parent_run_id), (FOLD_TAG, str(fold)), {"stage": "cv-fold"})
+    state |= {"attempts": state["attempts"] + 1, "run_id": run.run_id}
     write_json(f"{fold_dir}/{FOLD_STATE_FILE}", state)
     if state["attempts"] > 1:
         log.warning("fold %d: attempt %d, continuing from its last checkpoint", fold, state["attempts"])
-    context = RunContext(**{**contexts.get(fold, {}), "tracking_uri": tracking_uri, "mlflow_run_id": run_id})
-    client = MlflowClient(tracking_uri)
+    context = RunContext(**{**contexts.get(fold, {}), "tracking_uri": tracking_uri, "mlflow_run_id": run.run_id})
     try:
         result = fit(cfg, f"{run_dir}/folds", context, callbacks=[TuneReportCallback()])
         with result.checkpoint.as_directory() as directory:
             rows = score_held_out(cfg, Path(directory), fold)
     except BaseException:
-        client.set_terminated(run_id, "FAILED")
+        run.end("FAILED")
         raise
     write_json(f"{fold_dir}/{OUT_OF_FOLD}", [asdict(r) for r in rows])
     write_json(f"{fold_dir}/{FOLD_STATE_FILE}", state | {"checkpoint": checkpoint_uri(result.checkpoint.path, run_dir)})
-    client.set_terminated(run_id, "FINISHED")
+    run.end("FINISHED")
 
 
 def score_held_out(cfg: ExperimentConfig, model_dir: Path, fold: int) -> list[OutOfFoldRow]:
@@ -251,26 +249,25 @@ def _run_folds(cfg: ExperimentConfig, folds: list[int], run_dir: str, parent_id:
 def _finish(cfg: ExperimentConfig, folds: list[int], outcomes: list[FoldOutcome], run_dir: str, parent_id: str,
             tracking_uri: str) -> CrossValidationResult:
     """Summary of the finished folds (table, plot, metrics), the failures reported, the ensemble registered."""
-    client = MlflowClient(tracking_uri)
+    parent = TrackedRun(tracking_uri, parent_id)
     finished = [o for o in outcomes if o.status == "finished"]
     rows = [OutOfFoldRow(**r) for o in finished for r in read_json(f"{run_dir}/folds/{cfg.name}-fold{o.fold}/{OUT_OF_FOLD}")]
     done = [o.fold for o in finished]
     summary = summarise(rows, done)
     notes = [_describe(o, cfg.ray.max_failures) for o in outcomes if o.status != "finished" or o.attempts > 1]
-    files = _write_summary(cfg, summary, done, notes, run_dir, client, parent_id)
-    for outcome in outcomes:
-        for key, value in (("status", outcome.status), ("attempts", outcome.attempts)):
-            client.set_tag(parent_id, f"cv.fold{outcome.fold}.{key}", str(value))
+    files = _write_summary(cfg, summary, done, notes, run_dir, parent)
+    parent.set_tags({f"cv.fold{o.fold}.{key}": value for o in outcomes
+                     for key, value in (("status", o.status), ("attempts", o.attempts))})
     for note in notes:
         log.warning("%s", note)
     mean, std, pooled = overall(summary)
     log.info("cross-validation %s: mean Dice %.4f +- %.4f over %d folds, pooled %.4f; summary in %s", cfg.name,
              mean, std, len(done), pooled, f"{run_dir}/{SUMMARY_ARTIFACTS}")
     failed = [o for o in outcomes if o.status != "finished"]
-    model_uri = None if failed else _register(cfg, finished, tracking_uri, parent_id, summary)
+    model_uri = None if failed else _register(cfg, finished, parent, summary)
     status = "failed" if failed else "finished"
     _write_record(run_dir, cfg, parent_id, folds, {o.fold: o for o in outcomes}, status, model_uri)
-    client.set_terminated(parent_id, "FAILED" if failed else "FINISHED")
+    parent.end("FAILED" if failed else "FINISHED")
     if failed:
         raise CrossValidationError("; ".join(_describe(o, cfg.ray.max_failures) for o in failed)
                                    + f"; continue with --resume {cfg.name}")
@@ -278,7 +275,7 @@ def _finish(cfg: ExperimentConfig, folds: list[int], outcomes: list[FoldOutcome]
 
 
 def _write_summary(cfg: ExperimentConfig, summary: list[Any], folds: list[int], notes: list[str], run_dir: str,
-                   client: MlflowClient, parent_id: str) -> list[str]:
+                   parent: TrackedRun) -> list[str]:
     """cv_summary.{csv,md,png} to the run folder and the parent run (with the table and metrics)."""
     title = f"Cross-validation of {cfg.name}: Dice on held-out cases, folds {', '.join(map(str, folds))}"
     fs, root = fsspec.core.url_to_fs(f"{run_dir}/{SUMMARY_ARTIFACTS}")
@@ -287,17 +284,15 @@ def _write_summary(cfg: ExperimentConfig, summary: list[Any], folds: list[int], 
         written = write_summary(summary, folds, Path(tmp), title, notes)
         for path in written:
             fs.put_file(str(path), f"{root}/{path.name}")
-            client.log_artifact(parent_id, str(path), SUMMARY_ARTIFACTS)
-    client.log_table(parent_id, data={k: [_cell(getattr(r, k)) for r in summary] for k in
-                                      ("task", "class_id", "name", "mean", "std", "pooled", "cases")},
-                     artifact_file=f"{SUMMARY_ARTIFACTS}/cv_summary_table.json")
-    for key, value in mlflow_metrics(summary).items():
-        client.log_metric(parent_id, key, value)
+            parent.log_file(path, SUMMARY_ARTIFACTS)
+    parent.log_table({k: [_cell(getattr(r, k)) for r in summary] for k in
+                      ("task", "class_id", "name", "mean", "std", "pooled", "cases")},
+                     f"{SUMMARY_ARTIFACTS}/cv_summary_table.json")
+    parent.log_metrics(mlflow_metrics(summary))
     return [f"{run_dir}/{SUMMARY_ARTIFACTS}/{p.name}" for p in written]
 
 
-def _register(cfg: ExperimentConfig, finished: list[FoldOutcome], tracking_uri: str, parent_id: str,
-              summary: list[Any]) -> str:
+def _register(cfg: ExperimentConfig, finished: list[FoldOutcome], parent: TrackedRun, summary: list[Any]) -> str:
     """The fold ensemble, logged to the parent run and registered as `mlflow.registered_model`."""
     mean, std, pooled = overall(summary)
     metadata = {"run": cfg.name, "folds": [o.fold for o in finished],
@@ -312,17 +307,16 @@ def _register(cfg: ExperimentConfig, finished: list[FoldOutcome], tracking_uri: 
                 fs.get_file(f"{path}/{name}", str(local / name))
             fold_dirs[outcome.fold] = local
         ensemble = write_ensemble_dir(fold_dirs, Path(tmp) / "ensemble", metadata)
-        model_uri = tracking.log_final_model(tracking_uri, parent_id, ensemble, cfg.mlflow.registered_model)
+        model_uri = mlflow_run.log_final_model(parent, ensemble, cfg.mlflow.registered_model)
     log.info("registered the ensemble of folds %s: %s", ", ".join(str(o.fold) for o in finished), model_uri)
     return model_uri
 
 
 def _start_cv_run(cfg: ExperimentConfig, tracking_uri: str, folds: list[int]) -> str:
-    run_id = tracking.start_run(cfg, tracking_uri)
-    client = MlflowClient(tracking_uri)
-    client.set_tag(run_id, "stage", "cross-validation")
-    client.log_param(run_id, "cv.folds", ",".join(map(str, folds)))
-    return run_id
+    run = mlflow_run.start_run(cfg, tracking_uri)
+    run.set_tags({"stage": "cross-validation"})
+    run.log_params({"cv.folds": ",".join(map(str, folds))})
+    return run.run_id
 
 
 def _check_run_dir(run_dir: str, name: str, resume: bool) -> dict[str, Any] | None:

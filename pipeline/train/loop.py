@@ -41,7 +41,7 @@ from pipeline.train.execution import Execution, Precision, find_unused_parameter
 from pipeline.train.optim import build_optimizer, set_learning_rate
 from pipeline.train.sampling import TaskSampler, build_sampler
 from pipeline.train.step import train_step
-from pipeline.train.tracking import EpochLogger
+from pipeline.train.mlflow_run import EpochLogger
 from pipeline.train.validation import ValidationTask, format_summary, validate
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -26,8 +25,8 @@ from pipeline.common.config import ConfigError, ExperimentConfig, config_from_di
 from pipeline.common.files import read_json, resolve_storage, write_json
 from pipeline.common.services import cluster_address, connect_ray
 from pipeline.common.store import TaskStore
-from pipeline.common.tracking import check_tracking_server, resolve_tracking_uri
-from pipeline.train import tracking
+from pipeline.common.tracking import TrackedRun, check_tracking_server, resolve_tracking_uri
+from pipeline.train import mlflow_run
 from pipeline.train.build import open_stores
 from pipeline.train.loop import RunContext, train_fn_per_worker
 
@@ -105,7 +104,7 @@ def check_run(cfg: ExperimentConfig, run_dir: str, resume: bool) -> RunRecord | 
 def open_run(cfg: ExperimentConfig, run_dir: str, previous: RunRecord | None) -> RunRecord:
     """Start (or reopen) the MLflow run and mark the run folder as running."""
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
-    run_id = tracking.start_run(cfg, tracking_uri, previous.mlflow_run_id if previous else None)
+    run_id = mlflow_run.start_run(cfg, tracking_uri, previous.mlflow_run_id if previous else None).run_id
     record = RunRecord(cfg.name, "running", run_id, tracking_uri, previous.epochs_done if previous else 0, to_dict(cfg))
     write_record(run_dir, record)
     log.info("run %s: storage %s, MLflow run %s at %s", cfg.name, run_dir, run_id, tracking_uri)
@@ -115,7 +114,7 @@ def open_run(cfg: ExperimentConfig, run_dir: str, previous: RunRecord | None) ->
 def close_run(run_dir: str, record: RunRecord, status: str) -> None:
     record.status = status
     write_record(run_dir, record)
-    tracking.end_run(record.tracking_uri, record.mlflow_run_id, "KILLED" if status == "stopped" else "FAILED")
+    TrackedRun(record.tracking_uri, record.mlflow_run_id).end("KILLED" if status == "stopped" else "FAILED")
 
 
 def finish_run(cfg: ExperimentConfig, run_dir: str, record: RunRecord, result: Any, storage: str) -> TrainResult:
@@ -125,11 +124,11 @@ def finish_run(cfg: ExperimentConfig, run_dir: str, record: RunRecord, result: A
     if result.checkpoint is not None:
         record.checkpoint = checkpoint_uri(result.checkpoint.path, storage)
         with result.checkpoint.as_directory() as model_dir:
-            record.model_uri = tracking.log_final_model(record.tracking_uri, record.mlflow_run_id, model_dir,
-                                                        cfg.mlflow.registered_model)
+            record.model_uri = mlflow_run.log_final_model(TrackedRun(record.tracking_uri, record.mlflow_run_id),
+                                                          model_dir, cfg.mlflow.registered_model)
     record.status = "finished"
     write_record(run_dir, record)
-    tracking.end_run(record.tracking_uri, record.mlflow_run_id, "FINISHED")
+    TrackedRun(record.tracking_uri, record.mlflow_run_id).end("FINISHED")
     log.info("run %s finished: checkpoint %s, model %s", cfg.name, record.checkpoint, record.model_uri)
     return TrainResult(cfg.name, run_dir, record.checkpoint, record.mlflow_run_id, record.model_uri, metrics)
 
@@ -144,7 +143,7 @@ def fit(cfg: ExperimentConfig, storage: str, context: RunContext, callbacks: Seq
 
     connect_ray(cfg.ray.address, cfg.ray.host)
     if context.mlflow_run_id:  # logged first: a Tune trial stopped at its report never runs the later callbacks
-        callbacks = [tracking.EpochMetricsCallback(context.tracking_uri, context.mlflow_run_id), *callbacks]
+        callbacks = [mlflow_run.EpochMetricsCallback(context.tracking_uri, context.mlflow_run_id), *callbacks]
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"experiment": to_dict(cfg), "context": asdict(context)},

@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
-from mlflow.tracking import MlflowClient
 
 from pipeline.common.config import ExperimentConfig, config_from_dict, save_config, to_dict
 from pipeline.common.files import read_json, resolve_storage, write_json
 from pipeline.common.services import connect_ray
-from pipeline.common.tracking import check_tracking_server, ensure_experiment, resolve_tracking_uri
+from pipeline.common.tracking import TrackedRun, check_tracking_server, resolve_tracking_uri
 from pipeline.common.trials import child_run, trial_resources
 from pipeline.train.loop import RunContext
 from pipeline.train.run import concurrent_runs, fit
@@ -91,7 +90,7 @@ def run(cfg: ExperimentConfig, resume: bool = False) -> TuneResult:
     try:
         results = tuner.fit()
     except BaseException:
-        MlflowClient(tracking_uri).set_terminated(parent_id, "KILLED")
+        TrackedRun(tracking_uri, parent_id).end("KILLED")
         raise
     return _finish(cfg, results, search_dir, parent_id, tracking_uri)
 
@@ -122,10 +121,10 @@ def train_driver_fn(trial_params: dict[str, Any], base: dict[str, Any], parent_r
     trial_id = tune.get_context().get_trial_id()
     values = sampled_values(trial_params, base_cfg.tune)
     cfg = trial_config(base_cfg, values, f"{base_cfg.name}-{trial_id}", source=f"trial {trial_id}")
-    run_id = _child_run(cfg, values, trial_id, parent_run_id, tracking_uri)
-    context = RunContext(tracking_uri=tracking_uri, mlflow_run_id=run_id)
-    fit(cfg, trial_storage, context, callbacks=[TuneReportCallback()])
-    MlflowClient(tracking_uri).set_terminated(run_id, "FINISHED")
+    run = _child_run(cfg, values, trial_id, TrackedRun(tracking_uri, parent_run_id))
+    fit(cfg, trial_storage, RunContext(tracking_uri=tracking_uri, mlflow_run_id=run.run_id),
+        callbacks=[TuneReportCallback()])
+    run.end("FINISHED")
 
 
 def _scheduler(cfg: ExperimentConfig) -> Any:
@@ -147,33 +146,27 @@ def _searcher(cfg: ExperimentConfig) -> Any:
 
 
 def _start_search_run(cfg: ExperimentConfig, tracking_uri: str) -> str:
-    client = MlflowClient(tracking_uri)
-    experiment_id = ensure_experiment(cfg.mlflow.experiment, tracking_uri)
-    parent = client.create_run(experiment_id, run_name=cfg.name, tags={"stage": "tune"})
-    run_id = parent.info.run_id
-    for key, param in cfg.tune.space.items():
-        client.log_param(run_id, f"space.{key}", json.dumps({k: v for k, v in asdict(param).items() if v is not None}))
-    for key in ("num_samples", "max_concurrent_trials", "scheduler", "grace_period", "reduction_factor", "searcher",
-                "metric", "mode", "seed"):
-        client.log_param(run_id, f"tune.{key}", getattr(cfg.tune, key))
-    client.log_dict(run_id, to_dict(cfg), "config/base.json")
-    return run_id
+    params = {f"space.{key}": json.dumps({k: v for k, v in asdict(param).items() if v is not None})
+              for key, param in cfg.tune.space.items()}
+    params |= {f"tune.{key}": getattr(cfg.tune, key) for key in ("num_samples", "max_concurrent_trials", "scheduler",
+               "grace_period", "reduction_factor", "searcher", "metric", "mode", "seed")}
+    run = TrackedRun.create(tracking_uri, cfg.mlflow.experiment, cfg.name, tags={"stage": "tune"}, params=params)
+    run.log_dict(to_dict(cfg), "config/base.json")
+    return run.run_id
 
 
-def _child_run(cfg: ExperimentConfig, values: dict[str, Any], trial_id: str, parent_id: str, tracking_uri: str) -> str:
+def _child_run(cfg: ExperimentConfig, values: dict[str, Any], trial_id: str, parent: TrackedRun) -> TrackedRun:
     """The trial's MLflow run (reopened when a resumed search restarts the trial)."""
-    run_id, created = child_run(cfg, parent_id, tracking_uri, (TRIAL_TAG, trial_id), {"stage": "tune-trial"})
+    run, created = child_run(cfg, parent, (TRIAL_TAG, trial_id), {"stage": "tune-trial"})
     if created:
-        MlflowClient(tracking_uri).log_dict(run_id, values, "trial/values.json")
-    return run_id
+        run.log_dict(values, "trial/values.json")
+    return run
 
 
 def _finish(cfg: ExperimentConfig, results: Any, search_dir: str, parent_id: str, tracking_uri: str) -> TuneResult:
     """Close the child runs, pick the best trial, write its config, log it to the parent run."""
-    client = MlflowClient(tracking_uri)
-    experiment_id = client.get_run(parent_id).info.experiment_id
-    children = {r.data.tags[TRIAL_TAG]: r for r in client.search_runs([experiment_id],
-                                                                    f"tags.mlflow.parentRunId = '{parent_id}'")}
+    parent = TrackedRun(tracking_uri, parent_id)
+    children = parent.children(TRIAL_TAG)
     scored, stopped = [], 0
     for result in results:
         trial_id = Path(result.path).name.split("_")[1] if result.path else None
@@ -184,15 +177,13 @@ def _finish(cfg: ExperimentConfig, results: Any, search_dir: str, parent_id: str
         stopped += early
         child = children.get(trial_id)
         if child is not None:
-            client.set_tag(child.info.run_id, "tune.stopped_early", str(early).lower())
-            client.set_tag(child.info.run_id, "tune.epochs", str(epochs))
-            status = "FAILED" if result.error is not None else ("KILLED" if early else "FINISHED")
-            client.set_terminated(child.info.run_id, status)
+            child.set_tags({"tune.stopped_early": str(early).lower(), "tune.epochs": epochs})
+            child.end("FAILED" if result.error is not None else ("KILLED" if early else "FINISHED"))
         value = metrics.get(cfg.tune.metric)
         if value is not None and math.isfinite(value):
             scored.append((not early, value if cfg.tune.mode == "max" else -value, result))
     if not scored:
-        client.set_terminated(parent_id, "FAILED")
+        parent.end("FAILED")
         raise RuntimeError(f"{search_dir}: no trial reported {cfg.tune.metric}")
     # Trials that ran every epoch first (a stopped trial's metric is from fewer epochs).
     _, _, best = max(scored, key=lambda s: (s[0], s[1]))
@@ -202,10 +193,10 @@ def _finish(cfg: ExperimentConfig, results: Any, search_dir: str, parent_id: str
     path.parent.mkdir(parents=True, exist_ok=True)
     save_config(best_cfg, path)
     best_metric = float(best.metrics[cfg.tune.metric])
-    client.log_metric(parent_id, f"best/{cfg.tune.metric}", best_metric)
-    client.log_artifact(parent_id, str(path), "best")
-    client.set_tag(parent_id, "tune.best_trial", str(best.metrics.get("trial_id")))
-    client.set_terminated(parent_id, "FINISHED")
+    parent.log_metrics({f"best/{cfg.tune.metric}": best_metric})
+    parent.log_file(path, "best")
+    parent.set_tags({"tune.best_trial": best.metrics.get("trial_id")})
+    parent.end("FINISHED")
     log.info("search %s: %d trials (%d stopped early), best %s = %.4f with %s; config: %s", cfg.name, len(results),
              stopped, cfg.tune.metric, best_metric, values, path)
     return TuneResult(cfg.name, search_dir, parent_id, str(path), best_metric, values, len(results), stopped)

@@ -1,5 +1,5 @@
-"""MLflow for training: the run (driver), per-epoch metrics (Ray Train controller), plots
-(rank 0), the final model.
+"""Training's MLflow run: the run (driver), per-epoch metrics (Ray Train controller), plots
+(rank 0), the final model; logged through pipeline/common's `TrackedRun` and `mlflow_model`.
 
 The driver creates or reopens the run and logs the config. Epoch metrics are logged by
 `EpochMetricsCallback` on the Ray Train controller once every worker's report of the epoch has
@@ -13,19 +13,14 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import ray.train
-from mlflow.entities import Metric
-from mlflow.tracking import MlflowClient
 
 from pipeline.common.config import ExperimentConfig, flatten, save_config
-from pipeline.common.tracking import ensure_experiment
-from pipeline.common.trials import param_value
+from pipeline.common.tracking import TrackedRun
 
 log = logging.getLogger(__name__)
 
@@ -33,38 +28,23 @@ History = list[dict[str, float]]
 MAX_NAMED_TASKS = 12  # dice.png names each task's line up to this many tasks; more are drawn grey, unnamed
 
 
-def start_run(cfg: ExperimentConfig, tracking_uri: str, run_id: str | None = None) -> str:
-    """Create the run of a training job (or reopen `run_id` on resume); returns its id."""
-    mlflow.set_tracking_uri(tracking_uri)
+def start_run(cfg: ExperimentConfig, tracking_uri: str, run_id: str | None = None) -> TrackedRun:
+    """Create the run of a training job, or reopen `run_id` on resume."""
     if run_id is not None:
-        with mlflow.start_run(run_id=run_id):
-            _log_config(cfg, "config/resumed.yaml")
-        return run_id
-    experiment_id = ensure_experiment(cfg.mlflow.experiment, tracking_uri)
-    with mlflow.start_run(run_name=cfg.name, experiment_id=experiment_id) as run:
-        mlflow.log_params({k: param_value(v) for k, v in flatten(cfg).items()})
-        mlflow.set_tag("stage", "train")
-        _log_config(cfg, "config/config.yaml")
-        return run.info.run_id
+        run = TrackedRun(tracking_uri, run_id)
+        run.reopen()
+        _log_config(run, cfg, "config/resumed.yaml")
+        return run
+    run = TrackedRun.create(tracking_uri, cfg.mlflow.experiment, cfg.name, tags={"stage": "train"}, params=flatten(cfg))
+    _log_config(run, cfg, "config/config.yaml")
+    return run
 
 
-def end_run(tracking_uri: str, run_id: str, status: str) -> None:
-    """Mark the run FINISHED, FAILED or KILLED."""
-    MlflowClient(tracking_uri).set_terminated(run_id, status=status)
-
-
-def _log_config(cfg: ExperimentConfig, artifact: str) -> None:
+def _log_config(run: TrackedRun, cfg: ExperimentConfig, artifact: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(artifact).name
         save_config(cfg, path)
-        mlflow.log_artifact(str(path), artifact_path=str(Path(artifact).parent))
-
-
-def log_epoch_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], epoch: int) -> None:
-    timestamp = int(time.time() * 1000)
-    batch = [Metric(key, float(value), timestamp, epoch) for key, value in metrics.items()]
-    for start in range(0, len(batch), 1000):
-        client.log_batch(run_id, metrics=batch[start : start + 1000])
+        run.log_file(path, str(Path(artifact).parent))
 
 
 def merge_rank_metrics(reports: Sequence[Mapping[str, float]]) -> dict[str, float]:
@@ -84,21 +64,19 @@ class EpochMetricsCallback(ray.train.UserCallback):
         self.run_id = run_id
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        log_epoch_metrics(MlflowClient(self.tracking_uri), self.run_id, merge_rank_metrics(metrics),
-                          int(metrics[0]["epoch"]))
+        TrackedRun(self.tracking_uri, self.run_id).log_metrics(merge_rank_metrics(metrics), int(metrics[0]["epoch"]))
 
 
 class EpochLogger:
     """Rank 0's handle on the run: the loss/Dice plots."""
 
     def __init__(self, tracking_uri: str, run_id: str):
-        self.client = MlflowClient(tracking_uri)
-        self.run_id = run_id
+        self.run = TrackedRun(tracking_uri, run_id)
 
     def log_plots(self, history: History) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             for path in write_plots(history, Path(tmp)):
-                self.client.log_artifact(self.run_id, str(path), artifact_path="plots")
+                self.run.log_file(path, "plots")
 
 
 def write_plots(history: History, folder: Path) -> list[Path]:
@@ -144,15 +122,10 @@ def write_plots(history: History, folder: Path) -> list[Path]:
     return written
 
 
-def log_final_model(tracking_uri: str, run_id: str, model_dir: str | Path, registered_name: str | None) -> str:
+def log_final_model(run: TrackedRun, model_dir: str | Path, registered_name: str | None) -> str:
     """Log the model folder of the last checkpoint to the run (and register it); returns its URI."""
-    from pipeline.common.mlflow_model import log_model
+    from pipeline.common.mlflow_model import log_model_to_run
     from pipeline.common.model_card import load_model_dir
 
-    mlflow.set_tracking_uri(tracking_uri)
     network, card = load_model_dir(model_dir)
-    with mlflow.start_run(run_id=run_id):
-        info = log_model(network, card, registered_model_name=registered_name)
-    version = getattr(info, "registered_model_version", None)
-    return f"models:/{registered_name}/{version}" if registered_name and version else info.model_uri
-
+    return log_model_to_run(run, network, card, registered_name)
