@@ -5,8 +5,8 @@ Run by hand, from the repository root: `python -m benchmarks.finetune [--work DI
 
 Generates the four default synthetic tasks; the universal tiny UniSeg is trained on three of
 them (liver, prostate, brain tumour) and registered; the fourth (spleen, CT) is the new task.
-Both arms go through `pipeline.finetune.run` with the same recipe and the same number of
-iterations; the only difference is `finetune.from_scratch` (same plain U-Net, random weights).
+Both arms go through `pipeline.train.finetune.pin_pretrained` and `pipeline.train.run` with the
+same recipe and the same number of iterations; the only difference is `finetune.from_scratch` (same plain U-Net, random weights).
 Reported: validation Dice of the new task after every epoch (MLflow history) and at the end,
 printed and written to `--out` (a results file, `benchmarks/results.py`).
 """
@@ -25,7 +25,7 @@ from benchmarks import results
 from pipeline.common.config import config_from_dict
 from pipeline.common.logs import setup_logging
 from pipeline.common.tracking import TrackedRun
-from pipeline.finetune.run import run as finetune_run
+from pipeline.train.finetune import pin_pretrained
 from pipeline.train.run import run as train_run
 
 log = logging.getLogger("benchmarks.finetune")
@@ -105,7 +105,7 @@ def main() -> None:
                                "freeze_encoder_epochs": 0 if scratch else args.freeze, "warmup_epochs": args.warmup,
                                "layer_decay": 1.0 if scratch else args.decay})
         started = time.perf_counter()
-        result = finetune_run(config_from_dict(raw))
+        result = train_run(pin_pretrained(config_from_dict(raw)))
         tracking_uri = raw["mlflow"]["tracking_uri"]
         rows[arm] = {"dice_per_epoch": dice_history(tracking_uri, result.mlflow_run_id, "dice/mean"),
                      "seconds": time.perf_counter() - started, "model": result.model_uri}

@@ -142,7 +142,7 @@ NOT_BEFORE_THE_CHECK = {  # what each stage must not reach with a server that do
     "train": ["pipeline.train.run.connect_ray"],
     "train --folds": ["pipeline.train.folds.connect_ray", "pipeline.train.folds.check_stores"],
     "tune": ["pipeline.tune.run.connect_ray"],
-    "finetune": ["pipeline.finetune.run.load_model", "pipeline.train.run.connect_ray"],
+    "finetune": ["pipeline.train.finetune.load_model", "pipeline.train.run.connect_ray"],
     "evaluate": ["pipeline.evaluate.run.load_model"],
     "predict": ["pipeline.predict.run.load_model"],
 }

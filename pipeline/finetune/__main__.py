@@ -26,8 +26,8 @@ from pipeline.common.cli import run_stage, stage_parser
 from pipeline.common.config import COMMAND_LINE, ConfigError, config_from_dict, load_config, to_dict
 from pipeline.common.logs import setup_logging
 from pipeline.common.tracking import TrackingUnavailable
-from pipeline.finetune.run import run
-from pipeline.train.run import RunExistsError
+from pipeline.train.finetune import pin_pretrained
+from pipeline.train.run import RunExistsError, run
 
 log = logging.getLogger("pipeline.finetune")
 
@@ -63,7 +63,7 @@ def _finetune(args: argparse.Namespace) -> None:
     default = (registered_name(args.pretrained) if raw["finetune"]["add_task"] else None) \
         or f"{raw['mlflow']['registered_model'] or 'uniseg'}{suffix}"
     raw["mlflow"]["registered_model"] = args.register or default
-    log.info("done: %s", run(config_from_dict(raw, source=COMMAND_LINE), resume=args.resume))
+    log.info("done: %s", run(pin_pretrained(config_from_dict(raw, source=COMMAND_LINE)), resume=args.resume))
 
 
 def registered_name(uri: str) -> str | None:

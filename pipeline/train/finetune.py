@@ -13,6 +13,9 @@ network, so the training loop freezes before wrapping and wraps again when the e
 With `finetune.add_task` the pretrained UniSeg keeps its architecture and gains the stores' tasks
 after its own (`extended_network`, `model.universal.add_tasks`): only the new elements train
 (`freeze_old_elements`), so the old tasks predict as before.
+
+`python -m pipeline.finetune` checks and pins its config with `pin_pretrained`, then trains it with
+`pipeline.train.run`.
 """
 
 from __future__ import annotations
@@ -28,16 +31,47 @@ from model.spec import NetworkSpec
 from model.transfer import transfer_to_single_task
 from model.unet import PlainUNet
 from model.universal import UniSeg, add_tasks
-from pipeline.common.config import ExperimentConfig, FinetuneConfig, TrainConfig
-from pipeline.common.mlflow_model import load_model
+from pipeline.common.config import (
+    ConfigError, ExperimentConfig, FinetuneConfig, TrainConfig, config_from_dict, to_dict,
+)
+from pipeline.common.mlflow_model import load_model, pin_model_uri
 from pipeline.common.model_card import ModelCard, TaskCard
 from pipeline.common.store import StoreManifest
-from pipeline.train.build import task_specs
+from pipeline.common.tracking import check_tracking_server, resolve_tracking_uri
+from pipeline.train.build import open_stores, task_specs
 from pipeline.train.optim import OPTIMIZERS
 
 log = logging.getLogger(__name__)
 
 ENCODER_PREFIX = "encoder."
+
+
+def pin_pretrained(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The fine-tuning run's config, checked before Ray starts: an absolute tracking URI and the
+    pretrained model's URI pinned (`models:/NAME@ALIAS` -> `models:/NAME/VERSION`, so every worker
+    and a resumed run load the same weights), the model loaded once (a wrong URI fails here) and,
+    with `add_task`, the stores' tasks checked against it."""
+    if not cfg.finetune.pretrained:
+        raise ConfigError("finetune.pretrained: give the model to start from (--pretrained models:/NAME@ALIAS)")
+    if cfg.finetune.add_task and cfg.finetune.from_scratch:
+        raise ConfigError("finetune: add_task keeps the pretrained weights; it cannot go with from_scratch")
+    if len(cfg.data.stores) != 1 and not cfg.finetune.add_task:
+        raise ConfigError(f"data.stores: fine-tuning trains one new task, got {len(cfg.data.stores)} stores")
+    tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    check_tracking_server(tracking_uri, cfg.mlflow)
+    pinned = pin_model_uri(cfg.finetune.pretrained, tracking_uri)
+    _, card = load_model(pinned, tracking_uri=tracking_uri)
+    if cfg.finetune.add_task:
+        try:
+            check_addition(cfg.finetune.pretrained, card, [s.manifest for s in open_stores(cfg.data.stores)])
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    log.info("pretrained %s (%s): %s, tasks %s", cfg.finetune.pretrained, pinned, card.spec.architecture,
+             ", ".join(t.name for t in card.tasks))
+    raw = to_dict(cfg)
+    raw["mlflow"]["tracking_uri"] = tracking_uri
+    raw["finetune"]["pretrained"] = pinned
+    return config_from_dict(raw, source="finetune")
 
 
 def transferred_network(cfg: ExperimentConfig, manifests: Sequence[StoreManifest]) -> tuple[NetworkSpec, PlainUNet]:
