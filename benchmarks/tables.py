@@ -230,6 +230,37 @@ def many_tasks_table(data: dict[str, Any]) -> str:
                    "validation s per task", "peak RSS MiB", "parameters"], rows, "rrrrrrrrr")
 
 
+@renderer("ingest_scale")
+def ingest_scale_table(data: dict[str, Any]) -> str:
+    """benchmarks/ingest_scale.py: per run wall and CPU time per case and peak memory, then the
+    largest / smallest size's ratios and ours / nnU-Net v2 at the sizes both ran."""
+    shape = " x ".join(map(str, data["case_shape"]))
+    rows = [[r["tool"], str(r["cases"]), str(r["workers"]), f"{r['usage']['seconds']:.0f}", f"{r['per_case_s']:.2f}",
+             f"{r['usage']['cpu_seconds'] / r['cases']:.2f}", f"{r['usage']['peak_mib']:.0f}"] for r in data["rows"]]
+    ratios = [[name, *(f"{s[k]:.2f}" if k in s else "" for k in
+                       ("per_case_time_ratio", "time_ratio", "cpu_ratio", "peak_memory_ratio"))]
+              for name, s in data["summary"].items()]
+    return (f"cases of {shape} voxels, {data['raw_mib_per_case']:.1f} MiB raw each\n\n"
+            + _table(["tool", "cases", "workers", "wall s", "wall s per case", "CPU s per case", "peak MiB"], rows,
+                     "lrrrrrr")
+            + "\n\n" + _table(["ratio", "per-case time, largest / smallest", "wall time", "CPU time", "peak memory"],
+                                ratios, "lrrrr"))
+
+
+@renderer("predict_batch")
+def predict_batch_table(data: dict[str, Any]) -> str:
+    """benchmarks/predict_batch.py: scans per minute per worker count, and the --resume re-run."""
+    first = data["rows"][0]["scans_per_minute"]
+    rows = [[str(r["workers"]), f"{r['seconds']:.0f}", f"{r['scans_per_minute']:.1f}",
+             f"x{r['scans_per_minute'] / first:.2f}"] for r in data["rows"]]
+    resume = data["resume"]
+    shape = " x ".join(map(str, data["scan_shape"]))
+    return (f"{data['scans']} scans of {shape} voxels\n\n"
+            + _table(["Ray workers", "wall s", "scans per minute", "x 1 worker"], rows, "rrrr")
+            + f"\n\nRe-run with `--resume` on {resume['workers']} workers: {resume['seconds']:.0f} s, "
+              f"{len(resume['recomputed_outputs'])} output(s) recomputed.")
+
+
 def render(args: str, base: Path = ROOT) -> str:
     """The body of one marked block: its caption and table, from `args` (`PATH table=NAME k=v ...`)."""
     path, *words = args.split()
