@@ -26,6 +26,7 @@ TASK_MEAN = "mean"
 
 Item = TypeVar("Item")
 Row = TypeVar("Row", bound="ClassRow")
+Key = Callable[[Item], tuple[str, int, str]]  # an item's (task, class id, class name)
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ def spread(values: Iterable[float], ddof: int = 0) -> Spread:
     return Spread(mean(kept), float(np.std(kept, ddof=ddof)) if len(kept) > ddof else math.nan, len(kept))
 
 
-def group(items: Iterable[Item], key: Callable[[Item], tuple[str, int, str]]) -> dict[str, dict[tuple[int, str], list[Item]]]:
+def group(items: Iterable[Item], key: Key) -> dict[str, dict[tuple[int, str], list[Item]]]:
     """Items by task (in the order first met), then by (class id, class name) in class order."""
     tasks: dict[str, dict[tuple[int, str], list[Item]]] = {}
     for item in items:
@@ -73,8 +74,8 @@ def group(items: Iterable[Item], key: Callable[[Item], tuple[str, int, str]]) ->
     return {task: dict(sorted(classes.items())) for task, classes in tasks.items()}
 
 
-def per_task(items: Iterable[Item], key: Callable[[Item], tuple[str, int, str]],
-             class_row: Callable[[str, int, str, list[Item]], Row], task_row: Callable[[str, list[Row]], Row]) -> list[Row]:
+def per_task(items: Iterable[Item], key: Key, class_row: Callable[[str, int, str, list[Item]], Row],
+             task_row: Callable[[str, list[Row]], Row]) -> list[Row]:
     """Per task: `class_row(task, class_id, name, items)` per class, then `task_row(task, class_rows)`."""
     rows: list[Row] = []
     for task, classes in group(items, key).items():
