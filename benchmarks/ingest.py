@@ -96,7 +96,7 @@ def read():
 # The same reads, every array read by zarr-python (`array[window]`) instead of the shard reader.
 _ZARR_READS = _OUR_READS.replace(
     "from pipeline.common.store import TaskStore",
-    "from pipeline.common import store as s\ns._ShardReader.supports = staticmethod(lambda array: False)\n"
+    "from pipeline.common import store_read as s\ns.ShardReader.supports = staticmethod(lambda array: False)\n"
     "from pipeline.common.store import TaskStore")
 HAND, ZARR, NNUNET = "ours", "ours, zarr-python read", "nnU-Net v2"
 

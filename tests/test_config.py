@@ -3,10 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.common.config import (
-    ConfigError, ExperimentConfig, config_from_dict, describe_keys, flatten, load_config, save_config,
-)
-from pipeline.common.config_help import KEY_HELP
+from pipeline.common.config import ConfigError, ExperimentConfig, config_from_dict, flatten, load_config, save_config
+from pipeline.common.config_help import KEY_HELP, describe_keys
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

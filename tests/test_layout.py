@@ -46,8 +46,7 @@ def test_model_and_common_import_no_stage() -> None:
 SOURCE_FOLDERS = ("pipeline", "model", "cluster", "benchmarks")
 MAX_LINES = 400
 # Modules over MAX_LINES today, each with the size it may not grow past; split them, then drop them here.
-OVERSIZE = {"pipeline/common/store.py": 540, "pipeline/common/config.py": 436, "pipeline/ingest/run.py": 408,
-            "benchmarks/train_step.py": 426, "benchmarks/real_accuracy.py": 449, "benchmarks/train_accuracy.py": 453}
+OVERSIZE = {"benchmarks/train_step.py": 426, "benchmarks/real_accuracy.py": 449, "benchmarks/train_accuracy.py": 453}
 # MLflow lives in pipeline/common: runs (tracking.py), models (mlflow_model.py) and the pyfunc entry
 # MLflow loads (pyfunc_model.py); everything else calls them.
 MLFLOW_MODULES = {"pipeline/common/tracking.py", "pipeline/common/mlflow_model.py", "pipeline/common/pyfunc_model.py"}

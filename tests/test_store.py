@@ -12,7 +12,7 @@ import zarr
 
 from pipeline.common import geometry
 from pipeline.common.intensity import zscore
-from pipeline.common import store as store_module
+from pipeline.common import store_read
 from pipeline.common.store import FORMAT_VERSION, StoreError, StoreManifest, TaskStore
 from pipeline.ingest import case, writer
 
@@ -128,8 +128,8 @@ def test_other_zarr_layouts_are_read_through_zarr(store_uri: str, tmp_path: Path
     case.create_array("image", data=image, chunks=(1, 3, 3, 3), overwrite=True)  # plain chunks, zstd
     case.create_array("label", data=label, chunks=(5, 5, 5), overwrite=True)
     store = TaskStore.open(uri)
-    assert isinstance(store._case("c0").image, store_module._ZarrReader)
-    assert isinstance(store._case("c1").image, store_module._ShardReader)
+    assert isinstance(store._case("c0").image, store_read.ZarrReader)
+    assert isinstance(store._case("c1").image, store_read.ShardReader)
     for start, size in [((0, 0, 0), SHAPE), ((-1, 3, 5), (4, 4, 7))]:
         for got, want in zip(store.read_patch("c0", start, size), store.read_patch("c1", start, size)):
             np.testing.assert_array_equal(got, want)

@@ -15,7 +15,7 @@ from typing import Any
 
 import fsspec
 
-from pipeline.common.config import describe_keys
+from pipeline.common.config_help import describe_keys
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 

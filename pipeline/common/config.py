@@ -27,16 +27,11 @@ from pydantic import (
 )
 from pydantic.dataclasses import dataclass
 
-from pipeline.common.config_help import KEY_HELP
+from pipeline.common.config_sources import (
+    COMMAND_LINE, ConfigError, apply_overrides, format_errors, read_old_amp, read_yaml,
+)
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
-
-
-COMMAND_LINE = "<command line>"  # the source named for a problem of a --set override
-
-
-class ConfigError(ValueError):
-    """A config file that cannot be used; the message has one line per problem."""
 
 
 def _is_remote(uri: str) -> bool:
@@ -293,21 +288,9 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Exper
     Raises ConfigError naming the file and each bad key, or `<command line>` and the key for a
     problem an override brought in.
     """
-    raw = _read_yaml(Path(path)) if path is not None else {}
+    raw = read_yaml(Path(path)) if path is not None else {}
     overridden = apply_overrides(raw, overrides)
     return config_from_dict(raw, source=str(path) if path is not None else COMMAND_LINE, overrides=overridden)
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
-    return raw
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>",
@@ -315,36 +298,12 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>",
     """Validate a plain dict (e.g. a Ray Tune trial config) into an ExperimentConfig; a problem
     at or under a key of `overrides` (dotted key -> the override, from `apply_overrides`) names
     the command line instead of `source`."""
-    raw = _read_old_amp(raw, source, overrides or {})
+    raw = read_old_amp(raw, source, overrides or {})
     try:
         # JSON mode keeps strict type checks but accepts YAML lists for tuple fields.
         return _ADAPTER.validate_json(json.dumps(raw), strict=True)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source, overrides or {})) from None
-
-
-OLD_AMP = {True: "auto", False: "fp32"}  # train.amp, before train.precision
-
-
-def _read_old_amp(raw: dict[str, Any], source: str, overrides: Mapping[str, str]) -> dict[str, Any]:
-    """`train.amp` of older configs read as `train.precision` (true: auto, false: fp32). Given
-    both, the one set on the command line wins; both in the same place is an error."""
-    train = raw.get("train")
-    if not isinstance(train, dict) or "amp" not in train:
-        return raw
-    amp_override, precision_override = _override_at("train.amp", overrides), _override_at("train.precision", overrides)
-    where = f"{COMMAND_LINE}: train.amp" if amp_override else f"{source}: train.amp"
-    amp = train["amp"]
-    if not isinstance(amp, bool):
-        raise ConfigError(f"{where}: must be true or false, got {amp!r} (the older name of train.precision: "
-                          "auto, bf16, fp16 or fp32)")
-    kept = {k: v for k, v in train.items() if k != "amp"}
-    if "precision" in train and bool(amp_override) == bool(precision_override):
-        raise ConfigError(f"{where}: is the older name of train.precision, which is set too: keep train.precision "
-                          f"only (amp: {str(amp).lower()} is precision: {OLD_AMP[amp]})")
-    if "precision" not in train or amp_override:
-        kept["precision"] = OLD_AMP[amp]
-    return raw | {"train": kept}
+        raise ConfigError(format_errors(err, source, overrides or {})) from None
 
 
 def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -369,68 +328,3 @@ def flatten(cfg: ExperimentConfig) -> dict[str, Any]:
 
     walk("", to_dict(cfg))
     return flat
-
-
-def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, str]:
-    """Set each `section.key=value` of `overrides` (the value read as YAML) in `raw`; returns
-    dotted key -> override. ConfigError naming `<command line>` for one that cannot be applied."""
-    applied = {}
-    for override in overrides:
-        key, value = _split_override(override)
-        *parents, leaf = key.split(".")
-        node = raw
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{COMMAND_LINE}: {key}: {part} is not a section (--set {override})")
-        node[leaf] = _override_value(key, value)
-        applied[key] = override
-    return applied
-
-
-def _split_override(override: str) -> tuple[str, str]:
-    key, sep, value = override.partition("=")
-    if not sep or not key or "" in key.split("."):
-        raise ConfigError(f"{COMMAND_LINE}: --set {override}: must look like section.key=value")
-    return key, value
-
-
-def _override_value(key: str, value: str) -> Any:
-    try:
-        return yaml.safe_load(value)
-    except yaml.YAMLError as err:
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{COMMAND_LINE}: {key}: cannot read the value {value!r} as YAML ({problem})") from None
-
-
-def _format_errors(err: ValidationError, source: str, overrides: Mapping[str, str]) -> str:
-    lines = []
-    for problem in err.errors():
-        key = ".".join(str(p) for p in problem["loc"]) or "<root>"
-        message = problem["msg"].removeprefix("Value error, ")
-        if problem["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
-            message = "unknown key"
-        override = _override_at(key, overrides)
-        lines.append(f"{COMMAND_LINE}: {key}: {message} (--set {override})" if override
-                     else f"{source}: {key}: {message}")
-    return "\n".join(lines)
-
-
-def _override_at(key: str, overrides: Mapping[str, str]) -> str | None:
-    """The override that set `key`, a key under it, or a section it created, if any."""
-    related = (o for k, o in overrides.items() if f"{key}.".startswith(f"{k}.") or k.startswith(f"{key}."))
-    return next(related, None)
-
-
-def describe_keys(sections: Sequence[str]) -> str:
-    """Every key of the given config sections with its type, default and one line of help (for --help)."""
-    def lines(prefix: str, holder: Any, field: dataclasses.Field) -> list[str]:
-        value = getattr(holder, field.name)
-        if dataclasses.is_dataclass(value):
-            return [line for sub in dataclasses.fields(value) for line in lines(f"{prefix}{field.name}.", value, sub)]
-        key = f"{prefix}{field.name}"
-        return [f"  {key}: {field.type} = {value!r}\n      {KEY_HELP[key]}"]
-
-    defaults = ExperimentConfig()
-    fields = {f.name: f for f in dataclasses.fields(defaults)}
-    return "\n".join(line for section in sections for line in lines("", defaults, fields[section]))

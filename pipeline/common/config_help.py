@@ -1,5 +1,13 @@
 """One line of help per config key (what it does, its unit, when to change it), printed by every
-stage's --help after the key's type and default (config.describe_keys)."""
+stage's --help after the key's type and default (`describe_keys`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from pipeline.common.config import ExperimentConfig
 
 KEY_HELP: dict[str, str] = {
     "name": "the run's name: its folder under ray.storage_path and its MLflow run name; change per experiment",
@@ -98,3 +106,17 @@ KEY_HELP: dict[str, str] = {
     "tune.trial_cpus": "CPUs reserved for each trial's driver; its Train workers reserve their own",
     "tune.best_config": "file the best trial's config is written to (relative: the working directory)",
 }
+
+
+def describe_keys(sections: Sequence[str]) -> str:
+    """Every key of the given config sections with its type, default and one line of help (for --help)."""
+    def lines(prefix: str, holder: Any, field: dataclasses.Field) -> list[str]:
+        value = getattr(holder, field.name)
+        if dataclasses.is_dataclass(value):
+            return [line for sub in dataclasses.fields(value) for line in lines(f"{prefix}{field.name}.", value, sub)]
+        key = f"{prefix}{field.name}"
+        return [f"  {key}: {field.type} = {value!r}\n      {KEY_HELP[key]}"]
+
+    defaults = ExperimentConfig()
+    fields = {f.name: f for f in dataclasses.fields(defaults)}
+    return "\n".join(line for section in sections for line in lines("", defaults, fields[section]))

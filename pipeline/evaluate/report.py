@@ -1,9 +1,9 @@
 """The evaluation report: per-case CSV, per-class summary (Markdown, nnU-Net-style JSON and
 MLflow metrics), box plots.
 
-Means skip NaN values (the empty-mask rules of `pipeline.common.metrics`); `cases` counts the
-cases whose Dice is defined. A task's "mean" row averages its class means, the overall Dice
-averages the task means.
+Per task and class as `pipeline.common.summary` builds rows (NaN left out of means, a task's
+"mean" row averages its class means, the overall Dice the task means): the cases whose Dice is
+defined, their Dice mean and std, HD95 mean and median.
 
 summary.json has nnU-Net's `evaluate_folder` keys: `metric_per_case` (task, case and per class
 Dice, HD95, FP, FN, n_pred, n_ref), `mean` (per class: the mean of each metric over the cases,
@@ -13,17 +13,20 @@ NaN left out) and `foreground_mean` (the mean of the class means). Classes are k
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Sequence
+from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
 from pipeline.common.metrics import ClassMetrics, metric_name
+from pipeline.common.summary import (
+    TASK_MEAN, ClassRow, finite, fmt, group, markdown_table, mean, metric_dict, per_task, spread, task_rows,
+    write_csv_rows,
+)
 
 CSV_FILE = "metrics.csv"
 MARKDOWN_FILE = "summary.md"
@@ -38,10 +41,7 @@ class CaseRow:
 
 
 @dataclass(frozen=True)
-class ClassSummary:
-    task: str
-    class_id: int | None  # None: the task's mean over its classes
-    name: str
+class ClassSummary(ClassRow):
     cases: int
     dice_mean: float
     dice_std: float
@@ -51,94 +51,53 @@ class ClassSummary:
 
 def write_csv(rows: Sequence[CaseRow], path: Path) -> Path:
     """One line per case and class: task, case, then every ClassMetrics field."""
-    metric_fields = [f.name for f in fields(ClassMetrics)]
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["task", "case", *metric_fields])
-        for row in rows:
-            values = asdict(row.metrics)
-            writer.writerow([row.task, row.case, *(values[f] for f in metric_fields)])
-    return path
+    return write_csv_rows(path, ["task", "case", *(f.name for f in fields(ClassMetrics))],
+                          ([row.task, row.case, *astuple(row.metrics)] for row in rows))
 
 
 def summarize(rows: Sequence[CaseRow]) -> list[ClassSummary]:
     """Per task: one summary per class (in class order), then the task's mean row."""
-    summaries = []
-    for task in dict.fromkeys(r.task for r in rows):
-        task_rows = [r.metrics for r in rows if r.task == task]
-        classes = sorted({(m.class_id, m.name) for m in task_rows})
-        per_class = [
-            _class_summary(task, cid, name, [m for m in task_rows if m.class_id == cid]) for cid, name in classes
-        ]
-        summaries += per_class
-        summaries.append(_task_mean(task, per_class))
-    return summaries
+    return per_task(rows, lambda r: (r.task, r.metrics.class_id, r.metrics.name), _class_summary, _task_mean)
 
 
-def _class_summary(task: str, class_id: int, name: str, metrics: Sequence[ClassMetrics]) -> ClassSummary:
-    dice = _finite([m.dice for m in metrics])
-    hd95 = _finite([m.hd95 for m in metrics])
-    return ClassSummary(task, class_id, name, len(dice), _stat(np.mean, dice), _stat(np.std, dice),
-                        _stat(np.mean, hd95), _stat(np.median, hd95))
+def _class_summary(task: str, class_id: int, name: str, rows: Sequence[CaseRow]) -> ClassSummary:
+    dice = spread(r.metrics.dice for r in rows)
+    hd95 = finite(r.metrics.hd95 for r in rows)
+    return ClassSummary(task, class_id, name, dice.n, dice.mean, dice.std, mean(hd95),
+                        float(np.median(hd95)) if hd95 else math.nan)
 
 
 def _task_mean(task: str, per_class: Sequence[ClassSummary]) -> ClassSummary:
-    def mean_of(key: str) -> float:
-        return _stat(np.mean, _finite([getattr(s, key) for s in per_class]))
-
-    return ClassSummary(task, None, "mean", max(s.cases for s in per_class), mean_of("dice_mean"), math.nan,
-                        mean_of("hd95_mean"), mean_of("hd95_median"))
-
-
-def _stat(function: Callable[[list[float]], float], values: list[float]) -> float:
-    return float(function(values)) if values else math.nan
-
-
-def _finite(values: Sequence[float]) -> list[float]:
-    return [float(v) for v in values if math.isfinite(v)]
+    return ClassSummary(task, None, TASK_MEAN, max(s.cases for s in per_class), mean(s.dice_mean for s in per_class),
+                        math.nan, mean(s.hd95_mean for s in per_class), mean(s.hd95_median for s in per_class))
 
 
 def markdown(summaries: Sequence[ClassSummary], title: str) -> str:
-    lines = [f"# {title}", "", "| task | class | cases | Dice mean | Dice std | HD95 mean (mm) | HD95 median (mm) |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for s in summaries:
-        name = f"**{s.name}**" if s.class_id is None else f"{s.class_id} {s.name}"
-        lines.append(f"| {s.task} | {name} | {s.cases} | {_fmt(s.dice_mean, 4)} | {_fmt(s.dice_std, 4)} | "
-                     f"{_fmt(s.hd95_mean, 2)} | {_fmt(s.hd95_median, 2)} |")
-    overall = overall_dice(summaries)
-    lines += ["", f"Mean Dice over tasks: {_fmt(overall, 4)}", ""]
-    return "\n".join(lines)
-
-
-def _fmt(value: float, digits: int) -> str:
-    return "-" if math.isnan(value) else f"{value:.{digits}f}"
+    header = ["task", "class", "cases", "Dice mean", "Dice std", "HD95 mean (mm)", "HD95 median (mm)"]
+    lines = markdown_table(title, header, ([s.task, s.label(), s.cases, fmt(s.dice_mean), fmt(s.dice_std),
+                                            fmt(s.hd95_mean, 2), fmt(s.hd95_median, 2)] for s in summaries))
+    return "\n".join([*lines, "", f"Mean Dice over tasks: {fmt(overall_dice(summaries))}", ""])
 
 
 def overall_dice(summaries: Sequence[ClassSummary]) -> float:
-    return _stat(np.mean, _finite([s.dice_mean for s in summaries if s.class_id is None]))
+    return mean(s.dice_mean for s in task_rows(summaries))
 
 
 def mlflow_metrics(summaries: Sequence[ClassSummary], split: str) -> dict[str, float]:
-    """`eval/<split>/<task>/<class>/{dice,hd95}`, `eval/<split>/<task>/dice` and `eval/<split>/dice`
+    """`eval/<split>/<task>/<class>/{dice,hd95}`, `eval/<split>/<task>/{dice,hd95}` and `eval/<split>/dice`
     (finite values only)."""
-    metrics = {f"eval/{split}/dice": overall_dice(summaries)}
-    for s in summaries:
-        prefix = f"eval/{split}/{metric_name(s.task)}" + ("" if s.class_id is None else f"/{metric_name(s.name)}")
-        metrics[f"{prefix}/dice"] = s.dice_mean
-        metrics[f"{prefix}/hd95"] = s.hd95_mean
-    return {k: v for k, v in metrics.items() if math.isfinite(v)}
+    return metric_dict(f"eval/{split}", {"dice": overall_dice(summaries)}, summaries,
+                       lambda s: {"dice": s.dice_mean, "hd95": s.hd95_mean})
 
 
 def box_plots(rows: Sequence[CaseRow], folder: Path) -> list[Path]:
     """One PNG per task, `boxplot_<task>.png`: Dice and HD95 per class over the cases."""
     written = []
-    for task in dict.fromkeys(r.task for r in rows):
-        metrics = [r.metrics for r in rows if r.task == task]
-        classes = sorted({(m.class_id, m.name) for m in metrics})
+    for task, classes in group(rows, lambda r: (r.task, r.metrics.class_id, r.metrics.name)).items():
         fig = Figure(figsize=(4 + 1.5 * len(classes), 4))
         axes = fig.subplots(1, 2)
         for ax, key, label in ((axes[0], "dice", "Dice"), (axes[1], "hd95", "HD95 (mm)")):
-            data = [_finite([getattr(m, key) for m in metrics if m.class_id == cid]) for cid, _ in classes]
+            data = [finite(getattr(r.metrics, key) for r in mine) for mine in classes.values()]
             ax.boxplot(data, tick_labels=[name for _, name in classes])
             ax.set_ylabel(label)
             if key == "dice":
@@ -166,12 +125,12 @@ def nnunet_summary(rows: Sequence[CaseRow]) -> dict:
     for row in rows:
         entry = per_case.setdefault((row.task, row.case), {"task": row.task, "case": row.case, "metrics": {}})
         entry["metrics"][key(row)] = values(row.metrics)
-    mean = {}
+    means = {}
     for class_key in dict.fromkeys(key(r) for r in rows):
         cases = [values(r.metrics) for r in rows if key(r) == class_key]
-        mean[class_key] = {name: _stat(np.mean, _finite([c[name] for c in cases])) for name in cases[0]}
-    foreground = {name: _stat(np.mean, _finite([m[name] for m in mean.values()])) for name in next(iter(mean.values()))}
-    return _nulls({"metric_per_case": list(per_case.values()), "mean": mean, "foreground_mean": foreground})
+        means[class_key] = {name: mean(c[name] for c in cases) for name in cases[0]}
+    foreground = {name: mean(m[name] for m in means.values()) for name in next(iter(means.values()))}
+    return _nulls({"metric_per_case": list(per_case.values()), "mean": means, "foreground_mean": foreground})
 
 
 def _nulls(value: object) -> object:

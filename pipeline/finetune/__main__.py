@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 
 from pipeline.common.cli import run_stage, stage_parser
-from pipeline.common.config import COMMAND_LINE, ConfigError, config_from_dict, load_config, to_dict
+from pipeline.common.config import ConfigError, config_from_dict, load_config, to_dict
+from pipeline.common.config_sources import COMMAND_LINE
 from pipeline.common.logs import setup_logging
 from pipeline.common.tracking import TrackingUnavailable
 from pipeline.train.finetune import pin_pretrained

@@ -5,7 +5,8 @@ Dask cluster (scheduler, workers, dashboard) or local Ray started here listens o
 (127.0.0.1 unless `--host` says otherwise; pipeline/common/services.py).
 
 `executor(cfg)` yields one function, `compute(tasks) -> results`, that runs a list of Dask
-delayed objects (sharing their common inputs) and returns their values in order.
+delayed objects (sharing their common inputs) and returns their values in order; `task` and
+`shared` build them.
 """
 
 from __future__ import annotations
@@ -27,6 +28,17 @@ from pipeline.common.services import connect_ray, dask_cluster_options
 log = logging.getLogger(__name__)
 Compute = Callable[[list[Delayed]], list[Any]]
 LOCAL_SCHEDULERS = ("synchronous", "threads")
+
+
+def task(fn: Any, *args: Any, key: str) -> Delayed:
+    """`fn(*args)` as a graph node named `key` (impure: run every time)."""
+    return dask.delayed(fn, pure=False)(*args, dask_key_name=key)
+
+
+def shared(values: tuple, key: str) -> list[Delayed]:
+    """Values every task needs, as one graph node (sent once per worker, not embedded per task)."""
+    node = dask.delayed(values, name=key, traverse=False)
+    return [node[i] for i in range(len(values))]
 
 
 @contextmanager

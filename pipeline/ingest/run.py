@@ -1,19 +1,9 @@
 """Ingest orchestration: for each dataset, list cases, plan (cached), ingest what changed, write
-the manifest last; report every problem and never stop at a bad case.
+the manifest last; report every problem (`pipeline.ingest.report`) and never stop at a bad case.
 
-Resume rule: a case is skipped when its group is complete and was written from the same source
-content (a hash of its files; with `change_detection: stat`, unchanged names, sizes and mtimes
-are trusted without hashing) with the same recipe (plan + write options); the plan itself is
-reused while the training cases' fingerprints and the planning options are unchanged. A re-run
-with nothing changed writes nothing.
-
-Nothing good is lost: a case that fails at a re-run (a file missing, unreadable, a full disk)
-keeps its stored copy from the earlier ingest, marked stale in the manifest; cases that failed
-without a stored copy are listed as failed there. Only cases no longer listed by the source are
-removed. One store, one recipe: a re-run whose plan or write options differ from those of a stale
-copy it would keep is refused before any case is written (the copy cannot be re-normalised: its
-source is what fails); a case that fails in the case pass under a new recipe loses its old copy.
-A re-run that fails for the whole dataset (dataset.json invalid, the folder gone, no plan)
+What a re-run skips and keeps (current cases, the cached plan, the stored copies of cases that
+fail now) is `pipeline.ingest.resume`'s rule. Only cases no longer listed by the source are
+removed. A re-run that fails for the whole dataset (dataset.json invalid, the folder gone, no plan)
 leaves a finished store's cases as they were and records the failure in its manifest
 (`last_ingest_failed`: when, why), so that readers warn; the next successful ingest clears it.
 One bad source never stops the others. Exit status (`IngestReport.exit_status`): 0 all done, 2
@@ -24,76 +14,32 @@ disk, a bug: logged, with a traceback for a bug).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import dask
-from dask.delayed import Delayed
-
-from pipeline.common.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, output_folder_problem
+from pipeline.common.cli import output_folder_problem
 from pipeline.common.config import IngestConfig
-from pipeline.common.store import FORMAT_VERSION, StoreError, StoreManifest
+from pipeline.common.store import StoreError, StoreManifest
 from pipeline.ingest import writer
 from pipeline.ingest.case import CaseOutcome, WriteTarget, guarded, ingest_step, plan_step
-from pipeline.ingest.dataset import (
-    CaseSource, DatasetError, DatasetSpec, content_fingerprint, read_dataset, stat_signature,
-)
-from pipeline.ingest.executor import Compute, executor
+from pipeline.ingest.dataset import CaseSource, DatasetError, DatasetSpec, read_dataset
+from pipeline.ingest.executor import Compute, executor, shared, task
 from pipeline.ingest.manifest import build_manifest
-from pipeline.ingest.split import store_folds, with_test_labels
 from pipeline.ingest.plan import Plan, make_plan, needs_statistics
+from pipeline.ingest.report import DatasetReport, IngestReport, collect
+from pipeline.ingest.resume import (
+    is_current, plan_inputs, recipe_digest, refuse_two_recipes, settle_failures, source_fingerprints,
+)
+from pipeline.ingest.split import store_folds, with_test_labels
 
 log = logging.getLogger(__name__)
 
 
 class OutputError(ValueError):
     """The output root cannot be written, or two sources would write one store; found before any work."""
-
-
-@dataclass
-class DatasetReport:
-    source: str
-    store: str = ""
-    ingested: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    failed: dict[str, tuple[str, ...]] = field(default_factory=dict)  # every case that failed this run
-    stale: list[str] = field(default_factory=list)  # failed cases whose stored copy was kept
-    warnings: list[str] = field(default_factory=list)
-    error: str | None = None  # the whole dataset failed
-    crashed: bool = False  # a failure that is not the input's (a full disk, a bug)
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and not self.failed
-
-    def summary(self) -> str:
-        if self.error is not None:
-            return f"{self.source}: FAILED: {self.error}"
-        kept = f"; kept the stored copy of {', '.join(self.stale)} (stale)" if self.stale else ""
-        return (f"{self.source} -> {self.store}: {len(self.ingested)} ingested, {len(self.skipped)} unchanged, "
-                f"{len(self.failed)} failed, {len(self.warnings)} warnings{kept}")
-
-
-@dataclass
-class IngestReport:
-    datasets: list[DatasetReport]
-
-    @property
-    def ok(self) -> bool:
-        return all(d.ok for d in self.datasets)
-
-    @property
-    def exit_status(self) -> int:
-        """0 all done; 1 something failed that is not the input's fault; else 2 for bad input."""
-        if any(d.crashed for d in self.datasets):
-            return EXIT_FAILED
-        return EXIT_OK if self.ok else EXIT_BAD_INPUT
 
 
 def store_uri(out: str, dataset_name: str) -> str:
@@ -183,108 +129,27 @@ def _ingest_dataset(
     report.store = store_uri(out, spec.name)
     root = writer.open_store(report.store, storage_options, cfg.overwrite)
     stored = {c.case_id: writer.completed_case_attrs(root, c.case_id) for c in spec.cases}
-    fingerprints, stats = _fingerprints(spec, stored, cfg, compute)
-    _collect([CaseOutcome(c.case_id, problems=c.problems) for c in spec.cases if c.problems], report, False)
+    fingerprints, stats = source_fingerprints(spec, stored, cfg, compute)
+    collect([CaseOutcome(c.case_id, problems=c.problems) for c in spec.cases if c.problems], report, False)
     previous = writer.read_manifest(root)
     plan = _plan(spec, root, cfg, fingerprints, compute, report)
     if plan is None:
         return
-    target = WriteTarget(report.store, storage_options, cfg.chunk_size, cfg.max_class_locations, _recipe(plan, cfg))
-    _refuse_two_recipes(report, stored, target.recipe, previous, plan)
+    target = WriteTarget(report.store, storage_options, cfg.chunk_size, cfg.max_class_locations, recipe_digest(plan, cfg))
+    refuse_two_recipes(report, stored, target.recipe, previous, plan)
     candidates = [c for c in spec.cases if c.case_id not in report.failed]
-    todo = [c for c in candidates if not _is_current(stored[c.case_id], fingerprints[c.case_id], target.recipe)]
+    todo = [c for c in candidates if not is_current(stored[c.case_id], fingerprints[c.case_id], target.recipe)]
     report.skipped = sorted({c.case_id for c in candidates} - {c.case_id for c in todo})
     if todo:
         writer.clear_manifest(root)
         _ingest_cases(spec, plan, target, todo, fingerprints, stats, compute, report)
-    failed, stale = _settle_failures(root, report, target.recipe)
+    failed, stale = settle_failures(root, report, target.recipe)
     fingerprints |= stale
     done = [c for c in spec.cases if c.case_id not in failed]
     folds = store_folds(root, spec.name, [c.case_id for c in done if not c.is_test], cfg.folds, cfg.split_seed)
     manifest = build_manifest(spec, plan, done, fingerprints, folds)
     stale_reasons = {c: "; ".join(report.failed[c]) for c in stale}
     _commit(root, dataclasses.replace(manifest, failed=failed, stale=stale_reasons), report.store)
-
-
-def _fingerprints(
-    spec: DatasetSpec, stored: dict[str, dict[str, Any] | None], cfg: IngestConfig, compute: Compute
-) -> tuple[dict[str, str], dict[str, str]]:
-    """Per case, the content hash of its files (one task per case) and the stat signature. The
-    stored hash stands in for a stored case whose files are missing (kept, see `_settle_failures`)
-    and, with `change_detection: stat`, for one whose names, sizes and mtimes are unchanged."""
-    stats = {c.case_id: stat_signature(c) for c in spec.cases}
-    known = {}
-    for case in spec.cases:
-        attrs = stored[case.case_id]
-        if attrs is None:
-            continue
-        if case.problems or (cfg.change_detection == "stat" and attrs.get("source_stat") == stats[case.case_id]):
-            known[case.case_id] = attrs["source_fingerprint"]
-    hashed = [c for c in spec.cases if c.case_id not in known]
-    if hashed:
-        log.info("%s: hashing the files of %d case(s) to detect changes", spec.name, len(hashed))
-    hashes = compute([_task(content_fingerprint, c, key=f"hash-{spec.name}-{c.case_id}") for c in hashed])
-    return known | {c.case_id: h for c, h in zip(hashed, hashes)}, stats
-
-
-def _refuse_two_recipes(
-    report: DatasetReport, stored: dict[str, dict[str, Any] | None], recipe: str,
-    previous: dict[str, Any] | None, plan: Plan,
-) -> None:
-    """Before any case is written: a case that already failed keeps its stored copy (stale), which
-    was preprocessed under the earlier recipe; if the recipe changed (intensity statistics, target
-    spacing, write options), keeping it would leave one store with two normalisations. DatasetError."""
-    kept = sorted(c for c in report.failed if stored.get(c) and stored[c].get("recipe") != recipe)
-    if kept:
-        raise DatasetError(
-            f"{report.store}: {_what_changed(previous, plan)}, but {', '.join(kept)} would keep "
-            "its stored copy preprocessed the earlier way (its source fails, logged above); the store "
-            "is left as it was: fix or drop the failing case(s), or re-ingest with --overwrite")
-
-
-def _what_changed(previous: dict[str, Any] | None, plan: Plan) -> str:
-    """One phrase naming what differs between the stored manifest's plan and `plan`."""
-    if previous is None:
-        return "the preprocessing recipe would change"
-    new = plan.to_dict()
-    changes = [f"target spacing {previous['target_spacing']} -> {new['target_spacing']}"] \
-        if list(previous["target_spacing"]) != new["target_spacing"] else []
-    for channel, (old, norm) in enumerate(zip(previous["normalization"], new["normalization"])):
-        keys = [k for k in norm if old.get(k) != norm[k]]
-        changes += [f"channel {channel} {k} {_short(old.get(k))} -> {_short(norm[k])}" for k in keys]
-    if not changes:
-        return "the write options (chunk_size, max_class_locations) would change"
-    return "the plan would change (" + ", ".join(changes) + ")"
-
-
-def _short(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _settle_failures(
-    root: Any, report: DatasetReport, recipe: str
-) -> tuple[dict[str, list[str]], dict[str, str]]:
-    """Split this run's failed cases: those whose stored copy is still complete and preprocessed
-    with this run's recipe stay in the store, marked stale (returned with their stored
-    fingerprints); the others are failed (with problems). A stored copy of another recipe (the
-    case failed in the case pass after the plan changed) is not kept: one store, one recipe."""
-    failed, stale = {}, {}
-    for case_id, problems in sorted(report.failed.items()):
-        attrs = writer.completed_case_attrs(root, case_id)
-        if attrs is None or attrs.get("recipe") != recipe:
-            failed[case_id] = list(problems) if attrs is None else [*problems, _drop_line(report.store, case_id)]
-            continue
-        stale[case_id] = attrs["source_fingerprint"]
-        report.stale.append(case_id)
-        log.warning("%s: kept the stored case %s from an earlier ingest, marked stale (its source failed)",
-                    report.store, case_id)
-    return failed, stale
-
-
-def _drop_line(store: str, case_id: str) -> str:
-    line = f"{store}: removed the stored copy of {case_id}: it was preprocessed under the earlier plan"
-    log.error("%s", line)
-    return line
 
 
 def _ingest_cases(
@@ -298,10 +163,10 @@ def _ingest_cases(
     report: DatasetReport,
 ) -> None:
     """The case pass: one task per case; the shared inputs are one graph node, not one copy per task."""
-    spec_node, plan_node, target_node = _shared((spec, plan, target), key=f"inputs-{spec.name}")
-    tasks = [_task(guarded, ingest_step, c, spec_node, plan_node, target_node, fingerprints[c.case_id],
+    spec_node, plan_node, target_node = shared((spec, plan, target), key=f"inputs-{spec.name}")
+    tasks = [task(guarded, ingest_step, c, spec_node, plan_node, target_node, fingerprints[c.case_id],
                    stats[c.case_id], key=f"ingest-{spec.name}-{c.case_id}") for c in cases]
-    _collect(compute(tasks), report)
+    collect(compute(tasks), report)
 
 
 def _commit(root: Any, manifest: StoreManifest, uri: str) -> None:
@@ -328,17 +193,17 @@ def _plan(
     report: DatasetReport,
 ) -> Plan | None:
     """The cached plan when its inputs are unchanged, else the plan pass (a Dask reduction)."""
-    inputs = _plan_inputs(spec, cfg, fingerprints)
+    inputs = plan_inputs(spec, cfg, fingerprints)
     cached = writer.read_plan(root)
     if cached is not None and cached.get("inputs") == inputs:
         return Plan.from_dict(cached["plan"])
     statistics = needs_statistics(spec, cfg)
-    [shared_spec] = _shared((spec,), key=f"spec-{spec.name}")
-    outcomes = [_task(guarded, plan_step, c, shared_spec, statistics, key=f"plan-{spec.name}-{c.case_id}")
+    [shared_spec] = shared((spec,), key=f"spec-{spec.name}")
+    outcomes = [task(guarded, plan_step, c, shared_spec, statistics, key=f"plan-{spec.name}-{c.case_id}")
                 for c in spec.train_cases if not c.problems]  # cases with missing files are reported already
-    reduced = _task(_reduce_plan, outcomes, spec, cfg, key=f"plan-{spec.name}")
+    reduced = task(_reduce_plan, outcomes, spec, cfg, key=f"plan-{spec.name}")
     [(plan, results)] = compute([reduced])
-    _collect(results, report, ingested=False)
+    collect(results, report, ingested=False)
     if isinstance(plan, str):
         log.error("%s", plan)
         report.error = plan
@@ -360,49 +225,3 @@ def _reduce_plan(
         return make_plan([o.summary for o in outcomes if o.ok], spec, cfg), light
     except ValueError as err:
         return str(err), light
-
-
-def _collect(outcomes: list[CaseOutcome], report: DatasetReport, ingested: bool = True) -> None:
-    for outcome in outcomes:
-        for problem in outcome.problems:
-            log.error("%s", problem)
-        report.crashed |= outcome.crashed
-        if not outcome.ok:
-            report.failed[outcome.case_id] = outcome.problems
-        elif ingested:
-            report.ingested.append(outcome.case_id)
-            for warning in outcome.warnings:
-                log.warning("%s", warning)
-            report.warnings.extend(outcome.warnings)
-
-
-def _task(fn: Any, *args: Any, key: str) -> Delayed:
-    return dask.delayed(fn, pure=False)(*args, dask_key_name=key)
-
-
-def _shared(values: tuple, key: str) -> list[Delayed]:
-    """Values every task needs, as one graph node (sent once per worker, not embedded per task)."""
-    node = dask.delayed(values, name=key, traverse=False)
-    return [node[i] for i in range(len(values))]
-
-
-def _is_current(attrs: dict[str, Any] | None, fingerprint: str, recipe: str) -> bool:
-    return attrs is not None and attrs.get("source_fingerprint") == fingerprint and attrs.get("recipe") == recipe
-
-
-def _digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _plan_inputs(spec: DatasetSpec, cfg: IngestConfig, fingerprints: dict[str, str]) -> str:
-    return _digest({
-        "format_version": FORMAT_VERSION,
-        "modalities": spec.modalities,
-        "labels": spec.labels,
-        "cases": {c.case_id: fingerprints[c.case_id] for c in spec.train_cases},
-        "options": [cfg.target_spacing, cfg.ct_normalization, cfg.image_order, cfg.label_resampling],
-    })
-
-
-def _recipe(plan: Plan, cfg: IngestConfig) -> str:
-    return _digest([FORMAT_VERSION, plan.to_dict(), cfg.chunk_size, cfg.max_class_locations])

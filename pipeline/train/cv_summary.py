@@ -13,7 +13,6 @@ classes' pooled values. Written as cv_summary.csv, cv_summary.md and cv_summary.
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.common.metrics import metric_name
+from pipeline.common.summary import (
+    TASK_MEAN, ClassRow, fmt, markdown_table, mean, metric_dict, per_task, spread, task_rows, write_csv_rows,
+)
 
 CSV_FILE = "cv_summary.csv"
 MARKDOWN_FILE = "cv_summary.md"
@@ -43,10 +44,7 @@ class OutOfFoldRow:
 
 
 @dataclass(frozen=True)
-class CvRow:
-    task: str
-    class_id: int | None  # None: the task's mean over its classes
-    name: str
+class CvRow(ClassRow):
     fold_dice: tuple[float, ...]  # per fold of `folds`, in order
     mean: float
     std: float
@@ -56,82 +54,51 @@ class CvRow:
 
 def summarise(rows: Sequence[OutOfFoldRow], folds: Sequence[int]) -> list[CvRow]:
     """Per task: a row per class (in class order), then the task's mean row."""
-    summary = []
-    for task in dict.fromkeys(r.task for r in rows):
-        mine = [r for r in rows if r.task == task]
-        classes = sorted({(r.class_id, r.name) for r in mine})
-        per_class = [_class_row(task, cid, name, [r for r in mine if r.class_id == cid], folds) for cid, name in classes]
-        summary += per_class
-        fold_dice = tuple(_nanmean([c.fold_dice[i] for c in per_class]) for i in range(len(folds)))
-        summary.append(CvRow(task, None, "mean", fold_dice, *_spread(fold_dice),
-                             _nanmean([c.pooled for c in per_class]), max(c.cases for c in per_class)))
-    return summary
+    def class_row(task: str, class_id: int, name: str, mine: list[OutOfFoldRow]) -> CvRow:
+        fold_dice = tuple(mean(r.dice for r in mine if r.fold == fold) for fold in folds)
+        over_folds, pooled = spread(fold_dice, ddof=1), spread(r.dice for r in mine)
+        return CvRow(task, class_id, name, fold_dice, over_folds.mean, over_folds.std, pooled.mean, pooled.n)
 
+    def task_row(task: str, classes: list[CvRow]) -> CvRow:
+        fold_dice = tuple(mean(c.fold_dice[i] for c in classes) for i in range(len(folds)))
+        over_folds = spread(fold_dice, ddof=1)
+        return CvRow(task, None, TASK_MEAN, fold_dice, over_folds.mean, over_folds.std, mean(c.pooled for c in classes),
+                     max(c.cases for c in classes))
 
-def _class_row(task: str, class_id: int, name: str, rows: Sequence[OutOfFoldRow], folds: Sequence[int]) -> CvRow:
-    fold_dice = tuple(_nanmean([r.dice for r in rows if r.fold == fold]) for fold in folds)
-    defined = [r.dice for r in rows if math.isfinite(r.dice)]
-    return CvRow(task, class_id, name, fold_dice, *_spread(fold_dice), _nanmean(defined), len(defined))
-
-
-def _spread(values: Sequence[float]) -> tuple[float, float]:
-    finite = [v for v in values if math.isfinite(v)]
-    mean = float(np.mean(finite)) if finite else math.nan
-    return mean, float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan
-
-
-def _nanmean(values: Sequence[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    return float(np.mean(finite)) if finite else math.nan
+    return per_task(rows, lambda r: (r.task, r.class_id, r.name), class_row, task_row)
 
 
 def overall(summary: Sequence[CvRow]) -> tuple[float, float, float]:
     """(mean, std) over folds of the mean Dice over tasks, and the mean of the tasks' pooled Dice."""
-    tasks = [r for r in summary if r.class_id is None]
+    tasks = task_rows(summary)
     if not tasks:
         return math.nan, math.nan, math.nan
-    per_fold = tuple(_nanmean([t.fold_dice[i] for t in tasks]) for i in range(len(tasks[0].fold_dice)))
-    return *_spread(per_fold), _nanmean([t.pooled for t in tasks])
+    over_folds = spread((mean(t.fold_dice[i] for t in tasks) for i in range(len(tasks[0].fold_dice))), ddof=1)
+    return over_folds.mean, over_folds.std, mean(t.pooled for t in tasks)
 
 
 def mlflow_metrics(summary: Sequence[CvRow]) -> dict[str, float]:
     """`cv/<task>[/<class>]/dice_{mean,std,pooled}` and `cv/dice_{mean,std,pooled}` (finite values)."""
-    mean, std, pooled = overall(summary)
-    metrics = {"cv/dice_mean": mean, "cv/dice_std": std, "cv/dice_pooled": pooled}
-    for row in summary:
-        prefix = f"cv/{metric_name(row.task)}" + ("" if row.class_id is None else f"/{metric_name(row.name)}")
-        metrics |= {f"{prefix}/dice_mean": row.mean, f"{prefix}/dice_std": row.std, f"{prefix}/dice_pooled": row.pooled}
-    return {k: v for k, v in metrics.items() if math.isfinite(v)}
+    dice_mean, dice_std, dice_pooled = overall(summary)
+    return metric_dict("cv", {"dice_mean": dice_mean, "dice_std": dice_std, "dice_pooled": dice_pooled}, summary,
+                       lambda r: {"dice_mean": r.mean, "dice_std": r.std, "dice_pooled": r.pooled})
 
 
 def markdown(summary: Sequence[CvRow], folds: Sequence[int], title: str, notes: Sequence[str] = ()) -> str:
-    fold_heads = " | ".join(f"fold {f}" for f in folds)
-    lines = [f"# {title}", "", f"| task | class | {fold_heads} | mean | std | pooled | cases |",
-             "|---|---|" + "---:|" * (len(folds) + 4)]
-    for row in summary:
-        name = f"**{row.name}**" if row.class_id is None else f"{row.class_id} {row.name}"
-        per_fold = " | ".join(_fmt(v) for v in row.fold_dice)
-        lines.append(f"| {row.task} | {name} | {per_fold} | {_fmt(row.mean)} | {_fmt(row.std)} | "
-                     f"{_fmt(row.pooled)} | {row.cases} |")
-    mean, std, pooled = overall(summary)
-    lines += ["", f"Mean Dice over tasks: {_fmt(mean)} +- {_fmt(std)} (std over {len(folds)} folds); "
-                  f"pooled over all out-of-fold cases: {_fmt(pooled)}", ""]
+    header = ["task", "class", *(f"fold {f}" for f in folds), "mean", "std", "pooled", "cases"]
+    lines = markdown_table(title, header, ([r.task, r.label(), *map(fmt, r.fold_dice), fmt(r.mean), fmt(r.std),
+                                            fmt(r.pooled), r.cases] for r in summary))
+    dice_mean, dice_std, dice_pooled = overall(summary)
+    lines += ["", f"Mean Dice over tasks: {fmt(dice_mean)} +- {fmt(dice_std)} (std over {len(folds)} folds); "
+                  f"pooled over all out-of-fold cases: {fmt(dice_pooled)}", ""]
     lines += [f"- {note}" for note in notes] + ([""] if notes else [])
     return "\n".join(lines)
 
 
-def _fmt(value: float) -> str:
-    return "-" if math.isnan(value) else f"{value:.4f}"
-
-
 def write_csv(summary: Sequence[CvRow], folds: Sequence[int], path: Path) -> Path:
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["task", "class_id", "name", *(f"fold_{f}" for f in folds), "mean", "std", "pooled", "cases"])
-        for row in summary:
-            writer.writerow([row.task, "" if row.class_id is None else row.class_id, row.name, *row.fold_dice,
-                             row.mean, row.std, row.pooled, row.cases])
-    return path
+    header = ["task", "class_id", "name", *(f"fold_{f}" for f in folds), "mean", "std", "pooled", "cases"]
+    return write_csv_rows(path, header, ([r.task, "" if r.class_id is None else r.class_id, r.name, *r.fold_dice,
+                                       r.mean, r.std, r.pooled, r.cases] for r in summary))
 
 
 def plot(summary: Sequence[CvRow], folds: Sequence[int], path: Path) -> Path:

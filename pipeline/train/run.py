@@ -253,7 +253,8 @@ def config_for_resume(run: str, overrides: list[str], storage_path: str | None =
     `run` is a run folder (local path or URI) or a run name under `storage_path` (default:
     the config default, outputs/ray).
     """
-    from pipeline.common.config import RayConfig, apply_overrides
+    from pipeline.common.config import RayConfig
+    from pipeline.common.config_sources import apply_overrides
 
     storage_path = storage_path or next(
         (o.partition("=")[2] for o in overrides if o.startswith("ray.storage_path=")), None

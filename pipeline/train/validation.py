@@ -20,6 +20,7 @@ from torch import nn
 
 from pipeline.common.inference import InferenceOptions, segment
 from pipeline.common.metrics import dice, metric_name
+from pipeline.common.summary import TASK_MEAN, ClassRow, mean, per_task, task_rows
 
 log = logging.getLogger(__name__)
 
@@ -39,24 +40,21 @@ def dice_per_class(prediction: np.ndarray, truth: np.ndarray, num_classes: int) 
     return [dice(prediction, truth, c) for c in range(1, num_classes)]
 
 
+@dataclass(frozen=True)
+class _Mean(ClassRow):
+    dice: float
+
+
 def summarise(per_case: Mapping[str, Sequence[Sequence[float]]], tasks: Sequence[ValidationTask]) -> dict[str, float]:
     """`dice/<task>/<class>`, `dice/<task>/mean` and `dice/mean` (mean over tasks) from per-case values."""
-    metrics: dict[str, float] = {}
-    task_means = []
-    for task in tasks:
-        rows = np.asarray(per_case.get(task.name, []), dtype=np.float64).reshape(-1, len(task.labels) - 1)
-        class_means = []
-        for column, cls in enumerate(sorted(c for c in task.labels if c != 0)):
-            values = rows[:, column][~np.isnan(rows[:, column])]
-            if values.size:
-                metrics[f"dice/{metric_name(task.name)}/{metric_name(task.labels[cls])}"] = float(values.mean())
-                class_means.append(float(values.mean()))
-        if class_means:
-            metrics[f"dice/{metric_name(task.name)}/mean"] = float(np.mean(class_means))
-            task_means.append(float(np.mean(class_means)))
-    if task_means:
-        metrics["dice/mean"] = float(np.mean(task_means))
-    return metrics
+    scores = [(task.name, cls, task.labels[cls], value) for task in tasks for case in per_case.get(task.name, [])
+              for cls, value in zip(sorted(c for c in task.labels if c != 0), case, strict=True)]
+    rows = per_task(scores, key=lambda s: s[:3],
+                    class_row=lambda task, cls, name, mine: _Mean(task, cls, name, mean(s[3] for s in mine)),
+                    task_row=lambda task, classes: _Mean(task, None, TASK_MEAN, mean(c.dice for c in classes)))
+    metrics = {f"dice/{metric_name(r.task)}/{metric_name(r.name)}": r.dice for r in rows}
+    metrics["dice/mean"] = mean(r.dice for r in task_rows(rows))
+    return {k: v for k, v in metrics.items() if math.isfinite(v)}
 
 
 CaseReader = Callable[[int, str], tuple[np.ndarray, np.ndarray]]
@@ -108,5 +106,5 @@ def _gather(mine: dict[str, list[list[float]]], world_size: int) -> dict[str, li
 def format_summary(metrics: Mapping[str, float]) -> str:
     """One short line per task for the job log."""
     parts = [f"{k.split('/')[1]} {v:.3f}" for k, v in sorted(metrics.items()) if k.endswith("/mean") and k != "dice/mean"]
-    mean = metrics.get("dice/mean", math.nan)
-    return f"mean Dice {mean:.3f} ({', '.join(parts)})"
+    overall = metrics.get("dice/mean", math.nan)
+    return f"mean Dice {overall:.3f} ({', '.join(parts)})"
