@@ -170,8 +170,9 @@ def load_model(
     if local.is_dir() and (local / "artifacts" / MODEL_DIR_ARTIFACT).is_dir():
         return load_model_dir(local / "artifacts" / MODEL_DIR_ARTIFACT, device, folds)
     try:
-        downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri,
-                                                                registry_uri=tracking_uri))
+        if tracking_uri:  # MLflow resolves models:/ URIs partly through its current URI, whatever is passed
+            mlflow.set_tracking_uri(tracking_uri)
+        downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except (MlflowException, OSError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise FileNotFoundError(f"{uri}: model not found ({first_line})") from None
