@@ -54,6 +54,7 @@ import zarr.storage
 from numcodecs import blosc
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, Endian, ShardingCodec, ShardingCodecIndexLocation
 
+from model.tasks import ClassesAndChannels
 from pipeline.common.geometry import CaseMeta
 from pipeline.common.intensity import ChannelNormalization
 
@@ -83,7 +84,7 @@ class StoreError(ValueError):
 
 
 @dataclass(frozen=True)
-class StoreManifest:
+class StoreManifest(ClassesAndChannels):
     """What a store holds; everything training and prediction need besides the arrays."""
 
     task_name: str
@@ -104,14 +105,6 @@ class StoreManifest:
     folds: list[list[str]] = dataclasses.field(default_factory=list)  # held-out cases per fold (ingest.split)
     # {"at": ISO 8601 UTC time, "reason": one line} when the last ingest of the source failed as a whole
     last_ingest_failed: dict[str, str] = dataclasses.field(default_factory=dict)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.labels)
-
-    @property
-    def num_channels(self) -> int:
-        return len(self.modalities)
 
     def with_fold(self, fold: int) -> StoreManifest:
         """This manifest with `folds[fold]` as the validation split and the other labelled cases as
