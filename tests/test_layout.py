@@ -46,8 +46,7 @@ def test_model_and_common_import_no_stage() -> None:
 SOURCE_FOLDERS = ("pipeline", "model", "cluster", "benchmarks")
 MAX_LINES = 400
 # Modules over MAX_LINES today, each with the size it may not grow past; split them, then drop them here.
-OVERSIZE = {"pipeline/common/store.py": 540, "pipeline/common/config.py": 436, "pipeline/ingest/run.py": 408,
-            "benchmarks/train_step.py": 426, "benchmarks/real_accuracy.py": 449, "benchmarks/train_accuracy.py": 453}
+OVERSIZE = {"pipeline/common/store.py": 540, "pipeline/common/config.py": 436, "pipeline/ingest/run.py": 408}
 # The target is at most 3 modules importing MLflow (runs, models, pyfunc); these still do and may not grow in number.
 MLFLOW_MODULES = {
     "pipeline/common/tracking.py", "pipeline/common/trials.py", "pipeline/common/mlflow_model.py",
