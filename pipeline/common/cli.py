@@ -75,21 +75,20 @@ def run_stage(
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool) -> None:
     """The options of a stage that runs a trained model (evaluate, predict): which model, which of
-    its folds, where its MLflow runs are, and how inference runs."""
+    its folds and where its MLflow runs are; how inference runs is `add_inference_arguments`'."""
     # Imported here: stages that run no model (ingest, datasets) need not load torch.
     from pipeline.common.ensemble import parse_folds
-    from pipeline.common.inference import add_inference_arguments
 
     parser.add_argument("--model", required=required, help=MODEL_HELP)
     parser.add_argument("--folds", type=parse_folds, metavar="all|0,1,...",
                         help="of a fold-ensemble model, the folds whose softmax is averaged (default all)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
-    add_inference_arguments(parser)
 
 
 def model_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
-    """What `add_model_arguments` parsed, as the keyword arguments the stages' options share
-    (model, folds, tracking_uri, inference, device); a bad inference value is a usage error."""
+    """What `add_model_arguments` and `add_inference_arguments` parsed, as the keyword arguments the
+    stages' options share (model, folds, tracking_uri, inference, device); a bad inference value is
+    a usage error."""
     from pipeline.common.inference import inference_options
 
     return {"model": args.model, "folds": args.folds, "tracking_uri": args.tracking_uri,

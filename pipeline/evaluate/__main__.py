@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 
 from pipeline.common.cli import add_model_arguments, model_options, run_stage, stage_parser
+from pipeline.common.inference import add_inference_arguments
 from pipeline.common.logs import setup_logging
 from pipeline.common.metrics import EMPTY_RULES
 from pipeline.common.tracking import TrackingUnavailable
@@ -65,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> EvaluateOptions | FolderOptions
                         help="report folder (outputs/evaluate)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log the report to the model's MLflow run")
     parser.add_argument("--storage-options", type=json.loads, help="fsspec options for s3:// stores, as JSON")
+    add_inference_arguments(parser)
     args = parser.parse_args(argv)
     given = given_options(parser, argv)
     if args.pred or args.ref:

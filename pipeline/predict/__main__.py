@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from pipeline.common.cli import add_model_arguments, model_options, run_stage, stage_parser
+from pipeline.common.inference import add_inference_arguments
 from pipeline.common.logs import setup_logging
 from pipeline.common.services import LOOPBACK
 from pipeline.common.tracking import TrackingUnavailable
@@ -44,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> PredictOptions:
     parser.add_argument("--resume", action="store_true",
                         help="keep the scans whose every output exists (a re-run of a stopped batch), predict the rest")
     parser.add_argument("--save-probabilities", action="store_true", help="also write softmax probabilities per task")
+    add_inference_arguments(parser)
     batch = parser.add_argument_group("batch on Ray")
     batch.add_argument("--ray", action="store_true", help="spread the scans over Ray workers")
     batch.add_argument("--num-workers", type=int,
