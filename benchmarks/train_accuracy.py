@@ -38,16 +38,16 @@ import dataclasses
 import json
 import logging
 import os
-import subprocess
-import sys
 import time
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from benchmarks import results as result_files
+from benchmarks.accuracy_runs import accuracy_config, label_names, test_dice, train_and_score_ours
+from benchmarks.cv_statistics import SINGLE, cv_statistics
+from benchmarks.stores import real_stores, synthetic_stores
 from benchmarks.tables import cv_table
 from pipeline.common.config import ExperimentConfig, config_from_dict
 from pipeline.common.logs import setup_logging
@@ -57,32 +57,6 @@ from pipeline.train.run import run
 log = logging.getLogger("benchmarks.train_accuracy")
 UNIVERSAL = ("uniseg", "multihead", "dodnet")
 UNISEG_LAST_STAGE = "uniseg-last-stage"  # UniSeg with --prompt-last-stage, beside the paper's in one comparison
-SINGLE = "single"
-
-
-def synthetic_stores(work: Path, cases: int, folds: int | None = None) -> list[str]:
-    from pipeline.datasets.synthetic import DEFAULT_TASKS, write_collection
-
-    sources = [work / "raw" / t.name for t in DEFAULT_TASKS]
-    if not all(s.is_dir() for s in sources):
-        sources = write_collection(work / "raw", [dataclasses.replace(t, num_cases=cases) for t in DEFAULT_TASKS])
-    return ingest(sources, work / store_folder(folds), folds)
-
-
-def store_folder(folds: int | None) -> str:
-    """Where the stores go: `stores` (the ingest default of folds), `stores-<K>fold` for K folds."""
-    return "stores" if folds is None else f"stores-{folds}fold"
-
-
-def ingest(sources: list[Path], out: Path, folds: int | None) -> list[str]:
-    """The stores of `sources` under `out` (ingested with `--folds` when given, unless there already)."""
-    stores = [out / f"{Path(s).name}.zarr" for s in sources]
-    if not all(s.exists() for s in stores):
-        command = [sys.executable, "-m", "pipeline.ingest", "--out", str(out)]
-        for source in sources:
-            command += ["--source", str(source)]
-        subprocess.run(command + (["--folds", str(folds)] if folds else []), check=True, capture_output=True)
-    return [str(s) for s in stores]
 
 
 def architecture_of(model: str) -> str:
@@ -101,18 +75,11 @@ def model_overrides(args: argparse.Namespace, model: str) -> dict[str, Any]:
 def experiment_config(args: argparse.Namespace, name: str, model: str, stores: list[str],
                       epochs: int) -> dict[str, Any]:
     """One comparison run: tiny preset, `epochs` x `args.iterations`, validated after the last epoch."""
-    return {
-        "name": name,
-        "data": {"stores": stores},
-        "model": {"preset": "tiny", "architecture": architecture_of(model), "patch_size": list(args.patch),
-                  **model_overrides(args, model)},
-        "train": {"epochs": epochs, "iterations_per_epoch": args.iterations, "batch_size": args.batch_size,
-                  "validate_every": epochs, "checkpoint_every": epochs, "loader_workers": 1,
-                  "log_every": 10_000, "seed": args.seed},
-        "ray": {"num_workers": args.workers, "cpus_per_worker": 1, "storage_path": str(args.work / "ray")},
-        "mlflow": {"tracking_uri": f"sqlite:///{args.work / 'mlflow.db'}", "experiment": "train-accuracy",
-                   "registered_model": None},
-    }
+    network = {"preset": "tiny", "architecture": architecture_of(model), "patch_size": list(args.patch),
+               **model_overrides(args, model)}
+    return accuracy_config(args.work, name, stores, network, epochs=epochs, iterations=args.iterations,
+                           batch_size=args.batch_size, seed=args.seed, experiment="train-accuracy",
+                           workers=args.workers)
 
 
 def train(args: argparse.Namespace, name: str, model: str, stores: list[str], epochs: int) -> dict[str, Any]:
@@ -155,8 +122,6 @@ def cross_validate(args: argparse.Namespace, name: str, model: str, stores: list
 def score_test_cases(args: argparse.Namespace, model_uri: str | None, cfg: ExperimentConfig, store: str,
                      fold: int) -> dict[str, float]:
     """Fold `fold`'s model of a fold ensemble on a real task's test cases, scored on their original grids."""
-    from benchmarks.real_accuracy import label_names, test_dice
-
     from pipeline.common.inference import InferenceOptions
     from pipeline.common.store import TaskStore
     from pipeline.predict.run import PredictOptions
@@ -174,8 +139,6 @@ def score_test_cases(args: argparse.Namespace, model_uri: str | None, cfg: Exper
 
 def train_real(args: argparse.Namespace, name: str, model: str, stores: list[str], epochs: int) -> dict[str, Any]:
     """Real set: train in a subprocess, test Dice on the original grids (real_accuracy.py's path)."""
-    from benchmarks.real_accuracy import train_and_score_ours
-
     architecture = architecture_of(model)
     result = train_and_score_ours(args.work, experiment_config(args, name, model, stores, epochs), args.work / "raw")
     per_task = {t: d["mean"] for t, d in result["dice"].items()}
@@ -240,54 +203,6 @@ def table(results: list[dict[str, Any]], tasks: list[str], args: argparse.Namesp
         lines.append("| single-task (one net per task) | " + " | ".join(f"{c:.3f}" for c in cells)
                      + f" | {sum(cells) / len(cells):.3f} | {minutes:.1f} |")
     return "\n".join(lines)
-
-
-def fold_statistics(model: Mapping[str, Sequence[float]],
-                    single: Mapping[str, Sequence[float]] | None = None) -> dict[str, dict[str, Any]]:
-    """Per task, and for "mean" (the mean over tasks fold by fold), a model's per-fold Dice: its mean
-    and sample std over the folds; with `single` (the single-task nets' Dice on the same folds) the
-    paired differences model - single per fold, their mean and std, and `exceeds`: whether the
-    mean difference is larger in size than its std (a difference inside its spread is no finding).
-    NaN folds (no defined Dice) are left out of means; std is NaN below two folds."""
-    tasks = list(model)
-    series = {t: np.asarray(model[t], float) for t in tasks}
-    series["mean"] = _fold_mean([series[t] for t in tasks])
-    paired = None
-    if single is not None:
-        paired = {t: series[t] - np.asarray(single[t], float) for t in tasks}
-        paired["mean"] = series["mean"] - _fold_mean([np.asarray(single[t], float) for t in tasks])
-    stats = {}
-    for key, values in series.items():
-        mean, std = _spread(values)
-        stats[key] = {"folds": values.tolist(), "mean": mean, "std": std}
-        if paired is not None:
-            difference, spread = _spread(paired[key])
-            stats[key] |= {"difference": paired[key].tolist(), "difference_mean": difference,
-                           "difference_std": spread, "exceeds": bool(abs(difference) > spread)}
-    return stats
-
-
-def _fold_mean(per_task: list[np.ndarray]) -> np.ndarray:
-    stacked = np.vstack(per_task)
-    counts = np.sum(~np.isnan(stacked), axis=0)
-    return np.where(counts > 0, np.nansum(stacked, axis=0) / np.maximum(counts, 1), np.nan)
-
-
-def _spread(values: np.ndarray) -> tuple[float, float]:
-    defined = values[~np.isnan(values)]
-    mean = float(defined.mean()) if defined.size else float("nan")
-    return mean, float(defined.std(ddof=1)) if defined.size > 1 else float("nan")
-
-
-def cv_statistics(results: list[dict[str, Any]], tasks: list[str], key: str) -> dict[str, dict[str, Any]]:
-    """`fold_statistics` of every model's `key` ("out_of_fold" or "test") Dice; the single-task nets
-    as one model whose task t figures are the net trained on task t alone."""
-    singles = {r["task"]: r[key][r["task"]] for r in results if r["task"] is not None}
-    single = singles if set(singles) == set(tasks) else None
-    stats = {r["name"]: fold_statistics({t: r[key][t] for t in tasks}, single) for r in results if r["task"] is None}
-    if single is not None:
-        stats[SINGLE] = fold_statistics(single)
-    return stats
 
 
 def model_label(args: argparse.Namespace, model: str) -> str:
@@ -376,12 +291,7 @@ def comparison_stores(args: argparse.Namespace) -> list[str]:
     """The synthetic or real stores, with `args.folds` folds when cross-validating."""
     if not args.real:
         return synthetic_stores(args.work, args.cases, args.folds)
-    sources = [args.work / "raw" / t.name for t in REAL_TASKS]
-    if not all((s / "dataset.json").is_file() for s in sources):
-        from benchmarks.real_accuracy import real_stores
-
-        real_stores(args.work, [t.name for t in REAL_TASKS], args.wheels)
-    return ingest(sources, args.work / store_folder(args.folds), args.folds)
+    return [str(s) for s in real_stores(args.work, [t.name for t in REAL_TASKS], args.wheels, args.folds).values()]
 
 
 def single_split(args: argparse.Namespace, tasks: list[str], stores: list[str], single_epochs: int,

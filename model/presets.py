@@ -10,17 +10,23 @@ from torch import nn
 from model.blocks import he_init
 from model.spec import NetworkSpec
 from model.tasks import TaskSpec
-from model.topology import activation_count, plan_patch_and_topology, plan_topology
+from model.topology import Triple, activation_count, plan_patch_and_topology, plan_topology
 from model.unet import PlainUNet
 from model.universal import DoDNet, MultiHeadUNet, UniSeg
 
-# Every preset keeps the paper's FUSE width (82, NetworkSpec's default): the tiny and cpu figures
-# in the READMEs were measured with it (a width scaled to the bottleneck was never measured).
+
+def _uniseg(*, patch_size: Triple, features: tuple[int, ...], strides: tuple[Triple, ...],
+            kernels: tuple[Triple, ...], **options: Any) -> NetworkSpec:
+    """A UniSeg preset. Every preset keeps the paper's FUSE width (82, NetworkSpec's default): the
+    tiny and cpu figures in the READMEs were measured with it (a width scaled to the bottleneck was
+    never measured)."""
+    return NetworkSpec("uniseg", patch_size, features, strides, kernels, **options)
+
+
 PRESETS: dict[str, NetworkSpec] = {
     # The reference UniSeg: nnU-Net 3d_fullres topology for a 64x192x192 patch, its decoder wired as
     # the reference's Generic_UNet (nnU-Net v1) wires it: the last stage convolves 3x3x3.
-    "uniseg-paper": NetworkSpec(
-        architecture="uniseg",
+    "uniseg-paper": _uniseg(
         patch_size=(64, 192, 192),
         features=(32, 64, 128, 256, 320, 320),
         strides=((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2)),
@@ -29,16 +35,14 @@ PRESETS: dict[str, NetworkSpec] = {
     ),
     # For real scans on CPU-only machines: a 40x80x80 patch (bottleneck 5x5x5), widths 12..128;
     # about 4x the tiny preset's compute per iteration.
-    "cpu": NetworkSpec(
-        architecture="uniseg",
+    "cpu": _uniseg(
         patch_size=(40, 80, 80),
         features=(12, 24, 48, 96, 128),
         strides=((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2), (1, 2, 2)),
         kernels=((3, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3)),
     ),
     # Small enough to train on two CPU cores in minutes (tests and `make demo`).
-    "tiny": NetworkSpec(
-        architecture="uniseg",
+    "tiny": _uniseg(
         patch_size=(32, 64, 64),
         features=(8, 16, 32, 64, 64),
         strides=((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2)),

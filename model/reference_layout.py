@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -32,7 +33,6 @@ from model.topology import Triple
 REFERENCE_STEMS: tuple[int, ...] = (1, 2, 4)  # UniSeg_Trainer: UniSeg_model(..., [1, 2, 4], ...)
 FUSE_KERNEL: Triple = (3, 3, 3)  # ours; the reference's FUSE takes the bottleneck's kernel
 PROMPT_DIVISORS: Triple = (16, 32, 32)  # the reference sizes its prompt as patch // (16, 32, 32)
-DATA_PARALLEL_PREFIX = "module."
 
 
 class ReferenceLayoutError(ValueError):
@@ -113,9 +113,12 @@ def check_reference_compatible(spec: NetworkSpec) -> None:
         raise ReferenceLayoutError("not a UniSeg reference network: " + "; ".join(problems))
 
 
-def strip_data_parallel(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+V = TypeVar("V")  # a state dict's values: tensors or their shapes
+
+
+def strip_data_parallel(state: Mapping[str, V]) -> dict[str, V]:
     """Drop nn.DataParallel's `module.` prefix, as the reference's own loader does."""
-    return {k.removeprefix(DATA_PARALLEL_PREFIX): v for k, v in state.items()}
+    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def describe_reference(shapes: Mapping[str, Sequence[int]], patch_size: Sequence[int]) -> ReferenceNetwork:
@@ -123,7 +126,7 @@ def describe_reference(shapes: Mapping[str, Sequence[int]], patch_size: Sequence
     `patch_size` (the plans'). Features, kernels, strides, FUSE width, prompt size, task count,
     head width and stems all come from the shapes; the patch only sets our spec's patch (and so
     whether the prompt needs an explicit size)."""
-    shapes = {k.removeprefix(DATA_PARALLEL_PREFIX): tuple(v) for k, v in shapes.items()}
+    shapes = {k: tuple(v) for k, v in strip_data_parallel(shapes).items()}
     upsamplings = [int(k.split(".")[1]) for k in shapes if k.startswith("tu.")]
     if not upsamplings:
         raise ReferenceLayoutError("not a UniSeg reference state dict (no tu.* upsampling tensors)")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -21,6 +21,22 @@ class TaskSpec:
             raise ValueError(f"task {self.name}: num_classes must be >= 2 (background included), got {self.num_classes}")
         if self.in_channels < 1:
             raise ValueError(f"task {self.name}: in_channels must be >= 1, got {self.in_channels}")
+
+
+class ClassesAndChannels:
+    """`num_classes` and `in_channels` of a record that holds a task's `labels` (class id -> name,
+    background included) and `modalities` (one per input channel): a store's manifest, a model's card."""
+
+    labels: Mapping[int, str]
+    modalities: Sequence[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.modalities)
 
 
 def check_task_table(tasks: Sequence[TaskSpec]) -> tuple[TaskSpec, ...]:

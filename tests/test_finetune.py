@@ -221,7 +221,7 @@ def test_add_task_refuses_a_non_uniseg_model_and_a_known_task(stores: dict[str, 
 
     manifests = [TaskStore.open(uri).manifest for uri in stores["upstream"]]
     spec = preset_spec("tiny", patch_size=(16, 32, 32), spacing=(4.0, 1.5, 1.5), architecture="multihead")
-    network = build_network(spec, [TaskSpec(m.task_name, m.num_classes, m.num_channels) for m in manifests])
+    network = build_network(spec, [TaskSpec(m.task_name, m.num_classes, m.in_channels) for m in manifests])
     folder = save_model_dir(network, ModelCard(spec, tuple(TaskCard.from_manifest(m) for m in manifests)),
                             tmp_path / "multihead")
     code = main(["--pretrained", str(folder), "--store", stores["upstream"][0], "--add-task",
@@ -236,7 +236,7 @@ def test_add_a_task_to_a_registered_model(stores: dict[str, list[str]], tmp_path
     """One command adds a task to a registered universal model (2 DDP workers): a new version of
     that model lists 3 tasks, keeps every old weight bit for bit and predicts the old tasks as
     before; the new task is validated and predicted."""
-    from pipeline.common.inference import InferenceOptions, segment
+    from pipeline.common.inference import InferenceOptions, label_map, predict_probabilities
     from pipeline.common.store import TaskStore
 
     cfg = load_config(write_config(tmp_path, stores["upstream"], "universal"))
@@ -259,10 +259,12 @@ def test_add_a_task_to_a_registered_model(stores: dict[str, list[str]], tmp_path
         store = TaskStore.open(uri)
         image, _ = store.read_case(store.case_ids("validation")[0])
         image = torch.as_tensor(image)
-        predicted = segment(grown, image, task, card.tasks[task].num_classes, card.spec.patch_size, options)
+        predicted = label_map(predict_probabilities(grown, image, task, card.tasks[task].num_classes,
+                                                    card.spec.patch_size, options))
         assert predicted.shape == image.shape[1:] and int(predicted.max()) < card.tasks[task].num_classes
         if task < len(UPSTREAM):
-            expected = segment(source, image, task, card.tasks[task].num_classes, card.spec.patch_size, options)
+            expected = label_map(predict_probabilities(source, image, task, card.tasks[task].num_classes,
+                                                       card.spec.patch_size, options))
             assert torch.equal(predicted, expected), f"task {task} predicts otherwise"
     client = MlflowClient(cfg.mlflow.tracking_uri)
     run = client.search_runs([client.get_experiment_by_name("finetune-tests").experiment_id],

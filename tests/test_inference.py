@@ -8,9 +8,9 @@ from model.presets import PRESETS
 from pipeline.common import inference
 from pipeline.common.inference import (
     InferenceOptions,
+    label_map,
     predict_probabilities,
     predict_scan,
-    segment,
 )
 from pipeline.common.model_card import ModelCard, TaskCard, build_from_card
 
@@ -36,10 +36,10 @@ def test_sliding_window_known_answer(overlap: float, mirror_axes: tuple[int, ...
     torch.testing.assert_close(probabilities, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_segment_crops_classes_and_handles_small_images() -> None:
+def test_label_map_crops_classes_and_handles_small_images() -> None:
     image = torch.zeros(3, 4, 5, 6)
     image[1, 2, 3, 4] = 10.0
-    labels = segment(PointwiseNet(), image, 0, 2, (8, 16, 16))
+    labels = label_map(predict_probabilities(PointwiseNet(), image, 0, 2, (8, 16, 16)))
     assert labels.shape == (4, 5, 6) and labels.dtype == torch.uint8
     assert labels[2, 3, 4] == 1 and labels.sum() == 1
 

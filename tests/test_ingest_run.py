@@ -43,7 +43,7 @@ def test_msd_round_trip_is_exact_without_resampling(raw_msd: Path, tmp_path: Pat
     assert report.ok and len(report.datasets[0].ingested) == 5
     store = TaskStore.open(str(tmp_path / f"{raw_msd.name}.zarr"))
     m = store.manifest
-    assert (m.task_name, m.modalities, m.num_classes, m.num_channels) == (raw_msd.name, ("CT",), 3, 1)
+    assert (m.task_name, m.modalities, m.num_classes, m.in_channels) == (raw_msd.name, ("CT",), 3, 1)
     assert m.target_spacing == (4.0, 1.5, 1.5)  # (z, y, x): the synthetic spacing, no resampling
     assert m.normalization[0].scheme == "ct-clip-zscore"
     assert sorted(store.case_ids("train") + store.case_ids("validation")) == [f"tinyliver_00{i}" for i in range(4)]

@@ -58,7 +58,7 @@ def store_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
 def test_manifest_round_trip_and_properties(store_uri: str) -> None:
     store = TaskStore.open(store_uri)
     assert store.manifest == _manifest()
-    assert (store.manifest.num_classes, store.manifest.num_channels, store.manifest.format_version) == (3, 2, 3)
+    assert (store.manifest.num_classes, store.manifest.in_channels, store.manifest.format_version) == (3, 2, 3)
     assert store.case_ids("train") == ["c0"] and store.case_ids("validation") == ["c1"]
     assert store.case_ids("test") == ["t0"] and store.case_ids() == ["c0", "c1", "t0"]
     with pytest.raises(ValueError, match="split must be one of"):

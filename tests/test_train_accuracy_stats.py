@@ -1,11 +1,12 @@
-"""benchmarks/train_accuracy.py's cross-validation statistics: known answers on built fold figures
-(binary-exact values, so the "larger than its spread" rule is tested at its boundary)."""
+"""benchmarks/train_accuracy.py's cross-validation statistics (benchmarks/cv_statistics.py): known
+answers on built fold figures (binary-exact values, so the "larger than its spread" rule is tested
+at its boundary)."""
 
 import math
 
 import pytest
 
-from benchmarks.train_accuracy import cv_statistics, fold_statistics
+from benchmarks.cv_statistics import cv_statistics, fold_statistics
 
 
 def test_fold_statistics_mean_std_and_paired_differences() -> None:

@@ -109,7 +109,7 @@ def test_stream_over_real_stores(stores: list[str]) -> None:
     assert len(batches) == 4
     for batch in batches:
         task = int(batch["task"][0])
-        assert batch["image"].shape == (2, opened[task].manifest.num_channels, 16, 32, 32)
+        assert batch["image"].shape == (2, opened[task].manifest.in_channels, 16, 32, 32)
         assert batch["label"].max() < opened[task].manifest.num_classes
         assert batch["label"][1].gt(0).any()  # the forced-foreground sample
 

@@ -18,6 +18,7 @@ import fsspec
 from pipeline.common.config_help import describe_keys
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+MODEL_HELP = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a model folder"
 
 
 class BatchFailed(RuntimeError):
@@ -70,3 +71,25 @@ def run_stage(
         log.exception("%s failed", activity)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    """The options of a stage that runs a trained model (evaluate, predict): which model, which of
+    its folds and where its MLflow runs are; how inference runs is `add_inference_arguments`'."""
+    # Imported here: stages that run no model (ingest, datasets) need not load torch.
+    from pipeline.common.ensemble import parse_folds
+
+    parser.add_argument("--model", required=required, help=MODEL_HELP)
+    parser.add_argument("--folds", type=parse_folds, metavar="all|0,1,...",
+                        help="of a fold-ensemble model, the folds whose softmax is averaged (default all)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
+
+
+def model_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    """What `add_model_arguments` and `add_inference_arguments` parsed, as the keyword arguments the
+    stages' options share (model, folds, tracking_uri, inference, device); a bad inference value is
+    a usage error."""
+    from pipeline.common.inference import inference_options
+
+    return {"model": args.model, "folds": args.folds, "tracking_uri": args.tracking_uri,
+            "inference": inference_options(parser, args), "device": args.device}

@@ -113,16 +113,8 @@ def predict_probabilities(
     return probabilities[0]
 
 
-def segment(
-    network: nn.Module,
-    image: torch.Tensor,
-    task_id: int,
-    num_classes: int,
-    patch_size: Sequence[int],
-    options: InferenceOptions = InferenceOptions(),
-) -> torch.Tensor:
-    """Label map (Z, Y, X) uint8 of a (C, Z, Y, X) image for one task."""
-    probabilities = predict_probabilities(network, image, task_id, num_classes, patch_size, options)
+def label_map(probabilities: torch.Tensor) -> torch.Tensor:
+    """Label map (Z, Y, X) uint8 of softmax probabilities (num_classes, Z, Y, X): the likeliest class."""
     return probabilities.argmax(0).to(torch.uint8)
 
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from model.presets import build_network
 from model.spec import NetworkSpec
-from model.tasks import TaskSpec
+from model.tasks import ClassesAndChannels, TaskSpec
 from pipeline.common.ensemble import FoldEnsemble
 
 if TYPE_CHECKING:  # the store (zarr, fsspec) is not needed to load or run a model
@@ -44,7 +44,7 @@ FOLD_KEY = "fold"  # metadata of a single network trained with data.fold: the fo
 
 
 @dataclass(frozen=True)
-class TaskCard:
+class TaskCard(ClassesAndChannels):
     """One task as the model knows it; `normalization` has one dict per input channel."""
 
     name: str
@@ -53,14 +53,6 @@ class TaskCard:
     target_spacing: tuple[float, float, float]
     normalization: tuple[dict[str, Any], ...]
     image_order: int = 3  # spline order the store's images were resampled with; predict uses the same
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.labels)
-
-    @property
-    def in_channels(self) -> int:
-        return len(self.modalities)
 
     def task_spec(self) -> TaskSpec:
         return TaskSpec(self.name, self.num_classes, self.in_channels)

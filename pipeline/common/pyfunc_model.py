@@ -24,7 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from pipeline.common.geometry import nifti_channels, volume_problem
-from pipeline.common.inference import InferenceOptions, predict_scan, resolve_device, segment
+from pipeline.common.inference import InferenceOptions, label_map, predict_probabilities, predict_scan, resolve_device
 from pipeline.common.model_card import load_model_dir
 from pipeline.common.nifti import from_bytes, label_image, to_bytes
 from pipeline.common.pyfunc_io import BadRequest, Request, classes_json, inference_options, read_rows
@@ -56,8 +56,8 @@ class UniSegModel(mlflow.pyfunc.PythonModel):
             if volume.ndim != 4 or volume.shape[0] != task.in_channels:
                 raise BadRequest(f"row {request.row}: array of shape {tuple(volume.shape)}; task {task.name} "
                                  f"takes (C, Z, Y, X) with C = {task.in_channels}")
-            labels = segment(self.network, volume, request.task_id, task.num_classes, self.card.spec.patch_size,
-                             options)
+            labels = label_map(predict_probabilities(self.network, volume, request.task_id, task.num_classes,
+                                                     self.card.spec.patch_size, options))
             return output | {"labels": labels.numpy(), "affine": None}
         image = self._read(request)
         raw, affine = nifti_channels([image])

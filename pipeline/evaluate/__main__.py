@@ -30,9 +30,8 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.common.cli import run_stage, stage_parser
-from pipeline.common.inference import add_inference_arguments, inference_options
-from pipeline.common.ensemble import parse_folds
+from pipeline.common.cli import add_model_arguments, model_options, run_stage, stage_parser
+from pipeline.common.inference import add_inference_arguments
 from pipeline.common.logs import setup_logging
 from pipeline.common.metrics import EMPTY_RULES
 from pipeline.common.tracking import TrackingUnavailable
@@ -42,15 +41,12 @@ from pipeline.evaluate.run import EvaluateOptions, run
 
 log = logging.getLogger("pipeline.evaluate")
 FOLDER_MODE = {"pred", "ref", "labels", "empty_reference", "output"}  # the options folder evaluation takes
-MODEL_HELP = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a model folder"
 
 
 def parse_args(argv: list[str] | None = None) -> EvaluateOptions | FolderOptions:
     parser = stage_parser("pipeline.evaluate", __doc__)
-    parser.add_argument("--model", help=MODEL_HELP)
+    add_model_arguments(parser, required=False)
     parser.add_argument("--store", action="append", help="a Zarr task store (local or s3://); repeatable")
-    parser.add_argument("--folds", type=parse_folds, metavar="all|0,1,...",
-                        help="of a fold-ensemble model, the folds whose softmax is averaged (default all)")
     folder = parser.add_argument_group("folder evaluation (instead of --model/--store)")
     folder.add_argument("--pred", type=Path, metavar="DIR", help="folder of predicted label maps (any tool)")
     folder.add_argument("--ref", type=Path, metavar="DIR", help="folder of reference label maps, same file names")
@@ -68,7 +64,6 @@ def parse_args(argv: list[str] | None = None) -> EvaluateOptions | FolderOptions
     parser.add_argument("--raw-root", type=Path, help="folder holding the raw dataset folders, if moved since ingest")
     parser.add_argument("-o", "--output", type=Path, default=Path("outputs/evaluate"),
                         help="report folder (outputs/evaluate)")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log the report to the model's MLflow run")
     parser.add_argument("--storage-options", type=json.loads, help="fsspec options for s3:// stores, as JSON")
     add_inference_arguments(parser)
@@ -87,18 +82,14 @@ def parse_args(argv: list[str] | None = None) -> EvaluateOptions | FolderOptions
     if "labels" in given:
         parser.error("--labels: only for folder evaluation (--pred DIR --ref DIR); a model's card names its classes")
     return EvaluateOptions(
-        model=args.model,
+        **model_options(parser, args),
         stores=tuple(args.store),
         output=args.output,
         split=args.split,
         space=args.space,
         raw_root=args.raw_root,
-        inference=inference_options(parser, args),
-        device=args.device,
-        tracking_uri=args.tracking_uri,
         log_to_mlflow=not args.no_mlflow,
         storage_options=args.storage_options,
-        folds=args.folds,
         empty=args.empty_reference,
     )
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from pipeline.common.geometry import restore_probabilities
-from pipeline.common.inference import InferenceOptions, predict_probabilities
+from pipeline.common.inference import InferenceOptions, label_map, predict_probabilities
 from pipeline.common.metrics import ClassMetrics, EmptyRule, class_metrics
 from pipeline.common.model_card import ModelCard
 from pipeline.common.store import TaskStore
@@ -65,7 +65,7 @@ def evaluate_case(
     task = card.tasks[task_id]
     volume = torch.from_numpy(np.asarray(image, np.float32))
     probabilities = predict_probabilities(network, volume, task_id, task.num_classes, card.spec.patch_size, options)
-    predicted = probabilities.argmax(0).to(torch.uint8).numpy()
+    predicted = label_map(probabilities).numpy()
     example = None if stored_label is None else pick_slice(case_id, image, stored_label, predicted)
     meta = store.case_meta(case_id)
     if space == "store":

@@ -18,9 +18,8 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.common.cli import run_stage, stage_parser
-from pipeline.common.ensemble import parse_folds
-from pipeline.common.inference import add_inference_arguments, inference_options
+from pipeline.common.cli import add_model_arguments, model_options, run_stage, stage_parser
+from pipeline.common.inference import add_inference_arguments
 from pipeline.common.logs import setup_logging
 from pipeline.common.services import LOOPBACK
 from pipeline.common.tracking import TrackingUnavailable
@@ -29,12 +28,11 @@ from pipeline.predict.io import PredictError
 from pipeline.predict.run import PredictOptions, run
 
 log = logging.getLogger("pipeline.predict")
-MODEL_HELP = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a model folder"
 
 
 def parse_args(argv: list[str] | None = None) -> PredictOptions:
     parser = stage_parser("pipeline.predict", __doc__)
-    parser.add_argument("--model", required=True, help=MODEL_HELP)
+    add_model_arguments(parser, required=True)
     parser.add_argument("--task", required=True,
                         help="a task name of the model, its id (0-based, as the UniSeg reference's -task_id), "
                              "or 'all' (every task matching the input, merged)")
@@ -47,9 +45,6 @@ def parse_args(argv: list[str] | None = None) -> PredictOptions:
     parser.add_argument("--resume", action="store_true",
                         help="keep the scans whose every output exists (a re-run of a stopped batch), predict the rest")
     parser.add_argument("--save-probabilities", action="store_true", help="also write softmax probabilities per task")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
-    parser.add_argument("--folds", type=parse_folds, metavar="all|0,1,...",
-                        help="of a fold-ensemble model, the folds whose softmax is averaged (default all)")
     add_inference_arguments(parser)
     batch = parser.add_argument_group("batch on Ray")
     batch.add_argument("--ray", action="store_true", help="spread the scans over Ray workers")
@@ -65,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> PredictOptions:
     args = parser.parse_args(argv)
     use_ray = args.ray or args.num_workers is not None or args.ray_address is not None
     return PredictOptions(
-        model=args.model,
+        **model_options(parser, args),
         task=args.task,
         input=args.input,
         output=args.output,
@@ -73,10 +68,6 @@ def parse_args(argv: list[str] | None = None) -> PredictOptions:
         overwrite=args.overwrite,
         resume=args.resume,
         save_probabilities=args.save_probabilities,
-        inference=inference_options(parser, args),
-        device=args.device,
-        tracking_uri=args.tracking_uri,
-        folds=args.folds,
         ray=RayOptions(args.ray_address, args.num_workers, args.cpus_per_worker, args.gpus_per_worker, args.device,
                        args.host)
         if use_ray

@@ -34,7 +34,7 @@ def open_stores(
 
 
 def task_specs(manifests: Sequence[StoreManifest]) -> list[TaskSpec]:
-    return [TaskSpec(m.task_name, m.num_classes, m.num_channels) for m in manifests]
+    return [TaskSpec(m.task_name, m.num_classes, m.in_channels) for m in manifests]
 
 
 def network_spec(

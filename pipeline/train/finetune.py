@@ -82,10 +82,10 @@ def transferred_network(cfg: ExperimentConfig, manifests: Sequence[StoreManifest
     source, card = load_model(cfg.finetune.pretrained, tracking_uri=cfg.mlflow.tracking_uri)  # type: ignore[arg-type]
     spec = card.spec.replace(architecture="plain")
     if cfg.finetune.from_scratch:
-        network = PlainUNet(spec, task.num_channels, task.num_classes)
+        network = PlainUNet(spec, task.in_channels, task.num_classes)
         log.info("from scratch: %s architecture of %s, random weights", spec.architecture, cfg.finetune.pretrained)
         return spec, network
-    network, report = transfer_to_single_task(source.state_dict(), card.spec, task.num_channels, task.num_classes)
+    network, report = transfer_to_single_task(source.state_dict(), card.spec, task.in_channels, task.num_classes)
     log.info("%s from %s", report.summary(), cfg.finetune.pretrained)
     return spec, network
 

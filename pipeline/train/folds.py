@@ -45,7 +45,7 @@ import numpy as np
 
 from pipeline.common.config import ConfigError, ExperimentConfig, config_from_dict, to_dict
 from pipeline.common.files import read_json, resolve_storage, write_json
-from pipeline.common.inference import InferenceOptions, segment
+from pipeline.common.inference import InferenceOptions, label_map, predict_probabilities
 from pipeline.common.metrics import class_metrics
 from pipeline.common.model_card import (
     CARD_FILE, WEIGHTS_FILE, ModelCard, build_from_card, unseen_cases, write_ensemble_dir,
@@ -207,8 +207,9 @@ def _score_cases(weights: bytes, card_json: str, stores: list[str], fold: int, a
         task = card.tasks[task_id]
         for case in unseen_cases(card, task.name, store.case_ids("validation"), uri):
             image, label = store.read_case(case)
-            predicted = segment(network, torch.from_numpy(np.asarray(image, np.float32)), task_id, task.num_classes,
-                                card.spec.patch_size, options).numpy()
+            probabilities = predict_probabilities(network, torch.from_numpy(np.asarray(image, np.float32)), task_id,
+                                                  task.num_classes, card.spec.patch_size, options)
+            predicted = label_map(probabilities).numpy()
             for m in class_metrics(predicted, label, task.labels, store.case_meta(case).spacing):
                 rows.append(OutOfFoldRow(fold, task.name, case, m.class_id, m.name, m.dice, m.false_positives,
                                          m.false_negatives))

@@ -114,7 +114,7 @@ def build_parts(cfg: ExperimentConfig, rank: int, device: torch.device) -> Parts
         spec = network_spec(cfg.model, manifests, task_median_shapes(stores) if cfg.model.preset is None else None)
         network = build_network(spec, task_specs(manifests))
     network = network.to(device)
-    channels = [t.in_channels for t in prior] + [m.num_channels for m in manifests]
+    channels = [t.in_channels for t in prior] + [m.in_channels for m in manifests]
     execution = prepare_network(network, cfg.train, device, channels, spec.strides)
     if rank == 0:
         log.info("%s", execution.summary(network))

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.common.inference import InferenceOptions, segment
+from pipeline.common.inference import InferenceOptions, label_map, predict_probabilities
 from pipeline.common.metrics import dice, metric_name
 from pipeline.common.summary import TASK_MEAN, ClassRow, mean, per_task, task_rows
 
@@ -84,8 +84,8 @@ def validate(
     network.eval()
     for task, case in jobs[rank::world_size]:
         image, label = read_case(task.task_id, case)
-        predicted = segment(network, torch.as_tensor(np.asarray(image, np.float32)), task.task_id,
-                            len(task.labels), patch_size, options)
+        predicted = label_map(predict_probabilities(network, torch.as_tensor(np.asarray(image, np.float32)),
+                                                    task.task_id, len(task.labels), patch_size, options))
         mine.setdefault(task.name, []).append(dice_per_class(predicted.cpu().numpy(), np.asarray(label), len(task.labels)))
     network.train(was_training)
     return summarise(_gather(mine, world_size), tasks)
