@@ -234,13 +234,13 @@ def many_tasks_table(data: dict[str, Any]) -> str:
 def ingest_scale_table(data: dict[str, Any]) -> str:
     """benchmarks/ingest_scale.py: per run wall and CPU time per case and peak memory, then the
     largest / smallest size's ratios and ours / nnU-Net v2 at the sizes both ran."""
-    shape = " x ".join(map(str, data["case_shape"]))
+    shape = " x ".join(map(str, sorted(data["case_shape"], reverse=True)))  # some cases have permuted axes
     rows = [[r["tool"], str(r["cases"]), str(r["workers"]), f"{r['usage']['seconds']:.0f}", f"{r['per_case_s']:.2f}",
              f"{r['usage']['cpu_seconds'] / r['cases']:.2f}", f"{r['usage']['peak_mib']:.0f}"] for r in data["rows"]]
     ratios = [[name, *(f"{s[k]:.2f}" if k in s else "" for k in
                        ("per_case_time_ratio", "time_ratio", "cpu_ratio", "peak_memory_ratio"))]
               for name, s in data["summary"].items()]
-    return (f"cases of {shape} voxels, {data['raw_mib_per_case']:.1f} MiB raw each\n\n"
+    return (f"cases of {shape} voxels (image and label), {data['raw_mib_per_case']:.1f} MiB raw each\n\n"
             + _table(["tool", "cases", "workers", "wall s", "wall s per case", "CPU s per case", "peak MiB"], rows,
                      "lrrrrrr")
             + "\n\n" + _table(["ratio", "per-case time, largest / smallest", "wall time", "CPU time", "peak memory"],

@@ -22,6 +22,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipeline.common.config import ConfigError, config_from_dict, load_config
+from pipeline.common.tracking import prepare_sqlite_store
 from pipeline.datasets.synthetic import SyntheticTask, write_task
 from pipeline.train.run import check_stores
 from pipeline.tune.space import apply_values, sampled_values, search_space, trial_config
@@ -119,9 +120,10 @@ def test_interrupted_search_resumes(stores: list[str], tmp_path: Path) -> None:
                          max_concurrent_trials=1)
     command = [sys.executable, "-m", "pipeline.tune", "--config", str(config)]
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    cfg = load_config(config)
+    prepare_sqlite_store(cfg.mlflow.tracking_uri)  # created here, not by this test's client racing the search's
     first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)
-    cfg = load_config(config)
     client = MlflowClient(cfg.mlflow.tracking_uri)
     deadline = time.monotonic() + 180
     finished = []
