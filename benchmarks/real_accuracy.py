@@ -200,7 +200,7 @@ def main() -> None:
                                                        label_names(manifest.labels))
             append_result(results_file, row)
             log.info("%s", json.dumps({k: row[k] for k in ("budget", "task", "ours", "nnunet") if k in row}))
-    complete = paired(json.loads(results_file.read_text()))
+    complete = paired(json.loads(results_file.read_text())) if results_file.is_file() else []
     if complete:
         print(table(complete))
         plot(complete, work / "real_accuracy.png")
