@@ -186,7 +186,7 @@ def test_finetune_from_registered_model(stores: dict[str, list[str]], tmp_path: 
     client = MlflowClient(cfg.mlflow.tracking_uri)
     client.set_registered_model_alias("ft-universal", "champion", "1")
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
-    source, _ = load_model("models:/ft-universal@champion")
+    source, pretrained = load_model("models:/ft-universal@champion")
 
     config = write_config(tmp_path, stores["upstream"], "recipe")
     code = main(["--pretrained", "models:/ft-universal@champion", "--store", stores["new"][0], "--config", str(config),
@@ -243,7 +243,7 @@ def test_add_a_task_to_a_registered_model(stores: dict[str, list[str]], tmp_path
     train_run(cfg)
     MlflowClient(cfg.mlflow.tracking_uri).set_registered_model_alias("ft-universal", "champion", "1")
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
-    source, _ = load_model("models:/ft-universal@champion")
+    source, pretrained = load_model("models:/ft-universal@champion")
 
     config = write_config(tmp_path, stores["upstream"], "recipe")
     code = main(["--pretrained", "models:/ft-universal@champion", "--store", stores["new"][0], "--config", str(config),
@@ -253,6 +253,9 @@ def test_add_a_task_to_a_registered_model(stores: dict[str, list[str]], tmp_path
     assert [t.name for t in card.tasks] == [*(t.name for t in UPSTREAM), NEW.name]
     assert card.spec.architecture == "uniseg" and card.metadata["add_task"] is True
     assert card.metadata["pretrained"] == "models:/ft-universal/1"
+    for task in UPSTREAM:  # evaluation leaves out the cases the old tasks trained on, as it did for the source
+        assert card.cases_trained_on(task.name) == pretrained.cases_trained_on(task.name) != frozenset()
+    assert card.cases_trained_on(NEW.name) == frozenset(TaskStore.open(stores["new"][0]).manifest.split["train"])
     assert _old_slices_equal(source.state_dict(), grown.state_dict())
     options = InferenceOptions()
     for task, uri in enumerate([*stores["upstream"], *stores["new"]]):

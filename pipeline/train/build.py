@@ -78,15 +78,19 @@ def task_median_shapes(stores: Sequence[TaskStore]) -> list[tuple[int, int, int]
 
 
 def model_card(cfg: ExperimentConfig, spec: NetworkSpec, manifests: Sequence[StoreManifest], epoch: int,
-               prior_tasks: Sequence[TaskCard] = ()) -> ModelCard:
-    """Everything `predict` needs: network spec (patch size included) and the task table (`prior_tasks`,
-    a pretrained model's when tasks were added to it, then the stores'); with `data.fold`, the
-    cross-validation fold held out (`metadata["fold"]`: evaluate's validation split); per store task
-    the ids of its training cases (evaluation never scores them, whatever the store's folds)."""
+               prior: ModelCard | None = None) -> ModelCard:
+    """Everything `predict` needs: network spec (patch size included) and the task table (`prior`'s,
+    the pretrained model's when tasks were added to it, then the stores'); with `data.fold`, the
+    cross-validation fold held out (`metadata["fold"]`: evaluate's validation split); per task the
+    ids of its training cases, `prior`'s for its tasks (evaluation never scores them, whatever the
+    store's folds)."""
+    prior_tasks = prior.tasks if prior else ()
+    prior_cases = {t.name: prior.cases_trained_on(t.name) for t in prior_tasks} if prior else {}
     return ModelCard(
         spec=spec,
         tasks=(*prior_tasks, *(TaskCard.from_manifest(m) for m in manifests)),
-        trained_cases={m.task_name: tuple(sorted(m.split["train"])) for m in manifests},
+        trained_cases={name: tuple(sorted(cases)) for name, cases in prior_cases.items() if cases is not None}
+        | {m.task_name: tuple(sorted(m.split["train"])) for m in manifests},
         metadata={"run": cfg.name, "epochs_trained": epoch, "stores": list(cfg.data.stores),
                   "patch_size": list(spec.patch_size)}
         | ({FOLD_KEY: cfg.data.fold} if cfg.data.fold is not None else {})

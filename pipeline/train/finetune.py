@@ -35,7 +35,7 @@ from pipeline.common.config import (
     ConfigError, ExperimentConfig, FinetuneConfig, TrainConfig, config_from_dict, to_dict,
 )
 from pipeline.common.mlflow_model import load_model, pin_model_uri
-from pipeline.common.model_card import ModelCard, TaskCard
+from pipeline.common.model_card import ModelCard
 from pipeline.common.store import StoreManifest
 from pipeline.common.tracking import check_tracking_server, resolve_tracking_uri
 from pipeline.train.build import open_stores, task_specs
@@ -98,10 +98,10 @@ def transfers(cfg: ExperimentConfig) -> bool:
 
 def extended_network(
     cfg: ExperimentConfig, manifests: Sequence[StoreManifest]
-) -> tuple[NetworkSpec, UniSeg, tuple[TaskCard, ...], dict[str, torch.Tensor]]:
+) -> tuple[NetworkSpec, UniSeg, ModelCard, dict[str, torch.Tensor]]:
     """The pretrained UniSeg with the stores' tasks added after its own, only their new elements
-    trainable; returns its spec, the network, the pretrained model's task cards and the masks of
-    the new elements (`model.universal.add_tasks`)."""
+    trainable; returns its spec, the network, the pretrained model's card and the masks of the
+    new elements (`model.universal.add_tasks`)."""
     source, card = load_model(cfg.finetune.pretrained, tracking_uri=cfg.mlflow.tracking_uri)  # type: ignore[arg-type]
     check_addition(cfg.finetune.pretrained, card, manifests)  # type: ignore[arg-type]
     network, new_elements = add_tasks(source, task_specs(manifests))  # type: ignore[arg-type]
@@ -109,7 +109,7 @@ def extended_network(
     log.info("added %s to %s (%d tasks before); %d of %d weights train", ", ".join(m.task_name for m in manifests),
              cfg.finetune.pretrained, len(card.tasks), sum(int(m.sum()) for m in new_elements.values()),
              sum(m.numel() for m in new_elements.values()))
-    return card.spec, network, card.tasks, new_elements
+    return card.spec, network, card, new_elements
 
 
 def check_addition(uri: str, card: ModelCard, manifests: Sequence[StoreManifest]) -> None:

@@ -31,7 +31,7 @@ from model.spec import NetworkSpec
 from pipeline.common.config import ExperimentConfig, config_from_dict
 from pipeline.common.logs import quiet_ray_train_reports, setup_logging
 from pipeline.common.metrics import metric_name
-from pipeline.common.model_card import TaskCard, unwrap
+from pipeline.common.model_card import ModelCard, unwrap
 from pipeline.common.store import StoreManifest, TaskStore
 from pipeline.train import finetune
 from pipeline.train.build import model_card, network_spec, open_stores, task_median_shapes, task_specs
@@ -81,12 +81,12 @@ class Parts:
     sampler: TaskSampler
     device: torch.device
     execution: Execution  # precision, memory layout, compilation, DDP's unused-parameter search
-    prior_tasks: tuple[TaskCard, ...] = ()  # finetune.add_task: the pretrained model's tasks, before the stores'
+    prior: ModelCard | None = None  # finetune.add_task: the pretrained model, whose tasks come before the stores'
 
     @property
     def task_offset(self) -> int:
         """The network's task id of the first store."""
-        return len(self.prior_tasks)
+        return len(self.prior.tasks) if self.prior else 0
 
     @property
     def manifests(self) -> list[StoreManifest]:
@@ -105,7 +105,7 @@ def build_parts(cfg: ExperimentConfig, rank: int, device: torch.device) -> Parts
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed patch shapes: let cuDNN pick (nnU-Net does)
     stores = open_stores(cfg.data.stores, fold=cfg.data.fold, allow_incomplete=cfg.data.allow_incomplete_stores)
     manifests = [s.manifest for s in stores]
-    prior: tuple[TaskCard, ...] = ()
+    prior = None
     if cfg.finetune.add_task:
         spec, network, prior, new_elements = finetune.extended_network(cfg, manifests)
     elif cfg.finetune.pretrained:
@@ -114,7 +114,7 @@ def build_parts(cfg: ExperimentConfig, rank: int, device: torch.device) -> Parts
         spec = network_spec(cfg.model, manifests, task_median_shapes(stores) if cfg.model.preset is None else None)
         network = build_network(spec, task_specs(manifests))
     network = network.to(device)
-    channels = [t.in_channels for t in prior] + [m.in_channels for m in manifests]
+    channels = [t.in_channels for t in (prior.tasks if prior else ())] + [m.in_channels for m in manifests]
     execution = prepare_network(network, cfg.train, device, channels, spec.strides)
     if rank == 0:
         log.info("%s", execution.summary(network))
@@ -316,7 +316,7 @@ def report_with_checkpoint(metrics: dict[str, float], parts: Parts, state: Train
             state.scaler = parts.scaler.state_dict()
             state.sampler = parts.sampler.state_dict()
             state.capture_rng()
-            card = model_card(parts.cfg, parts.spec, parts.manifests, state.epoch, parts.prior_tasks)
+            card = model_card(parts.cfg, parts.spec, parts.manifests, state.epoch, parts.prior)
             save_checkpoint(tmp, parts.network, card, state)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
