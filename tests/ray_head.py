@@ -5,6 +5,7 @@ that session only (never `ray stop`, which would stop every Ray on the machine).
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -23,6 +24,11 @@ from pipeline.common.services import free_port
 VENV_BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 180
 AGENT_TIMEOUT_S = 420  # the job agent can start minutes after the dashboard on a loaded machine
+# On a loaded machine the dashboard may drop the websocket `ray job submit` tails the logs over;
+# the job itself runs on, so the test then waits for it through `ray job status`.
+LOG_TAIL_DROPPED = "WebSocket connection closed unexpectedly"
+JOB_ID = re.compile(r"raysubmit_\w+")
+ENDED = re.compile(r"Job '\w+' (succeeded|failed|was stopped)")  # `ray job status` once the job has ended
 
 
 @dataclass(frozen=True)
@@ -38,9 +44,29 @@ class RayHead:
         while True:
             job = subprocess.run([*command, "--", *entrypoint], cwd=cwd, env=self.env, capture_output=True,
                                  text=True, timeout=timeout)
-            if "No available agent" not in job.stdout + job.stderr or time.monotonic() > deadline:
+            output = job.stdout + job.stderr
+            if LOG_TAIL_DROPPED in output and (submitted := JOB_ID.search(output)):
+                return self._wait_for(submitted[0], cwd, timeout)
+            if "No available agent" not in output or time.monotonic() > deadline:
                 return job
             time.sleep(5)
+
+    def _wait_for(self, job_id: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+        """The submitted job's end, as `ray job submit` would have reported it: its logs, then
+        "Job '<id>' succeeded" (exit 0) or how it ended (exit 1)."""
+        ray = [str(VENV_BIN / "ray"), "job"]
+        deadline = time.monotonic() + timeout
+        ended = None
+        while ended is None and time.monotonic() < deadline:
+            time.sleep(5)
+            status = subprocess.run([*ray, "status", "--address", self.url, job_id], cwd=cwd, env=self.env,
+                                    capture_output=True, text=True)
+            ended = ENDED.search(status.stdout + status.stderr)
+        logs = subprocess.run([*ray, "logs", "--address", self.url, job_id], cwd=cwd, env=self.env,
+                              capture_output=True, text=True).stdout
+        succeeded = ended is not None and ended[1] == "succeeded"
+        ending = ended[0] if ended else f"Job '{job_id}' did not end within {timeout:g} s"
+        return subprocess.CompletedProcess(ray, 0 if succeeded else 1, f"{logs}\n{ending}\n", "")
 
 
 @contextmanager
