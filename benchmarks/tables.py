@@ -250,13 +250,13 @@ def ingest_scale_table(data: dict[str, Any]) -> str:
 @renderer("predict_batch")
 def predict_batch_table(data: dict[str, Any]) -> str:
     """benchmarks/predict_batch.py: scans per minute per worker count, and the --resume re-run."""
-    first = data["rows"][0]["scans_per_minute"]
+    first = data["rows"][0]
     rows = [[str(r["workers"]), f"{r['seconds']:.0f}", f"{r['scans_per_minute']:.1f}",
-             f"x{r['scans_per_minute'] / first:.2f}"] for r in data["rows"]]
+             f"x{r['scans_per_minute'] / first['scans_per_minute']:.2f}"] for r in data["rows"]]
     resume = data["resume"]
     shape = " x ".join(map(str, data["scan_shape"]))
     return (f"{data['scans']} scans of {shape} voxels\n\n"
-            + _table(["Ray workers", "wall s", "scans per minute", "x 1 worker"], rows, "rrrr")
+            + _table(["Ray workers", "wall s", "scans per minute", f"x {first['workers']} worker(s)"], rows, "rrrr")
             + f"\n\nRe-run with `--resume` on {resume['workers']} workers: {resume['seconds']:.0f} s, "
               f"{len(resume['recomputed_outputs'])} output(s) recomputed.")
 

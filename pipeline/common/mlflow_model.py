@@ -37,7 +37,7 @@ import pipeline as pipeline_package
 from pipeline.common.inference import InferenceOptions
 from pipeline.common.model_card import CARD_FILE, ModelCard, load_model_dir, save_model_dir
 from pipeline.common.pyfunc_io import example_input
-from pipeline.common.tracking import TrackedRun
+from pipeline.common.tracking import TrackedRun, use_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +170,7 @@ def load_model(
     if local.is_dir() and (local / "artifacts" / MODEL_DIR_ARTIFACT).is_dir():
         return load_model_dir(local / "artifacts" / MODEL_DIR_ARTIFACT, device, folds)
     try:
-        if tracking_uri:  # MLflow resolves models:/ URIs partly through its current URI, whatever is passed
-            mlflow.set_tracking_uri(tracking_uri)
+        use_tracking_uri(tracking_uri)  # MLflow resolves models:/ URIs partly through its current URI
         downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except (MlflowException, OSError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
